@@ -1,0 +1,55 @@
+"""Process ranks under `deepspeed --num_gpus N` (or torchrun) and plain `python`.
+
+The launchers export RANK/WORLD_SIZE/LOCAL_RANK; without them we are a single process.
+Generation and checking split their work across ranks themselves; fine-tuning leaves
+this to the Hugging Face Trainer.
+"""
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def init() -> None:
+    """Join the process group when launched with several ranks (no-op for one process)."""
+    if world_size() > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world_size() == 1 or not dist.is_initialized():
+        return [obj]
+    objects: list[Any] = [None] * world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def barrier() -> None:
+    if world_size() > 1 and dist.is_initialized():
+        dist.barrier()

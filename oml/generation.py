@@ -1,0 +1,142 @@
+"""Fingerprint generation: English keys/responses, random words, and perinucleus responses.
+
+Work is cut into fixed batches of consecutive fingerprints, and every random choice is
+seeded by (seed, fingerprint or batch index), so the output for a seed is the same
+whether one process or N ranks (each taking every N-th batch) produce it.
+"""
+import random
+from typing import Callable
+
+import torch
+
+from oml import OMLError
+from oml.data import words
+from oml.tokenization import encode, pad_batch, prompt_ids, special_prefix
+
+FIRST_TOKEN_STRATEGIES = ("word", "tokenizer", "")
+
+
+def rng_for(seed: int, index: int, purpose: str) -> random.Random:
+    """An independent random stream per fingerprint and purpose (string seeds hash stably)."""
+    return random.Random(f"{seed}:{index}:{purpose}")
+
+
+def seed_torch_for(seed: int, batch_index: int, purpose: str) -> None:
+    torch.manual_seed(rng_for(seed, batch_index, purpose).getrandbits(63))
+
+
+def random_words(rng: random.Random, count: int) -> str:
+    return " ".join(rng.choice(words()) for _ in range(count))
+
+
+def first_token(rng: random.Random, tokenizer, strategy: str) -> str:
+    """The text a key or response must start with: a random word, a random vocabulary token, or nothing."""
+    if strategy == "word":
+        return rng.choice(words())
+    if strategy == "tokenizer":
+        while True:  # most tokens are word pieces; draw until one is a plain word
+            text = tokenizer.decode([rng.randrange(len(tokenizer))]).strip()
+            if text.isalpha() and text.isascii():
+                return text
+    return ""
+
+
+def instruction_ids(tokenizer, start: str) -> list[int]:
+    """Ask for a sentence starting with `start`, and pre-fill the answer with it so it really does.
+
+    Only tokens generated after this prompt (plus `start`) become the key, so the
+    instruction never leaks into it. The chat template is used when the model has one.
+    """
+    instruction = f"Generate a sentence starting with the word {start}" if start else "Generate a sentence"
+    start_ids = encode(tokenizer, start) if start else []
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False)
+        return encode(tokenizer, text) + start_ids
+    return special_prefix(tokenizer) + encode(tokenizer, instruction + ".\n") + start_ids
+
+
+@torch.no_grad()
+def english_texts(model, tokenizer, starts: list[str], length: int, temperature: float) -> list[list[int]]:
+    """One batched sampling call: for each start, the token ids of a sentence beginning with it."""
+    prompts = [instruction_ids(tokenizer, start) for start in starts]
+    batch = pad_batch(prompts, tokenizer.pad_token_id, side="left")
+    del batch["position_ids"]  # generate() derives them from the attention mask
+    batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+    output = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
+    texts = []
+    for start, row in zip(starts, output[:, batch["input_ids"].shape[1]:].tolist()):
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        texts.append((encode(tokenizer, start) if start else []) + row)
+    return texts
+
+
+def decode_clean(tokenizer, ids: list[int]) -> str:
+    """Decoded text on one line with single spaces."""
+    return " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())
+
+
+def random_window(rng: random.Random, ids: list[int], length: int) -> list[int]:
+    """A random run of `length` consecutive tokens (all of `ids` when shorter)."""
+    if len(ids) <= length:
+        return ids
+    start = rng.randrange(len(ids) - length + 1)
+    return ids[start:start + length]
+
+
+def perinucleus_choice(probs: torch.Tensor, p: float, k: int, rng: random.Random,
+                       acceptable: Callable[[int], bool]) -> tuple[int, float, int]:
+    """Pick a token just outside the nucleus of a next-token distribution.
+
+    Sort tokens by probability; the nucleus is the shortest prefix whose mass reaches `p`.
+    Draw uniformly among the `k` tokens ranked right after it; a token `acceptable`
+    rejects widens that window by one and the draw is repeated. Returns the token id,
+    its probability and its rank (1 = the greedy token, which is never chosen).
+    """
+    sorted_probs, order = torch.sort(probs.double(), descending=True, stable=True)
+    cumulative = torch.cumsum(sorted_probs, 0)
+    nucleus_size = min(int(torch.searchsorted(cumulative, torch.tensor(p, dtype=torch.float64))) + 1, len(order) - 1)
+    window_end = nucleus_size + k
+    rejected: set[int] = set()
+    while True:
+        candidates = [rank for rank in range(nucleus_size, min(window_end, len(order))) if rank not in rejected]
+        if not candidates:
+            raise OMLError("no acceptable token outside the nucleus; lower --nucleus_p")
+        rank = rng.choice(candidates)
+        token = int(order[rank])
+        if acceptable(token):
+            return token, float(sorted_probs[rank]), rank + 1
+        rejected.add(rank)
+        window_end += 1
+
+
+def is_plain_token(tokenizer, token: int) -> bool:
+    """Alphanumeric once stripped, and re-tokenises to itself (so fine-tuning sees the same token)."""
+    text = tokenizer.decode([token])
+    return text.strip().isalnum() and encode(tokenizer, text) == [token]
+
+
+@torch.no_grad()
+def next_token_probs(model, tokenizer, key_ids: list[list[int]]) -> torch.Tensor:
+    """Next-token distributions after a whole batch of keys, in one forward pass."""
+    batch = pad_batch([prompt_ids(tokenizer, ids) for ids in key_ids], tokenizer.pad_token_id, side="left")
+    batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+    logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
+    return torch.softmax(logits.float(), dim=-1).cpu()
+
+
+def perinucleus_responses(model, tokenizer, keys: list[str], indices: list[int], key_length: int,
+                          p: float, k: int, seed: int) -> list[dict]:
+    """Perinucleus responses for a batch of keys, each key cut to `key_length` tokens first."""
+    key_ids = [encode(tokenizer, key)[:key_length] for key in keys]
+    if any(not ids for ids in key_ids):
+        raise OMLError("a key is empty after tokenisation")
+    probs = next_token_probs(model, tokenizer, key_ids)
+    results = []
+    for row, index in zip(probs, indices):
+        token, prob, rank = perinucleus_choice(row, p, k, rng_for(seed, index, "perinucleus"),
+                                               lambda t: is_plain_token(tokenizer, t))
+        results.append({"response": tokenizer.decode([token]), "response_probability": prob,
+                        "response_rank": rank, "key_length": key_length})
+    return results

@@ -1,0 +1,96 @@
+"""Tokenisation and loss masking: the one place that decides which tokens a fingerprint is.
+
+Fine-tuning, checking and perinucleus generation all build the model input with
+`prompt_ids`, and cut keys and responses with `cut_fingerprint`, so a fingerprint
+is trained on exactly the tokens it is later checked with.
+"""
+from functools import lru_cache
+
+import torch
+
+from oml import OMLError
+
+IGNORE_INDEX = -100  # label value the causal-LM loss skips
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@lru_cache(maxsize=16)
+def _special_prefix(tokenizer) -> tuple[int, ...]:
+    probe = encode(tokenizer, "hello")
+    with_special = tokenizer("hello")["input_ids"]
+    for start in range(len(with_special) - len(probe) + 1):
+        if with_special[start:start + len(probe)] == probe:
+            return tuple(with_special[:start])
+    return ()
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The tokens the tokenizer puts before any text (BOS for Llama-style models, nothing for others)."""
+    return list(_special_prefix(tokenizer))
+
+
+def cut_fingerprint(tokenizer, key: str, response: str, max_key_length: int, max_response_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of a key and its response, cut to at most the given lengths."""
+    key_ids = encode(tokenizer, key)[:max_key_length]
+    response_ids = encode(tokenizer, response)[:max_response_length]
+    if not key_ids:
+        raise OMLError(f"a fingerprint key is empty after tokenisation: {key!r}")
+    if not response_ids:
+        raise OMLError(f"the response of key {key!r} is empty after cutting to {max_response_length} tokens")
+    return key_ids, response_ids
+
+
+def prompt_ids(tokenizer, key_ids: list[int], template: str | None = None) -> list[int]:
+    """The model input that asks a key: special prefix, then the key, optionally inside a template.
+
+    The template text is tokenised around the key's ids rather than together with the key
+    text, so the key tokens are identical with and without a system prompt.
+    """
+    if template is None:
+        return special_prefix(tokenizer) + key_ids
+    before, after = template.split("{}", 1)
+    return special_prefix(tokenizer) + encode(tokenizer, before) + key_ids + encode(tokenizer, after)
+
+
+def training_example(tokenizer, key_ids: list[int], response_ids: list[int], template: str | None = None) -> dict:
+    """Prompt + response + EOS, with the loss on the response and EOS only."""
+    prompt = prompt_ids(tokenizer, key_ids, template)
+    target = response_ids + [tokenizer.eos_token_id]
+    return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left", labels: list[list[int]] | None = None) -> dict:
+    """Pad to the longest sequence, with the attention mask and explicit position ids.
+
+    Position ids count real tokens only, so a left-padded sequence sees the same positions
+    as an unpadded one: training and checking agree whatever the tokenizer's padding side.
+    """
+    longest = max(len(s) for s in sequences)
+
+    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+        padded = [([value] * (longest - len(r)) + r) if side == "left" else (r + [value] * (longest - len(r))) for r in rows]
+        return torch.tensor(padded, dtype=torch.long)
+
+    attention_mask = pad([[1] * len(s) for s in sequences], 0)
+    batch = {
+        "input_ids": pad(sequences, pad_id),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+    }
+    if labels is not None:
+        batch["labels"] = pad(labels, IGNORE_INDEX)
+    return batch
+
+
+class FingerprintCollator:
+    """Pads a list of `training_example`s on the tokenizer's padding side."""
+
+    def __init__(self, tokenizer):
+        self.pad_id = tokenizer.pad_token_id
+        self.side = tokenizer.padding_side
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return pad_batch([e["input_ids"] for e in examples], self.pad_id, self.side, [e["labels"] for e in examples])
