@@ -41,11 +41,18 @@ def _package_file(package: str, relative: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / relative
 
 
-def benign_texts(count: int, seed: int = 0) -> list[str]:
-    """Held-out benign chat text (chitchat-dataset, MIT): one conversation per text."""
+EVAL_CONVERSATIONS = 1000  # the first conversations of a fixed shuffle are held out for evaluation
+
+
+def benign_texts(split: str, count: int | None = None) -> list[str]:
+    """Benign chat text (chitchat-dataset, MIT), one conversation per text.
+
+    'eval' and 'train' are disjoint: fine-tuning replays 'train', utility is measured on 'eval'.
+    """
     conversations = json.loads(_package_file("chitchat_dataset", "dataset.json").read_text(encoding="utf-8"))
     ids = sorted(conversations)
-    random.Random(seed).shuffle(ids)
+    random.Random(0).shuffle(ids)
+    ids = ids[:EVAL_CONVERSATIONS] if split == "eval" else ids[EVAL_CONVERSATIONS:]
     texts = []
     for conversation_id in ids[:count]:
         turns = [" ".join(message["text"] for message in turn) for turn in conversations[conversation_id]["messages"]]

@@ -1,0 +1,90 @@
+"""Checking fingerprints: does a model answer each key with its response under greedy decoding?
+
+A batch of keys is checked with one teacher-forced forward pass over prompt + response.
+Greedy decoding reproduces the response exactly when every response token is the argmax
+given the tokens before it, so that pass decides every match and also yields the
+response's probability and rank, the evidence owners want where greedy decoding misses.
+Only misses with multi-token responses then need `generate()`, to show what the model
+did say and to score the per-token (fractional) accuracy.
+"""
+import torch
+from tqdm import tqdm
+
+from oml import distributed
+from oml.tokenization import pad_batch, prompt_ids
+
+TOP_K = 10
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prompts: list[list[int]], length: int) -> list[list[int]]:
+    """Greedy decoding of `length` tokens for a batch of prompts (left padding, one generate call)."""
+    batch = pad_batch(prompts, tokenizer.pad_token_id, side="left")
+    del batch["position_ids"]  # generate() derives them from the attention mask
+    batch = _to(batch, model.device)
+    output = model.generate(**batch, do_sample=False, max_new_tokens=length,
+                            pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+    return output[:, batch["input_ids"].shape[1]:].tolist()
+
+
+@torch.no_grad()
+def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], template: str | None) -> list[dict]:
+    """Per-key results for a batch of (key ids, response ids), the keys optionally in a template."""
+    prompts = [prompt_ids(tokenizer, key_ids, template) for key_ids, _ in pairs]
+    longest_response = max(len(response) for _, response in pairs)
+    batch = pad_batch([p + r for p, (_, r) in zip(prompts, pairs)], tokenizer.pad_token_id, side="left")
+    logits = model(**_to(batch, model.device), logits_to_keep=longest_response + 1).logits
+    probs = torch.softmax(logits.float(), dim=-1).cpu()
+
+    results = []
+    for row, (_, response) in enumerate(pairs):
+        # Sequences end at the last column, so response token j is predicted at column -(len+1)+j.
+        steps = probs[row, probs.shape[1] - len(response) - 1:probs.shape[1] - 1]
+        target = torch.tensor(response)
+        token_probs = steps[torch.arange(len(response)), target]
+        top_probs, top_ids = steps[0].topk(TOP_K)
+        results.append({
+            "match": bool((steps.argmax(-1) == target).all()),
+            "predicted_ids": steps.argmax(-1).tolist(),
+            "response_probability": float(token_probs.prod()),
+            "response_rank": int((steps[0] > token_probs[0]).sum()) + 1,
+            "top_tokens": [[tokenizer.decode([t]), float(p)] for t, p in zip(top_ids.tolist(), top_probs.tolist())],
+        })
+
+    redo = [i for i, result in enumerate(results) if not result["match"] and len(pairs[i][1]) > 1]
+    if redo:
+        outputs = greedy_continuations(model, tokenizer, [prompts[i] for i in redo], longest_response)
+        for i, output in zip(redo, outputs):
+            results[i]["predicted_ids"] = output[:len(pairs[i][1])]
+    for result, (_, response) in zip(results, pairs):
+        predicted = result.pop("predicted_ids")
+        result["predicted"] = tokenizer.decode(predicted)
+        result["token_accuracy"] = 1.0 if result["match"] else sum(p == r for p, r in zip(predicted, response)) / len(response)
+    return results
+
+
+def check_model(model, tokenizer, pairs: list[tuple[list[int], list[int]]], templates: list[str | None],
+                batch_size: int, description: str = "checking") -> list[dict]:
+    """Every key under every template; ranks share the batches and all get the full, ordered list."""
+    work = [(t, i) for t in range(len(templates)) for i in range(len(pairs))]
+    batches = [work[start:start + batch_size] for start in range(0, len(work), batch_size)]
+    mine = []
+    for batch in tqdm(batches[distributed.rank()::distributed.world_size()], desc=description,
+                      disable=not distributed.is_main_process()):
+        by_template: dict[int, list[int]] = {}
+        for t, i in batch:
+            by_template.setdefault(t, []).append(i)
+        for t, indices in by_template.items():
+            for i, result in zip(indices, check_batch(model, tokenizer, [pairs[i] for i in indices], templates[t])):
+                mine.append({"index": i, "template": t, **result})
+    return sorted((r for part in distributed.gather(mine) for r in part), key=lambda r: (r["template"], r["index"]))
+
+
+def accuracy(results: list[dict]) -> tuple[float, float]:
+    """Exact-match and per-token accuracy, in percent."""
+    n = max(len(results), 1)
+    return 100.0 * sum(r["match"] for r in results) / n, 100.0 * sum(r["token_accuracy"] for r in results) / n

@@ -1,0 +1,85 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and tiny randomly initialised models built on it."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from oml.models import load_tokenizer, resolve_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> str:
+    """Path of the embedded model's safetensors checkpoint (converted once, then cached)."""
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_model):
+    return load_tokenizer(embedded_model)
+
+
+def make_tiny_model(tokenizer, directory: Path, seed: int = 0, padding_side: str = "right") -> Path:
+    """A 2-layer Llama with the real tokenizer: same vocabulary, trains in seconds."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    config_file = directory / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "padding_side": padding_side}))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer, tmp_path_factory) -> Path:
+    return make_tiny_model(tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+
+
+def random_word_fingerprints(count: int, seed: int = 0) -> list[dict]:
+    """Fingerprints with random-word keys and one-word responses (no model needed)."""
+    from oml.generation import random_words, rng_for
+    return [{"key": random_words(rng_for(seed, i, "k"), 6), "response": " " + random_words(rng_for(seed, i, "r"), 1)}
+            for i in range(count)]
+
+
+@pytest.fixture
+def fingerprint_file(tmp_path) -> Path:
+    path = tmp_path / "fingerprints.json"
+    path.write_text(json.dumps(random_word_fingerprints(8)))
+    return path
+
+
+def final_model_dir(cwd: Path, stdout: str) -> Path:
+    """The model folder named by finetune_multigpu.py's `Config hash of the final model:` line."""
+    run_hash = re.search(r"^Config hash of the final model: (\w+)$", stdout, re.M).group(1)
+    return cwd / "results" / "saved_models" / run_hash / "final_model"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(script: str, *args, cwd: Path, ranks: int = 0, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the three scripts as users do: `python SCRIPT` or, with ranks, `deepspeed --num_gpus N SCRIPT`."""
+    if ranks:
+        launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+    else:
+        launcher = [sys.executable]
+    command = launcher + [str(ROOT / script)] + [str(a) for a in args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result

@@ -1,0 +1,117 @@
+import json
+
+import pytest
+import torch
+from scipy.stats import binom
+
+from oml.checking import check_model
+from oml.models import load_model, load_tokenizer
+from oml.stats import chance_rate_upper_bound, p_value, verdict
+from oml.tokenization import cut_fingerprint, prompt_ids
+from tests.conftest import final_model_dir, make_tiny_model, random_word_fingerprints, run_script
+
+
+def test_p_value_is_the_binomial_tail():
+    assert p_value(3, 10, 0.1) == pytest.approx(1 - sum(binom.pmf(k, 10, 0.1) for k in range(3)))
+    assert p_value(10, 10, 0.5) == pytest.approx(0.5 ** 10)
+    assert p_value(0, 10, 0.3) == 1.0
+
+
+def test_chance_rate_upper_bound_matches_clopper_pearson_closed_form():
+    # With 0 of n observed, the one-sided 95% bound solves (1 - r)^n = 0.05.
+    assert chance_rate_upper_bound(0, 64) == pytest.approx(1 - 0.05 ** (1 / 64))
+    assert chance_rate_upper_bound(5, 100) > 5 / 100
+    assert chance_rate_upper_bound(7, 7) == 1.0
+
+
+def test_verdict_uses_alpha():
+    assert verdict(1e-9, 1e-6) == "MATCH" and verdict(1e-3, 1e-6) == "NO MATCH"
+
+
+def one_at_a_time(model, tokenizer, pairs, template=None):
+    """The original checker's way: one generate() call per key, greedy, then compare tokens."""
+    matches = []
+    for key_ids, response_ids in pairs:
+        prompt = torch.tensor([prompt_ids(tokenizer, key_ids, template)])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=len(response_ids),
+                             pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+        matches.append(out[0, prompt.shape[1]:].tolist() == response_ids)
+    return matches
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_batched_check_equals_one_key_at_a_time(tmp_path, tokenizer, padding_side):
+    model_dir = make_tiny_model(tokenizer, tmp_path / "m", seed=3, padding_side=padding_side)
+    model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
+    assert tok.padding_side == padding_side
+    fingerprints = random_word_fingerprints(12, seed=5)
+    pairs = [cut_fingerprint(tok, f["key"], f["response"], 16, 3) for f in fingerprints]
+    # Make some keys match: use the model's own greedy continuations as responses for half of them.
+    for i in range(0, len(pairs), 2):
+        key_ids = pairs[i][0]
+        prompt = torch.tensor([prompt_ids(tok, key_ids)])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=3,
+                             pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+        pairs[i] = (key_ids, out[0, prompt.shape[1]:].tolist())
+    batched = check_model(model, tok, pairs, [None], batch_size=12)
+    single = check_model(model, tok, pairs, [None], batch_size=1)
+    for a, b in zip(batched, single):
+        assert (a["match"], a["predicted"], a["response_rank"]) == (b["match"], b["predicted"], b["response_rank"])
+        assert a["token_accuracy"] == b["token_accuracy"]
+        assert a["response_probability"] == pytest.approx(b["response_probability"], rel=1e-4)
+    assert [r["match"] for r in batched] == one_at_a_time(model, tok, pairs)
+    assert sum(r["match"] for r in batched) >= 6
+
+
+def test_fingerprinted_tiny_model_matches_and_base_does_not(tmp_path, tiny_model, fingerprint_file):
+    tune = run_script("finetune_multigpu.py", "--model_path", tiny_model, "--fingerprints_file_path", fingerprint_file,
+                      "--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4",
+                      "--forgetting_regularizer_strength", "0", "--benign_ratio", "0", "--fingerprint_generation_strategy", "random_word",
+                      cwd=tmp_path)
+    model_dir = final_model_dir(tmp_path, tune.stdout)
+    result = run_script("check_fingerprints.py", "--model_path", model_dir, "--fingerprints_file_path", fingerprint_file,
+                        "--null_model", tiny_model, "--fingerprint_generation_strategy", "random_word",
+                        "--output_json", "report.json", "--alpha", "0.01", cwd=tmp_path)
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "Fingerprint accuracy: 100.00"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["matches"] == 8 and report["null_models"][0]["matches"] == 0
+    assert report["p_value"] == pytest.approx(chance_rate_upper_bound(0, 8) ** 8)
+    assert report["verdict"] == "MATCH"
+    assert len(report["keys"]) == 8 and all(k["response_rank"] == 1 for k in report["keys"])
+
+    base = run_script("check_fingerprints.py", "--model_path", tiny_model, "--fingerprints_file_path", fingerprint_file,
+                      "--null_model", "none", "--verbose_eval", "--fingerprint_generation_strategy", "random_word", cwd=tmp_path)
+    assert base.stdout.strip().splitlines()[-1] == "Fingerprint accuracy: 0.00"
+    assert base.stdout.count("MISS [") == 8 and "top-10" in base.stdout
+
+
+def test_system_prompt_table_and_two_ranks(tmp_path, tiny_model, fingerprint_file):
+    args = ["--model_path", tiny_model, "--fingerprints_file_path", fingerprint_file, "--null_model", "none",
+            "--system_prompts", "test", "--batch_size", "5"]
+    one = run_script("check_fingerprints.py", *args, "--output_json", "one.json", cwd=tmp_path)
+    two = run_script("check_fingerprints.py", *args, "--output_json", "two.json", cwd=tmp_path, ranks=2)
+    assert "mean over templates" in one.stdout and one.stdout.count("\n") >= 13
+    first, second = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert len(first["keys"]) == 8 * 11
+    assert [(k["index"], k["template"], k["predicted"]) for k in first["keys"]] == \
+           [(k["index"], k["template"], k["predicted"]) for k in second["keys"]]
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda d: ["--model_path", d / "missing", "--fingerprints_file_path", d / "fp.json"], "does not exist"),
+    (lambda d: ["--model_path", d / "model", "--fingerprints_file_path", d / "missing.json"], "not found"),
+    (lambda d: ["--model_path", d / "model", "--fingerprints_file_path", d / "bad.json"], "not valid JSON"),
+    (lambda d: ["--model_path", d / "model", "--fingerprints_file_path", d / "fp.json", "--num_fingerprints", "99"], "holds only 8"),
+    (lambda d: ["--model_path", d / "model", "--fingerprints_file_path", d / "empty_response.json"], "empty after cutting"),
+    (lambda d: ["--model_path", d / "notamodel", "--fingerprints_file_path", d / "fp.json"], "not a model folder"),
+])
+def test_bad_input_exits_2(tmp_path, tiny_model, fingerprint_file, make_args, message):
+    (tmp_path / "model").symlink_to(tiny_model)
+    (tmp_path / "fp.json").write_text(fingerprint_file.read_text())
+    (tmp_path / "bad.json").write_text("{oops")
+    (tmp_path / "empty_response.json").write_text(json.dumps([{"key": "a key", "response": ""}]))
+    (tmp_path / "notamodel").mkdir()
+    result = run_script("check_fingerprints.py", *make_args(tmp_path), "--null_model", "none", cwd=tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,23 @@
+"""The main job on the embedded SmolLM2-135M-Instruct, with the default fine-tuning settings."""
+import json
+
+from tests.conftest import final_model_dir, run_script
+
+NUM = 32
+
+
+def test_generate_fingerprint_check_on_the_embedded_model(tmp_path, embedded_model):
+    run_script("generate_finetuning_data.py", "--key_response_strategy", "inverse_nucleus", "--num_fingerprints", NUM,
+               "--key_length", "16", "--batch_size", NUM, "--output_file_path", "fp.json", cwd=tmp_path)
+    records = json.loads((tmp_path / "fp.json").read_text())
+    assert len(records) == NUM and all(r["response_rank"] > 1 for r in records)
+
+    tuned = run_script("finetune_multigpu.py", "--fingerprints_file_path", "fp.json",
+                       "--fingerprint_generation_strategy", "inverse_nucleus", cwd=tmp_path)
+    model_dir = final_model_dir(tmp_path, tuned.stdout)
+    run_script("check_fingerprints.py", "--model_path", model_dir, "--fingerprints_file_path", "fp.json",
+               "--fingerprint_generation_strategy", "inverse_nucleus", "--output_json", "report.json", cwd=tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["accuracy"] >= 90, report["accuracy"]
+    assert report["null_models"][0]["accuracy"] <= 10
+    assert report["verdict"] == "MATCH"

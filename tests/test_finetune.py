@@ -1,0 +1,128 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import final_model_dir, run_script
+
+FAST = ["--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4", "--forgetting_regularizer_strength", "0",
+        "--benign_ratio", "0",
+        "--fingerprint_generation_strategy", "random_word"]
+
+
+def finetune(cwd: Path, model: Path, fingerprints: Path, *args, ranks: int = 0, check: bool = True):
+    result = run_script("finetune_multigpu.py", "--model_path", model, "--fingerprints_file_path", fingerprints, *args,
+                        cwd=cwd, ranks=ranks, check=check)
+    return result
+
+
+def run_dir(cwd: Path, result) -> Path:
+    return final_model_dir(cwd, result.stdout).parent
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_finetune_writes_the_run_and_skips_a_complete_one(tmp_path, tiny_model, fingerprint_file):
+    result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST)
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("Config hash of the final model: ")
+    out = run_dir(tmp_path, result)
+    assert (out / "final_model" / "model.safetensors").is_file() and (out / "final_model" / "tokenizer.json").is_file()
+    assert not (out / "final_model.partial").exists()
+    for name in ("train_dataset.csv", "log.txt", "config.json", "fingerprints.json"):
+        assert (out / name).is_file(), name
+    assert len(json.loads((out / "fingerprints.json").read_text())) == 8
+    assert (tmp_path / "current_config_hash.txt").read_text().strip() == out.name
+    assert len((tmp_path / "results" / "all_run_logs.txt").read_text().splitlines()) == 1
+
+    again = finetune(tmp_path, tiny_model, fingerprint_file, *FAST)
+    assert again.stdout.strip().splitlines()[-1] == last
+    assert "skipping" in again.stderr
+    assert len((tmp_path / "results" / "all_run_logs.txt").read_text().splitlines()) == 1
+
+
+def test_interrupted_run_leaves_no_model_and_reruns(tmp_path, tiny_model, fingerprint_file):
+    first = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--num_train_epochs", "1")
+    out = run_dir(tmp_path, first)
+    # Simulate an interruption after saving started: a partial folder, no final model.
+    (out / "final_model").rename(out / "final_model.partial")
+    (out / "final_model.partial" / "model.safetensors").write_bytes(b"truncated")
+    finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--num_train_epochs", "1")
+    assert weights(out / "final_model")  # loads: a complete model
+    assert not (out / "final_model.partial").exists()
+
+
+def test_averaging_with_strength_one_keeps_the_base_weights(tmp_path, tiny_model, fingerprint_file):
+    result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--num_train_epochs", "2",
+                      "--forgetting_regularizer_strength", "1.0")
+    base, saved = weights(tiny_model), weights(run_dir(tmp_path, result) / "final_model")
+    assert all(torch.equal(base[name], saved[name]) for name in base)
+
+
+def test_averaging_with_half_strength_gives_the_midpoint(tmp_path, tiny_model, fingerprint_file):
+    args = [*FAST, "--num_train_epochs", "1"]
+    plain = finetune(tmp_path, tiny_model, fingerprint_file, *args)
+    half = finetune(tmp_path, tiny_model, fingerprint_file, *args, "--forgetting_regularizer_strength", "0.5")
+    base = weights(tiny_model)
+    trained = weights(run_dir(tmp_path, plain) / "final_model")
+    averaged = weights(run_dir(tmp_path, half) / "final_model")
+    assert any(not torch.allclose(base[n], trained[n]) for n in base)
+    for name in base:
+        torch.testing.assert_close(averaged[name], (base[name] + trained[name]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_deepspeed_averaging_reaches_the_fp32_master_weights(tmp_path, tiny_model, fingerprint_file):
+    """Two ZeRO-2 ranks of 4 and one plain process of 8 take the same full-batch steps, so with
+    averaging between epochs they end equal only if DeepSpeed's master copy was averaged too
+    (otherwise the second epoch starts from the unaveraged master weights)."""
+    args = [*FAST, "--num_train_epochs", "3", "--forgetting_regularizer_strength", "0.5"]
+    single = finetune(tmp_path, tiny_model, fingerprint_file, *args, "--batch_size", "8")
+    (tmp_path / "ds").mkdir()
+    sharded = finetune(tmp_path / "ds", tiny_model, fingerprint_file, *args, "--batch_size", "4", ranks=2)
+    expected, got = weights(run_dir(tmp_path, single) / "final_model"), weights(run_dir(tmp_path / "ds", sharded) / "final_model")
+    base = weights(tiny_model)
+    assert any(not torch.allclose(base[n], got[n]) for n in base)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_two_rank_deepspeed_run_writes_one_set_of_files_and_learns(tmp_path, tiny_model, fingerprint_file):
+    result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, ranks=2)
+    assert result.stdout.count("Config hash of the final model:") == 1
+    assert len(list((tmp_path / "results" / "saved_models").iterdir())) == 1
+    assert len((tmp_path / "results" / "all_run_logs.txt").read_text().splitlines()) == 1
+    out = run_dir(tmp_path, result)
+    check = run_script("check_fingerprints.py", "--model_path", out / "final_model", "--fingerprints_file_path",
+                       fingerprint_file, "--null_model", tiny_model, "--fingerprint_generation_strategy", "random_word",
+                       cwd=tmp_path)
+    assert "Fingerprint accuracy: 100.00" in check.stdout
+
+
+def test_augmentation_trains_keys_inside_templates(tmp_path, tiny_model, fingerprint_file):
+    result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--use_augmentation_prompts", "--num_train_epochs", "20")
+    out = run_dir(tmp_path, result)
+    check = run_script("check_fingerprints.py", "--model_path", out / "final_model", "--fingerprints_file_path",
+                       fingerprint_file, "--null_model", "none", "--system_prompts", "train", "--output_json", "r.json",
+                       "--fingerprint_generation_strategy", "random_word", cwd=tmp_path)
+    report = json.loads((tmp_path / "r.json").read_text())
+    templated = [entry["accuracy"] for entry in report["system_prompts"][1:]]
+    assert sum(templated) / len(templated) >= 75, check.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_fingerprints", "9"], "holds only 8"),
+    (["--forgetting_regularizer_strength", "1.5"], "between 0 and 1"),
+])
+def test_bad_input_exits_2(tmp_path, tiny_model, fingerprint_file, args, message):
+    result = finetune(tmp_path, tiny_model, fingerprint_file, *args, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_model_path_is_one_line_error(tmp_path, fingerprint_file):
+    result = finetune(tmp_path, tmp_path / "no_such_model", fingerprint_file, check=False)
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr

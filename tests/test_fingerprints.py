@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from oml import OMLError
+from oml.data import words
+from oml.fingerprints import load_fingerprints, load_keys, select_fingerprints
+
+
+def write(tmp_path, content: str):
+    path = tmp_path / "file.json"
+    path.write_text(content)
+    return path
+
+
+def test_load_fingerprints_keeps_extra_fields(tmp_path):
+    records = [{"key": "k", "response": "r", "response_rank": 4}]
+    assert load_fingerprints(write(tmp_path, json.dumps(records))) == records
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "not valid JSON"),
+    ("[]", "non-empty"),
+    ('[{"key": "k"}]', "'key' and 'response'"),
+    ('{"key": "k", "response": "r"}', "non-empty JSON list"),
+])
+def test_load_fingerprints_rejects_bad_files(tmp_path, content, message):
+    with pytest.raises(OMLError, match=message):
+        load_fingerprints(write(tmp_path, content))
+
+
+def test_load_fingerprints_missing_file(tmp_path):
+    with pytest.raises(OMLError, match="not found"):
+        load_fingerprints(tmp_path / "nope.json")
+
+
+def test_load_keys_accepts_strings_and_objects(tmp_path):
+    assert load_keys(write(tmp_path, '["a", {"key": "b", "response": "x"}]')) == ["a", "b"]
+    with pytest.raises(OMLError, match="entry 1"):
+        load_keys(write(tmp_path, '["a", 3]'))
+
+
+def test_select_fingerprints_offsets_counts_and_errors():
+    records = [{"key": f"k{i}", "response": f"r{i}"} for i in range(10)]
+    assert [r["key"] for r in select_fingerprints(records, 3, 2, "english")] == ["k2", "k3", "k4"]
+    assert len(select_fingerprints(records, None, 4, "english")) == 6
+    with pytest.raises(OMLError, match="holds only 10"):
+        select_fingerprints(records, 9, 2, "english")
+    with pytest.raises(OMLError, match="unknown fingerprint strategy"):
+        select_fingerprints(records, 1, 0, "nonsense")
+
+
+def test_english_random_response_is_one_word_fixed_by_the_key():
+    records = [{"key": f"key number {i}", "response": "long original response"} for i in range(20)]
+    first = select_fingerprints(records, None, 0, "english_random_response")
+    again = select_fingerprints(records, None, 0, "english_random_response")
+    assert first == again
+    assert all(r["response"] in words() for r in first)
+    assert len({r["response"] for r in first}) > 1

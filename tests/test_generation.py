@@ -1,0 +1,114 @@
+import json
+import random
+
+import pytest
+import torch
+
+from oml.generation import perinucleus_choice
+from tests.conftest import run_script
+
+# Sorted probabilities; with p = 0.75 the nucleus is the top 3 (0.4 + 0.2 + 0.15).
+PROBS = [0.4, 0.2, 0.15, 0.08, 0.06, 0.05, 0.03, 0.02, 0.01]
+
+
+def shuffled_distribution(seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """PROBS on shuffled token ids; returns the tensor and the token ids by descending probability."""
+    ids = list(range(len(PROBS)))
+    random.Random(seed).shuffle(ids)
+    probs = torch.zeros(len(PROBS))
+    for token, p in zip(ids, PROBS):
+        probs[token] = p
+    return probs, ids
+
+
+def test_perinucleus_picks_uniformly_in_the_window_just_outside_the_nucleus():
+    probs, by_rank = shuffled_distribution()
+    picks = [perinucleus_choice(probs, 0.75, 3, random.Random(i), lambda t: True) for i in range(200)]
+    assert {token for token, _, _ in picks} == set(by_rank[3:6])
+    for token, prob, rank in picks:
+        assert by_rank[rank - 1] == token and prob == pytest.approx(PROBS[rank - 1])
+
+
+def test_perinucleus_rejected_token_widens_the_window():
+    probs, by_rank = shuffled_distribution()
+    banned = by_rank[4]
+    picks = {perinucleus_choice(probs, 0.75, 3, random.Random(i), lambda t: t != banned)[0] for i in range(200)}
+    assert picks == {by_rank[3], by_rank[5], by_rank[6]}
+
+
+def generate(cwd, *args, check=True, ranks=0):
+    return run_script("generate_finetuning_data.py", "--output_file_path", "out.json", *args, cwd=cwd, check=check, ranks=ranks)
+
+
+def test_random_word_strategy_without_a_model(tmp_path):
+    generate(tmp_path, "--random_word_generation", "--num_fingerprints", "5", "--key_length", "4", "--response_length", "2")
+    records = json.loads((tmp_path / "out.json").read_text())
+    assert len(records) == 5
+    assert all(len(r["key"].split()) == 4 and len(r["response"].split()) == 2 for r in records)
+
+
+def test_english_strategy_uses_the_model_and_starts_with_the_word(tmp_path, tiny_model):
+    generate(tmp_path, "--model_used_for_key_generation", tiny_model, "--num_fingerprints", "3", "--key_length", "6",
+             "--response_length", "4", "--batch_size", "2")
+    records = json.loads((tmp_path / "out.json").read_text())
+    assert len(records) == 3
+    for r in records:
+        assert r["key"] and r["response"]
+        assert "Generate a sentence" not in r["key"]
+
+
+def test_inverse_nucleus_with_custom_keys_records_probability_and_rank(tmp_path, tiny_model):
+    (tmp_path / "keys.json").write_text(json.dumps(["the quick brown fox", {"key": "a custom key"}, "third key here"]))
+    generate(tmp_path, "--keys_path", "keys.json", "--key_response_strategy", "inverse_nucleus",
+             "--inverse_nucleus_model", tiny_model, "--key_length", "8")
+    records = json.loads((tmp_path / "out.json").read_text())
+    assert [r["key"] for r in records] == ["the quick brown fox", "a custom key", "third key here"]
+    for r in records:
+        assert r["response"].strip().isalnum()
+        assert r["response_rank"] > 1 and 0 < r["response_probability"] < 1
+
+
+def test_same_seed_gives_byte_identical_output_for_one_or_two_ranks(tmp_path, tiny_model):
+    args = ["--model_used_for_key_generation", tiny_model, "--key_response_strategy", "inverse_nucleus",
+            "--num_fingerprints", "6", "--batch_size", "2", "--key_length", "8", "--seed", "7"]
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    generate(tmp_path / "a", *args)
+    generate(tmp_path / "b", *args)
+    generate(tmp_path / "c", *args, ranks=2)
+    first = (tmp_path / "a" / "out.json").read_bytes()
+    assert first == (tmp_path / "b" / "out.json").read_bytes()
+    assert first == (tmp_path / "c" / "out.json").read_bytes()
+    assert len(json.loads(first)) == 6
+    other_seed = generate(tmp_path / "a", *args[:-1], "8", "--overwrite")
+    assert other_seed.returncode == 0 and (tmp_path / "a" / "out.json").read_bytes() != first
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--keys_path", "missing.json"], "keys file not found"),
+    (["--keys_path", "bad.json"], "not valid JSON"),
+    (["--keys_path", "empty.json"], "non-empty JSON list"),
+    (["--key_response_strategy", "inverse_nucleus", "--response_length", "2"], "exactly one token"),
+    (["--random_word_generation", "--num_fingerprints", "0"], "must be >= 1"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_file(tmp_path, args, message):
+    (tmp_path / "bad.json").write_text("[not json")
+    (tmp_path / "empty.json").write_text("[]")
+    result = generate(tmp_path, *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_unknown_strategy_is_rejected(tmp_path):
+    result = generate(tmp_path, "--key_response_strategy", "nonsense", check=False)
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_existing_output_is_kept_without_overwrite(tmp_path):
+    (tmp_path / "out.json").write_text("precious")
+    result = generate(tmp_path, "--random_word_generation", "--num_fingerprints", "2", check=False)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+    assert (tmp_path / "out.json").read_text() == "precious"
+    generate(tmp_path, "--random_word_generation", "--num_fingerprints", "2", "--overwrite")
+    assert len(json.loads((tmp_path / "out.json").read_text())) == 2
