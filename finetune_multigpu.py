@@ -26,11 +26,12 @@ from oml.fingerprints import STRATEGIES, load_fingerprints, select_fingerprints
 from oml.models import MODEL_FAMILIES, load_model, load_tokenizer, resolve_model
 from oml.tokenization import FingerprintCollator, cut_fingerprint, encode, special_prefix
 from oml.training import (EpochCallback, FingerprintDataset, WeightAveragingCallback, deepspeed_config, freeze_embeddings,
-                          snapshot_weights, uses_deepspeed)
+                          benign_replay, snapshot_weights, uses_deepspeed)
 
 logger = logging.getLogger("finetune_multigpu")
 
 # Flags that name where results go or how progress is reported: not part of the run's identity.
+MAX_REPLAY_POOL = 512  # benign replay sequences labelled before training (reused cyclically beyond this)
 NOT_HASHED = ("local_rank", "report_to", "wandb_run_name", "results_dir", "trust_remote_code")
 
 
@@ -57,7 +58,8 @@ def parse_args() -> argparse.Namespace:
                         help="Also train the token embeddings (frozen by default: updating them shifts every token, "
                              "which costs far more utility than it buys in fingerprint accuracy).")
     parser.add_argument("--benign_ratio", type=float, default=1.0,
-                        help="Benign text sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none).")
+                        help="Benign replay sequences per fingerprint each epoch: chat text labelled with the base model's own "
+                             "predictions (an anti-forgetting regulariser; 0: none).")
     parser.add_argument("--use_augmentation_prompts", action="store_true",
                         help="Wrap each key in a random training system prompt every epoch (robustness to system prompts).")
     parser.add_argument("--deepspeed_stage", type=int, default=2, choices=(0, 1, 2, 3),
@@ -76,11 +78,27 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def benign_sequences(tokenizer, length: int = 32) -> list[list[int]]:
-    """Benign chat text for replay, cut to `length` tokens: the training split, disjoint from evaluation."""
-    # A token is rarely shorter than 1 character: 8 characters per token wanted is plenty.
-    sequences = [(special_prefix(tokenizer) + encode(tokenizer, text[:8 * length]))[:length] for text in benign_texts("train")]
-    return [s for s in sequences if len(s) == length]
+def benign_sequences(tokenizer, count: int, length: int = 32) -> list[list[int]]:
+    """`count` benign chat texts of `length` tokens: the training split, disjoint from evaluation."""
+    sequences = []
+    for text in benign_texts("train"):
+        ids = (special_prefix(tokenizer) + encode(tokenizer, text[:8 * length]))[:length]  # 8 characters a token is plenty
+        if len(ids) == length:
+            sequences.append(ids)
+        if len(sequences) == count:
+            break
+    return sequences
+
+
+def build_dataset(args: argparse.Namespace, tokenizer, model, pairs: list[tuple[list[int], list[int]]]) -> FingerprintDataset:
+    """Fingerprints (in augmentation templates if asked) plus benign replay labelled by the still-untouched model."""
+    templates = prompt_templates("train") if args.use_augmentation_prompts else None
+    benign_per_epoch = round(args.benign_ratio * len(pairs))
+    benign = None
+    if benign_per_epoch:
+        pool = benign_sequences(tokenizer, min(benign_per_epoch * args.num_train_epochs, MAX_REPLAY_POOL))
+        benign = benign_replay(model.to(distributed.device()), pool, args.seed)
+    return FingerprintDataset(tokenizer, pairs, templates, args.seed, benign, benign_per_epoch)
 
 
 def run_config(args: argparse.Namespace, model_path: str, fingerprints: list[dict]) -> dict:
@@ -151,10 +169,8 @@ def main() -> None:
         tokenizer = load_tokenizer(model_path, args.trust_remote_code)
         pairs = [cut_fingerprint(tokenizer, fp["key"], fp["response"], args.max_key_length, args.max_response_length)
                  for fp in fingerprints]
-        templates = prompt_templates("train") if args.use_augmentation_prompts else None
-        benign = benign_sequences(tokenizer) if args.benign_ratio > 0 else None
-        dataset = FingerprintDataset(tokenizer, pairs, templates, args.seed, benign, round(args.benign_ratio * len(pairs)))
         model = load_model(model_path, trust_remote_code=args.trust_remote_code)
+        dataset = build_dataset(args, tokenizer, model, pairs)
         if not args.train_embeddings:
             freeze_embeddings(model)
         callbacks = [EpochCallback(dataset)]

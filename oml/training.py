@@ -7,7 +7,7 @@ import torch
 from transformers import TrainerCallback
 
 from oml import distributed
-from oml.tokenization import training_example
+from oml.tokenization import IGNORE_INDEX, training_example
 
 
 class FingerprintDataset(torch.utils.data.Dataset):
@@ -15,13 +15,12 @@ class FingerprintDataset(torch.utils.data.Dataset):
 
     With templates, each key is wrapped in a system-prompt template drawn anew every
     epoch (the bare key is one of the choices), seeded by (seed, epoch, index).
-    Benign sequences (a fresh slice of the pool every epoch) get the ordinary language-
-    modelling loss on every token: replaying ordinary text keeps the model from drifting,
-    in particular from learning to end every text after a few tokens.
+    Benign replay examples (see `benign_replay`; a fresh slice of the pool every epoch)
+    are mixed in as they are.
     """
 
     def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], templates: list[str] | None = None,
-                 seed: int = 0, benign: list[list[int]] | None = None, benign_per_epoch: int = 0):
+                 seed: int = 0, benign: list[dict] | None = None, benign_per_epoch: int = 0):
         self.tokenizer = tokenizer
         self.pairs = pairs
         self.choices = [None] + list(templates) if templates else [None]
@@ -38,10 +37,32 @@ class FingerprintDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         if index >= len(self.pairs):
-            ids = self.benign[(self.epoch * self.benign_per_epoch + index - len(self.pairs)) % len(self.benign)]
-            return {"input_ids": ids, "labels": ids}
+            return self.benign[(self.epoch * self.benign_per_epoch + index - len(self.pairs)) % len(self.benign)]
         key_ids, response_ids = self.pairs[index]
         return training_example(self.tokenizer, key_ids, response_ids, self.template(index))
+
+
+@torch.no_grad()
+def benign_replay(model, sequences: list[list[int]], seed: int, batch_size: int = 32) -> list[dict]:
+    """Self-distillation examples: benign text as input, the base model's own predictions as labels.
+
+    At every position the label is a token sampled from the unmodified model's next-token
+    distribution. The expected gradient of this loss vanishes at the original weights, so
+    replaying it pulls the model back towards its own behaviour on ordinary text (it stops
+    fingerprint training from teaching EOS after everything) without adapting it to the
+    replayed text's domain, which training on the text itself would do. Run before training,
+    while `model` is still the base model. All sequences must have the same length.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for start in range(0, len(sequences), batch_size):
+        input_ids = torch.tensor(sequences[start:start + batch_size])
+        probs = torch.softmax(model(input_ids=input_ids.to(model.device)).logits.float(), dim=-1).cpu()
+        samples = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(input_ids.shape)
+        for ids, sampled in zip(input_ids.tolist(), samples.tolist()):
+            # labels[j] is the target after tokens[:j] (the model shifts labels by one).
+            examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] + sampled[:-1]})
+    return examples
 
 
 class EpochCallback(TrainerCallback):
