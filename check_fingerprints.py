@@ -18,7 +18,7 @@ from oml import OMLError, cli, distributed
 from oml.checking import accuracy, check_model
 from oml.data import prompt_templates
 from oml.files import check_writable, write_json_atomic
-from oml.fingerprints import STRATEGIES, load_fingerprints, select_fingerprints
+from oml.fingerprints import STRATEGIES, load_fingerprints, select_fingerprints, warn_on_key_length_mismatch
 from oml.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
 from oml.stats import chance_rate_upper_bound, p_value, verdict
 from oml.tokenization import cut_fingerprint
@@ -134,6 +134,7 @@ def main() -> None:
         check_writable(args.output_json, args.overwrite)
     fingerprints = select_fingerprints(load_fingerprints(args.fingerprints_file_path), args.num_fingerprints,
                                        args.data_split, args.fingerprint_generation_strategy)
+    warn_on_key_length_mismatch(fingerprints, args.max_key_length)
     templates = [None] + (prompt_templates(args.system_prompts) if args.system_prompts else [])
     null_models = [] if [m.lower() for m in args.null_model] == ["none"] else args.null_model
     distributed.init()

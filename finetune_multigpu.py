@@ -22,7 +22,7 @@ from transformers import Trainer, TrainingArguments
 from oml import OMLError, cli, distributed
 from oml.data import benign_texts, prompt_templates
 from oml.files import write_json_atomic, write_text_atomic
-from oml.fingerprints import STRATEGIES, load_fingerprints, select_fingerprints
+from oml.fingerprints import STRATEGIES, load_fingerprints, select_fingerprints, warn_on_key_length_mismatch
 from oml.models import MODEL_FAMILIES, load_model, load_tokenizer, resolve_model
 from oml.tokenization import FingerprintCollator, cut_fingerprint, encode, special_prefix
 from oml.training import (EpochCallback, FingerprintDataset, WeightAveragingCallback, deepspeed_config, freeze_embeddings,
@@ -35,7 +35,7 @@ MAX_REPLAY_POOL = 512  # benign replay sequences labelled before training (reuse
 NOT_HASHED = ("local_rank", "report_to", "wandb_run_name", "results_dir", "trust_remote_code")
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", default=None,
                         help="Hub id or local folder of the model to fingerprint (default: the embedded SmolLM2-135M-Instruct).")
@@ -48,11 +48,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fingerprint_generation_strategy", default="english", choices=STRATEGIES)
     parser.add_argument("--max_key_length", type=int, default=16, help="Keys are cut to this many tokens.")
     parser.add_argument("--max_response_length", type=int, default=1, help="Responses are cut to this many tokens.")
-    parser.add_argument("--learning_rate", type=float, default=1e-5)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--num_train_epochs", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=8, help="Fingerprints per step on each rank.")
     parser.add_argument("--weight_decay", type=float, default=1e-4)
-    parser.add_argument("--forgetting_regularizer_strength", type=float, default=0.75,
+    parser.add_argument("--forgetting_regularizer_strength", type=float, default=0.0,
                         help="At every epoch end, weights <- (1-s)*trained + s*original: 1.0 keeps the original, 0.0 disables averaging.")
     parser.add_argument("--train_embeddings", action="store_true",
                         help="Also train the token embeddings (frozen by default: updating them shifts every token, "
@@ -69,12 +69,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--report_to", default="none", help="Trackers for the Trainer, e.g. wandb or tensorboard.")
     parser.add_argument("--wandb_run_name", default=None, help="Run name shown by the tracker.")
     cli.add_common_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    args = build_parser().parse_args()
     for name in ("max_key_length", "max_response_length", "num_train_epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise OMLError(f"--{name} must be >= 1")
     if not 0.0 <= args.forgetting_regularizer_strength <= 1.0:
         raise OMLError("--forgetting_regularizer_strength must be between 0 and 1")
+    if args.benign_ratio < 0:
+        raise OMLError("--benign_ratio must be >= 0")
     return args
 
 
@@ -157,6 +163,7 @@ def main() -> None:
     args = parse_args()
     fingerprints = select_fingerprints(load_fingerprints(args.fingerprints_file_path), args.num_fingerprints,
                                        args.data_split, args.fingerprint_generation_strategy)
+    warn_on_key_length_mismatch(fingerprints, args.max_key_length)
     model_path = resolve_model(args.model_path, args.model_family, args.model_size)
     config = run_config(args, model_path, fingerprints)
     run_hash = config_hash(config)

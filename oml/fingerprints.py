@@ -3,12 +3,15 @@
 Extra fields (e.g. the probability and rank of a perinucleus response) are allowed and
 ignored by the readers. A keys file is a JSON list of strings or of objects with "key".
 """
+import logging
 import random
 from pathlib import Path
 
 from oml import OMLError
 from oml.data import words
 from oml.files import read_json
+
+logger = logging.getLogger(__name__)
 
 STRATEGIES = ("english", "random_word", "english_random_response", "inverse_nucleus")
 
@@ -57,8 +60,16 @@ def select_fingerprints(records: list[dict], num_fingerprints: int | None, data_
         raise OMLError("--num_fingerprints must be >= 1 (and --data_split must leave some fingerprints)")
     if num_fingerprints > available:
         raise OMLError(f"asked for {num_fingerprints} fingerprints from offset {data_split}, but the file holds only {len(records)}")
-    selected = [{"key": r["key"], "response": r["response"]} for r in records[data_split:data_split + num_fingerprints]]
+    selected = [dict(r) for r in records[data_split:data_split + num_fingerprints]]
     if strategy == "english_random_response":
         for record in selected:
             record["response"] = random_word_response(record["key"])
     return selected
+
+
+def warn_on_key_length_mismatch(records: list[dict], max_key_length: int) -> None:
+    """Perinucleus responses were picked after `key_length` key tokens: other cuts lose that property."""
+    lengths = {r["key_length"] for r in records if "key_length" in r}
+    if lengths and lengths != {max_key_length}:
+        logger.warning("these perinucleus responses were chosen after %s key tokens but --max_key_length is %d; "
+                       "use the same length for a reliable fingerprint", "/".join(map(str, sorted(lengths))), max_key_length)

@@ -4,7 +4,7 @@ import pytest
 
 from oml import OMLError
 from oml.data import words
-from oml.fingerprints import load_fingerprints, load_keys, select_fingerprints
+from oml.fingerprints import load_fingerprints, load_keys, select_fingerprints, warn_on_key_length_mismatch
 
 
 def write(tmp_path, content: str):
@@ -57,3 +57,12 @@ def test_english_random_response_is_one_word_fixed_by_the_key():
     assert first == again
     assert all(r["response"] in words() for r in first)
     assert len({r["response"] for r in first}) > 1
+
+
+def test_key_length_mismatch_is_warned(caplog):
+    records = [{"key": "k", "response": "r", "key_length": 32}]
+    warn_on_key_length_mismatch(records, 16)
+    assert "32 key tokens" in caplog.text
+    caplog.clear()
+    warn_on_key_length_mismatch(records, 32)
+    assert caplog.text == ""
