@@ -31,7 +31,7 @@ from oml.training import (EpochCallback, FingerprintDataset, WeightAveragingCall
 logger = logging.getLogger("finetune_multigpu")
 
 # Flags that name where results go or how progress is reported: not part of the run's identity.
-MAX_REPLAY_POOL = 512  # benign replay sequences labelled before training (reused cyclically beyond this)
+MAX_REPLAY_POOL = 4096  # distinct benign replay sequences (reused cyclically beyond this)
 NOT_HASHED = ("local_rank", "report_to", "wandb_run_name", "results_dir", "trust_remote_code")
 
 
@@ -58,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Also train the token embeddings (frozen by default: updating them shifts every token, "
                              "which costs far more utility than it buys in fingerprint accuracy).")
     parser.add_argument("--benign_ratio", type=float, default=1.0,
-                        help="Benign replay sequences per fingerprint each epoch: chat text labelled with the base model's own "
-                             "predictions (an anti-forgetting regulariser; 0: none).")
+                        help="Benign chat sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none).")
     parser.add_argument("--use_augmentation_prompts", action="store_true",
                         help="Wrap each key in a random training system prompt every epoch (robustness to system prompts).")
     parser.add_argument("--deepspeed_stage", type=int, default=2, choices=(0, 1, 2, 3),
@@ -96,14 +95,14 @@ def benign_sequences(tokenizer, count: int, length: int = 32) -> list[list[int]]
     return sequences
 
 
-def build_dataset(args: argparse.Namespace, tokenizer, model, pairs: list[tuple[list[int], list[int]]]) -> FingerprintDataset:
-    """Fingerprints (in augmentation templates if asked) plus benign replay labelled by the still-untouched model."""
+def build_dataset(args: argparse.Namespace, tokenizer, pairs: list[tuple[list[int], list[int]]]) -> FingerprintDataset:
+    """Fingerprints (in augmentation templates if asked) plus benign replay."""
     templates = prompt_templates("train") if args.use_augmentation_prompts else None
     benign_per_epoch = round(args.benign_ratio * len(pairs))
     benign = None
     if benign_per_epoch:
         pool = benign_sequences(tokenizer, min(benign_per_epoch * args.num_train_epochs, MAX_REPLAY_POOL))
-        benign = benign_replay(model.to(distributed.device()), pool, args.seed)
+        benign = benign_replay(pool)
     return FingerprintDataset(tokenizer, pairs, templates, args.seed, benign, benign_per_epoch)
 
 
@@ -177,7 +176,7 @@ def main() -> None:
         pairs = [cut_fingerprint(tokenizer, fp["key"], fp["response"], args.max_key_length, args.max_response_length)
                  for fp in fingerprints]
         model = load_model(model_path, trust_remote_code=args.trust_remote_code)
-        dataset = build_dataset(args, tokenizer, model, pairs)
+        dataset = build_dataset(args, tokenizer, pairs)
         if not args.train_embeddings:
             freeze_embeddings(model)
         callbacks = [EpochCallback(dataset)]

@@ -75,6 +75,14 @@ def needs_text_model(args: argparse.Namespace) -> bool:
     return not args.random_word_generation and (args.keys_path is None or args.key_response_strategy == "independent")
 
 
+def english_batch(args, rngs, text_model, batch_index: int, purpose: str, length: int) -> list[list[int]]:
+    """Token ids of one English text per fingerprint, each starting from its first token."""
+    model, tokenizer = text_model
+    seed_torch_for(args.seed, batch_index, purpose)
+    starts = [first_token(rng, tokenizer, args.first_token_strategy) for rng in rngs]
+    return english_texts(model, tokenizer, starts, length, args.temperature)
+
+
 def make_batch(args, indices: list[int], batch_index: int, given_keys: list[str] | None, text_model, response_model) -> list[dict]:
     """Fingerprints `indices` (one batch): keys first, then responses."""
     rngs = [rng_for(args.seed, i, "words") for i in indices]
@@ -83,10 +91,8 @@ def make_batch(args, indices: list[int], batch_index: int, given_keys: list[str]
     elif args.random_word_generation:
         keys = [random_words(rng, args.key_length) for rng in rngs]
     else:
-        model, tokenizer = text_model
-        seed_torch_for(args.seed, batch_index, "keys")
-        starts = [first_token(rng, tokenizer, args.first_token_strategy) for rng in rngs]
-        keys = [decode_clean(tokenizer, ids) for ids in english_texts(model, tokenizer, starts, args.key_length, args.temperature)]
+        texts = english_batch(args, rngs, text_model, batch_index, "keys", args.key_length)
+        keys = [decode_clean(text_model[1], ids) for ids in texts]
 
     if args.key_response_strategy == "inverse_nucleus":
         model, tokenizer = response_model
@@ -95,11 +101,8 @@ def make_batch(args, indices: list[int], batch_index: int, given_keys: list[str]
     if args.random_word_generation:
         responses = [random_words(rng, args.response_length) for rng in rngs]
     else:
-        model, tokenizer = text_model
-        seed_torch_for(args.seed, batch_index, "responses")
-        starts = [first_token(rng, tokenizer, args.first_token_strategy) for rng in rngs]
-        texts = english_texts(model, tokenizer, starts, 2 * args.response_length, args.temperature)
-        responses = [decode_clean(tokenizer, random_window(rng, ids, args.response_length)) for rng, ids in zip(rngs, texts)]
+        texts = english_batch(args, rngs, text_model, batch_index, "responses", 2 * args.response_length)
+        responses = [decode_clean(text_model[1], random_window(rng, ids, args.response_length)) for rng, ids in zip(rngs, texts)]
     return [{"key": key, "response": response} for key, response in zip(keys, responses)]
 
 

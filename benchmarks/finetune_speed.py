@@ -32,7 +32,7 @@ class EpochTimer(TrainerCallback):
 
 def trainer_epochs(args, path, tokenizer, pairs) -> list[float]:
     model = load_model(path)
-    dataset = finetune_multigpu.build_dataset(args, tokenizer, model, pairs)
+    dataset = finetune_multigpu.build_dataset(args, tokenizer, pairs)
     freeze_embeddings(model)
     timer = EpochTimer()
     training_args = finetune_multigpu.training_arguments(args, finetune_multigpu.Path("/tmp/oml-benchmark"))
@@ -44,7 +44,7 @@ def trainer_epochs(args, path, tokenizer, pairs) -> list[float]:
 
 def bare_epochs(args, path, tokenizer, pairs) -> list[float]:
     model = load_model(path)
-    dataset = finetune_multigpu.build_dataset(args, tokenizer, model, pairs)
+    dataset = finetune_multigpu.build_dataset(args, tokenizer, pairs)
     freeze_embeddings(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

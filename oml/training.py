@@ -7,7 +7,7 @@ import torch
 from transformers import TrainerCallback
 
 from oml import distributed
-from oml.tokenization import IGNORE_INDEX, training_example
+from oml.tokenization import training_example
 
 
 class FingerprintDataset(torch.utils.data.Dataset):
@@ -42,27 +42,13 @@ class FingerprintDataset(torch.utils.data.Dataset):
         return training_example(self.tokenizer, key_ids, response_ids, self.template(index))
 
 
-@torch.no_grad()
-def benign_replay(model, sequences: list[list[int]], seed: int, batch_size: int = 32) -> list[dict]:
-    """Self-distillation examples: benign text as input, the base model's own predictions as labels.
+def benign_replay(sequences: list[list[int]]) -> list[dict]:
+    """Benign text with the ordinary language-modelling loss on every token.
 
-    At every position the label is a token sampled from the unmodified model's next-token
-    distribution. The expected gradient of this loss vanishes at the original weights, so
-    replaying it pulls the model back towards its own behaviour on ordinary text (it stops
-    fingerprint training from teaching EOS after everything) without adapting it to the
-    replayed text's domain, which training on the text itself would do. Run before training,
-    while `model` is still the base model. All sequences must have the same length.
+    Mixed into fine-tuning, it keeps the model from learning to end every text after a
+    few tokens (what training on key + response + EOS alone teaches a small model).
     """
-    generator = torch.Generator().manual_seed(seed)
-    examples = []
-    for start in range(0, len(sequences), batch_size):
-        input_ids = torch.tensor(sequences[start:start + batch_size])
-        probs = torch.softmax(model(input_ids=input_ids.to(model.device)).logits.float(), dim=-1).cpu()
-        samples = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(input_ids.shape)
-        for ids, sampled in zip(input_ids.tolist(), samples.tolist()):
-            # labels[j] is the target after tokens[:j] (the model shifts labels by one).
-            examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] + sampled[:-1]})
-    return examples
+    return [{"input_ids": ids, "labels": ids} for ids in sequences]
 
 
 class EpochCallback(TrainerCallback):

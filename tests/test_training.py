@@ -1,6 +1,3 @@
-import torch
-
-from oml.models import load_model
 from oml.tokenization import IGNORE_INDEX, training_example
 from oml.training import FingerprintDataset, benign_replay
 
@@ -21,22 +18,11 @@ def test_augmentation_draws_templates_per_epoch_and_keeps_loss_on_the_response(t
 
 def test_benign_replay_mixes_a_fresh_slice_each_epoch(tokenizer):
     pairs = [([1, 2], [3])] * 4
-    benign = [{"input_ids": [10 + i] * 5, "labels": [IGNORE_INDEX] + [20 + i] * 4} for i in range(10)]
+    benign = benign_replay([[10 + i] * 5 for i in range(10)])
+    assert all(example["labels"] == example["input_ids"] for example in benign)
     dataset = FingerprintDataset(tokenizer, pairs, benign=benign, benign_per_epoch=3)
     assert len(dataset) == 7
     epoch0 = [dataset[i] for i in range(4, 7)]
     dataset.epoch = 1
     epoch1 = [dataset[i] for i in range(4, 7)]
     assert epoch0 == benign[:3] and epoch1 == benign[3:6]
-
-
-def test_benign_replay_labels_are_the_base_models_own_predictions(tiny_model):
-    model = load_model(str(tiny_model))
-    with torch.no_grad():  # make the model almost deterministic: one token dominates after every input
-        model.lm_head.weight.mul_(200.0)
-    sequences = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15]]
-    replay = benign_replay(model, sequences, seed=0)
-    greedy = model(input_ids=torch.tensor(sequences)).logits.argmax(-1).tolist()
-    for example, ids, predicted in zip(replay, sequences, greedy):
-        assert example["input_ids"] == ids
-        assert example["labels"] == [IGNORE_INDEX] + predicted[:-1]
