@@ -7,12 +7,14 @@ The model is saved to results/saved_models/<config_hash>/final_model/; the last 
 stdout is `Config hash of the final model: <hash>`.
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -188,8 +190,9 @@ def main() -> None:
         logger.info("Fine-tuning %d fingerprints into %s (run %s)", len(pairs), model_path, run_hash)
         if distributed.is_main_process() and partial.exists():
             shutil.rmtree(partial)  # left by an interrupted run
-        trainer.train()
-        trainer.save_model(str(partial))  # collective under ZeRO-3; only rank 0 writes
+        with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for results
+            trainer.train()
+            trainer.save_model(str(partial))  # collective under ZeRO-3; only rank 0 writes
         if distributed.is_main_process():
             tokenizer.save_pretrained(partial)
             save_run(run_dir, partial, config, fingerprints, dataset_csv(tokenizer, pairs), trainer.state.log_history)

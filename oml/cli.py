@@ -4,6 +4,8 @@ import os
 import sys
 from typing import Callable
 
+import torch
+
 from oml import OMLError
 from oml.distributed import is_main_process
 
@@ -18,6 +20,8 @@ def setup_logging() -> None:
     for name in ("transformers", "accelerate", "DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():  # else DeepSpeed announces its CPU fallback on stdout
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def run(main: Callable[[], None]) -> None:

@@ -28,6 +28,7 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_finetune_writes_the_run_and_skips_a_complete_one(tmp_path, tiny_model, fingerprint_file):
     result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST)
+    assert len(result.stdout.strip().splitlines()) == 1  # only the result on stdout; logs go to stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("Config hash of the final model: ")
     out = run_dir(tmp_path, result)
