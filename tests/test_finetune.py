@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import final_model_dir, run_script
+from tests.conftest import final_model_dir, make_tiny_model, run_script
 
 FAST = ["--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4", "--forgetting_regularizer_strength", "0",
         "--benign_ratio", "0",
@@ -127,3 +127,27 @@ def test_bad_input_exits_2(tmp_path, tiny_model, fingerprint_file, args, message
 def test_missing_model_path_is_one_line_error(tmp_path, fingerprint_file):
     result = finetune(tmp_path, tmp_path / "no_such_model", fingerprint_file, check=False)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_left_padding_tokenizer_trains_and_checks_the_same(tmp_path, tokenizer, fingerprint_file):
+    """Position ids count real tokens, so a left-padding tokenizer learns fingerprints as well."""
+    left = make_tiny_model(tokenizer, tmp_path / "left", padding_side="left")
+    result = finetune(tmp_path, left, fingerprint_file, *FAST)
+    check = run_script("check_fingerprints.py", "--model_path", run_dir(tmp_path, result) / "final_model",
+                       "--fingerprints_file_path", fingerprint_file, "--null_model", "none",
+                       "--fingerprint_generation_strategy", "random_word", cwd=tmp_path)
+    assert check.stdout.strip().splitlines()[-1] == "Fingerprint accuracy: 100.00"
+
+
+def test_zero3_two_ranks_matches_zero2(tmp_path, tiny_model, fingerprint_file):
+    """ZeRO-3 partitions the weights themselves; averaging and saving must still see whole tensors."""
+    args = [*FAST, "--num_train_epochs", "2", "--forgetting_regularizer_strength", "0.5"]
+    (tmp_path / "z2").mkdir()
+    (tmp_path / "z3").mkdir()
+    zero2 = finetune(tmp_path / "z2", tiny_model, fingerprint_file, *args, ranks=2)
+    zero3 = finetune(tmp_path / "z3", tiny_model, fingerprint_file, *args, "--deepspeed_stage", "3", ranks=2)
+    expected = weights(run_dir(tmp_path / "z2", zero2) / "final_model")
+    got = weights(run_dir(tmp_path / "z3", zero3) / "final_model")
+    assert set(got) - {"lm_head.weight"} == set(expected) - {"lm_head.weight"}  # tied to the embeddings
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
