@@ -160,6 +160,35 @@ def save_run(run_dir: Path, partial: Path, config: dict, fingerprints: list[dict
     partial.rename(run_dir / "final_model")
 
 
+def fine_tune(args: argparse.Namespace, model_path: str, fingerprints: list[dict], config: dict, run_dir: Path) -> None:
+    """Train, then (rank 0) write the run folder with final_model/ appearing last."""
+    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
+    pairs = [cut_fingerprint(tokenizer, fp["key"], fp["response"], args.max_key_length, args.max_response_length)
+             for fp in fingerprints]
+    model = load_model(model_path, trust_remote_code=args.trust_remote_code)
+    dataset = build_dataset(args, tokenizer, pairs)
+    if not args.train_embeddings:
+        freeze_embeddings(model)
+    callbacks = [EpochCallback(dataset)]
+    if args.forgetting_regularizer_strength > 0:
+        original = snapshot_weights(model, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        callbacks.append(WeightAveragingCallback(original, args.forgetting_regularizer_strength))
+    trainer = Trainer(model=model, args=training_arguments(args, run_dir), train_dataset=dataset,
+                      data_collator=FingerprintCollator(tokenizer), callbacks=callbacks)
+    logger.info("Fine-tuning %d fingerprints into %s (run %s)", len(pairs), model_path, run_dir.name)
+    partial = run_dir / "final_model.partial"
+    if distributed.is_main_process() and partial.exists():
+        shutil.rmtree(partial)  # left by an interrupted run
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for results
+        trainer.train()
+        trainer.save_model(str(partial))  # collective under ZeRO-3; only rank 0 writes
+    if distributed.is_main_process():
+        tokenizer.save_pretrained(partial)
+        save_run(run_dir, partial, config, fingerprints, dataset_csv(tokenizer, pairs), trainer.state.log_history)
+        with open(run_dir.parent.parent / "all_run_logs.txt", "a", encoding="utf-8") as log:
+            log.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "config_hash": run_dir.name, **config}) + "\n")
+
+
 def main() -> None:
     args = parse_args()
     fingerprints = select_fingerprints(load_fingerprints(args.fingerprints_file_path), args.num_fingerprints,
@@ -169,36 +198,10 @@ def main() -> None:
     config = run_config(args, model_path, fingerprints)
     run_hash = config_hash(config)
     run_dir = Path(args.results_dir) / "saved_models" / run_hash
-    final, partial = run_dir / "final_model", run_dir / "final_model.partial"
-
-    if final.is_dir():
-        logger.info("A complete run with this configuration exists: %s (skipping)", final)
+    if (run_dir / "final_model").is_dir():
+        logger.info("A complete run with this configuration exists: %s (skipping)", run_dir / "final_model")
     else:
-        tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-        pairs = [cut_fingerprint(tokenizer, fp["key"], fp["response"], args.max_key_length, args.max_response_length)
-                 for fp in fingerprints]
-        model = load_model(model_path, trust_remote_code=args.trust_remote_code)
-        dataset = build_dataset(args, tokenizer, pairs)
-        if not args.train_embeddings:
-            freeze_embeddings(model)
-        callbacks = [EpochCallback(dataset)]
-        if args.forgetting_regularizer_strength > 0:
-            original = snapshot_weights(model, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-            callbacks.append(WeightAveragingCallback(original, args.forgetting_regularizer_strength))
-        trainer = Trainer(model=model, args=training_arguments(args, run_dir), train_dataset=dataset,
-                          data_collator=FingerprintCollator(tokenizer), callbacks=callbacks)
-        logger.info("Fine-tuning %d fingerprints into %s (run %s)", len(pairs), model_path, run_hash)
-        if distributed.is_main_process() and partial.exists():
-            shutil.rmtree(partial)  # left by an interrupted run
-        with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is for results
-            trainer.train()
-            trainer.save_model(str(partial))  # collective under ZeRO-3; only rank 0 writes
-        if distributed.is_main_process():
-            tokenizer.save_pretrained(partial)
-            save_run(run_dir, partial, config, fingerprints, dataset_csv(tokenizer, pairs), trainer.state.log_history)
-            with open(Path(args.results_dir) / "all_run_logs.txt", "a", encoding="utf-8") as log:
-                log.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "config_hash": run_hash, **config}) + "\n")
-
+        fine_tune(args, model_path, fingerprints, config, run_dir)
     if distributed.is_main_process():
         write_text_atomic("current_config_hash.txt", run_hash + "\n")
         print(f"Config hash of the final model: {run_hash}", flush=True)
