@@ -81,7 +81,10 @@ def average_with_original(model, original: dict[str, torch.Tensor], strength: fl
     overwrites the module's copy after every step, so the average is computed from and
     written to that master copy (ZeRO 1-3), and then to the module's copy.
     """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param  # noqa: deferred, heavy import
+    # Imported here, after cli.setup_logging() chose DeepSpeed's accelerator: importing it
+    # earlier makes it announce its CPU fallback on stdout.
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     for name, param in model.named_parameters():
         if name not in original:  # frozen
@@ -92,7 +95,6 @@ def average_with_original(model, original: dict[str, torch.Tensor], strength: fl
         if master is not None:
             safe_set_full_fp32_param(param, averaged)
         if hasattr(param, "ds_id"):  # ZeRO-3: the module weight is partitioned across ranks
-            import deepspeed
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 param.data.copy_(averaged.to(param.dtype))
         else:

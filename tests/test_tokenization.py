@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from oml import OMLError
 from oml.tokenization import (IGNORE_INDEX, FingerprintCollator, cut_fingerprint, encode, pad_batch, prompt_ids,
