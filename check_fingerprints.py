@@ -148,7 +148,7 @@ def main() -> None:
         print_report(report, args.verbose_eval)
         if args.wandb_run_name:
             log_to_wandb(args.wandb_run_name, report)
-    distributed.barrier()
+    distributed.finish()
 
 
 if __name__ == "__main__":

@@ -205,6 +205,7 @@ def main() -> None:
     if distributed.is_main_process():
         write_text_atomic("current_config_hash.txt", run_hash + "\n")
         print(f"Config hash of the final model: {run_hash}", flush=True)
+    distributed.finish()
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def main() -> None:
         fingerprints = [record for _, batch in gathered for record in batch]
         write_json_atomic(args.output_file_path, fingerprints)
         logger.info("Wrote %d fingerprints to %s", len(fingerprints), args.output_file_path)
-    distributed.barrier()
+    distributed.finish()
 
 
 if __name__ == "__main__":
