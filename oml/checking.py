@@ -11,13 +11,9 @@ import torch
 from tqdm import tqdm
 
 from oml import distributed
-from oml.tokenization import pad_batch, prompt_ids
+from oml.tokenization import pad_batch, prompt_ids, to_device
 
 TOP_K = 10
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 @torch.no_grad()
@@ -25,7 +21,7 @@ def greedy_continuations(model, tokenizer, prompts: list[list[int]], length: int
     """Greedy decoding of `length` tokens for a batch of prompts (left padding, one generate call)."""
     batch = pad_batch(prompts, tokenizer.pad_token_id, side="left")
     del batch["position_ids"]  # generate() derives them from the attention mask
-    batch = _to(batch, model.device)
+    batch = to_device(batch, model.device)
     output = model.generate(**batch, do_sample=False, max_new_tokens=length,
                             pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
     return output[:, batch["input_ids"].shape[1]:].tolist()
@@ -37,7 +33,7 @@ def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], temp
     prompts = [prompt_ids(tokenizer, key_ids, template) for key_ids, _ in pairs]
     longest_response = max(len(response) for _, response in pairs)
     batch = pad_batch([p + r for p, (_, r) in zip(prompts, pairs)], tokenizer.pad_token_id, side="left")
-    logits = model(**_to(batch, model.device), logits_to_keep=longest_response + 1).logits
+    logits = model(**to_device(batch, model.device), logits_to_keep=longest_response + 1).logits
     probs = torch.softmax(logits.float(), dim=-1).cpu()
 
     results = []

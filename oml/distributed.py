@@ -50,11 +50,6 @@ def gather(obj: Any) -> list[Any]:
     return objects
 
 
-def barrier() -> None:
-    if world_size() > 1 and dist.is_initialized():
-        dist.barrier()
-
-
 def finish() -> None:
     """Wait for every rank, then leave the process group, so no rank exits while others still
     communicate (a rank that exits with live communication threads can abort)."""

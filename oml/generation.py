@@ -11,7 +11,7 @@ import torch
 
 from oml import OMLError
 from oml.data import words
-from oml.tokenization import encode, pad_batch, prompt_ids, special_prefix
+from oml.tokenization import encode, pad_batch, prompt_ids, special_prefix, to_device
 
 FIRST_TOKEN_STRATEGIES = ("word", "tokenizer", "")
 
@@ -61,7 +61,7 @@ def english_texts(model, tokenizer, starts: list[str], length: int, temperature:
     prompts = [instruction_ids(tokenizer, start) for start in starts]
     batch = pad_batch(prompts, tokenizer.pad_token_id, side="left")
     del batch["position_ids"]  # generate() derives them from the attention mask
-    batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+    batch = to_device(batch, model.device)
     output = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                             max_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
     texts = []
@@ -121,7 +121,7 @@ def is_plain_token(tokenizer, token: int) -> bool:
 def next_token_probs(model, tokenizer, key_ids: list[list[int]]) -> torch.Tensor:
     """Next-token distributions after a whole batch of keys, in one forward pass."""
     batch = pad_batch([prompt_ids(tokenizer, ids) for ids in key_ids], tokenizer.pad_token_id, side="left")
-    batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+    batch = to_device(batch, model.device)
     logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
     return torch.softmax(logits.float(), dim=-1).cpu()
 

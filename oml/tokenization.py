@@ -85,6 +85,11 @@ def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left", label
     return batch
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A padded batch moved to the model's device."""
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
 class FingerprintCollator:
     """Pads a list of `training_example`s on the tokenizer's padding side."""
 

@@ -4,7 +4,7 @@ import math
 import torch
 from tqdm import tqdm
 
-from oml.tokenization import encode, pad_batch, special_prefix
+from oml.tokenization import encode, pad_batch, special_prefix, to_device
 
 
 @torch.no_grad()
@@ -15,7 +15,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 256, batch_
     for start in tqdm(range(0, len(sequences), batch_size), desc="perplexity", leave=False):
         chunk = sequences[start:start + batch_size]
         batch = pad_batch(chunk, tokenizer.pad_token_id, side="right", labels=chunk)
-        batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+        batch = to_device(batch, model.device)
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1].float()
         targets = labels[:, 1:]
