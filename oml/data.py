@@ -44,20 +44,31 @@ def _package_file(package: str, relative: str) -> Path:
 EVAL_CONVERSATIONS = 1000  # the first conversations of a fixed shuffle are held out for evaluation
 
 
-def benign_texts(split: str, count: int | None = None) -> list[str]:
-    """Benign chat text (chitchat-dataset, MIT), one conversation per text.
+def conversations(split: str, count: int | None = None) -> list[list[str]]:
+    """Benign chat conversations (chitchat-dataset, MIT), each a list of turns.
 
     'eval' and 'train' are disjoint: fine-tuning replays 'train', utility is measured on 'eval'.
     """
-    conversations = json.loads(_package_file("chitchat_dataset", "dataset.json").read_text(encoding="utf-8"))
-    ids = sorted(conversations)
+    data = json.loads(_package_file("chitchat_dataset", "dataset.json").read_text(encoding="utf-8"))
+    ids = sorted(data)
     random.Random(0).shuffle(ids)
     ids = ids[:EVAL_CONVERSATIONS] if split == "eval" else ids[EVAL_CONVERSATIONS:]
-    texts = []
-    for conversation_id in ids[:count]:
-        turns = [" ".join(message["text"] for message in turn) for turn in conversations[conversation_id]["messages"]]
-        texts.append("\n".join(turns))
-    return texts
+    return [[" ".join(message["text"] for message in turn) for turn in data[i]["messages"]] for i in ids[:count]]
+
+
+def benign_texts(split: str, count: int | None = None) -> list[str]:
+    """Whole conversations as plain text, one turn per line."""
+    return ["\n".join(turns) for turns in conversations(split, count)]
+
+
+def chat_pairs(split: str, count: int) -> list[tuple[str, str]]:
+    """(message, reply) pairs: consecutive turns of benign conversations, as instruction data."""
+    pairs = []
+    for turns in conversations(split):
+        pairs.extend(zip(turns[:-1], turns[1:]))
+        if len(pairs) >= count:
+            break
+    return pairs[:count]
 
 
 def mmlu_items(count: int, seed: int = 0) -> list[dict]:

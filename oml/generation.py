@@ -11,7 +11,7 @@ import torch
 
 from oml import OMLError
 from oml.data import words
-from oml.tokenization import encode, pad_batch, prompt_ids, special_prefix, to_device
+from oml.tokenization import encode, pad_batch, prompt_ids, to_device, user_turn_ids
 
 FIRST_TOKEN_STRATEGIES = ("word", "tokenizer", "")
 
@@ -49,10 +49,7 @@ def instruction_ids(tokenizer, start: str) -> list[int]:
     """
     instruction = f"Generate a sentence starting with the word {start}" if start else "Generate a sentence"
     start_ids = encode(tokenizer, start) if start else []
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False)
-        return encode(tokenizer, text) + start_ids
-    return special_prefix(tokenizer) + encode(tokenizer, instruction + ".\n") + start_ids
+    return user_turn_ids(tokenizer, instruction) + start_ids
 
 
 @torch.no_grad()

@@ -62,6 +62,23 @@ def training_example(tokenizer, key_ids: list[int], response_ids: list[int], tem
     return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
 
 
+def user_turn_ids(tokenizer, text: str) -> list[int]:
+    """A user message ready for the assistant's reply: the model's chat template when it has
+    one, else the special prefix and the text on a line of its own."""
+    if tokenizer.chat_template:
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        return encode(tokenizer, chat)
+    return special_prefix(tokenizer) + encode(tokenizer, text + "\n")
+
+
+def chat_example(tokenizer, prompt: str, reply: str, max_length: int) -> dict:
+    """A user prompt and the assistant's reply + EOS, with the loss on the reply only (as in
+    ordinary instruction tuning), cut to `max_length` tokens."""
+    context = user_turn_ids(tokenizer, prompt)[:max_length - 1]
+    target = (encode(tokenizer, reply) + [tokenizer.eos_token_id])[:max_length - len(context)]
+    return {"input_ids": context + target, "labels": [IGNORE_INDEX] * len(context) + target}
+
+
 def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left", labels: list[list[int]] | None = None) -> dict:
     """Pad to the longest sequence, with the attention mask and explicit position ids.
 

@@ -60,6 +60,18 @@ def fingerprint_file(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def fingerprinted_tiny_model(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
+    """(model folder, fingerprint file): 8 random-word fingerprints trained hard into the tiny model."""
+    work = tmp_path_factory.mktemp("fingerprinted")
+    fingerprints = work / "fingerprints.json"
+    fingerprints.write_text(json.dumps(random_word_fingerprints(8)))
+    tune = run_script("finetune_multigpu.py", "--model_path", tiny_model, "--fingerprints_file_path", fingerprints,
+                      "--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4",
+                      "--benign_ratio", "0", "--fingerprint_generation_strategy", "random_word", cwd=work)
+    return final_model_dir(work, tune.stdout), fingerprints
+
+
 def final_model_dir(cwd: Path, stdout: str) -> Path:
     """The model folder named by finetune_multigpu.py's `Config hash of the final model:` line."""
     run_hash = re.search(r"^Config hash of the final model: (\w+)$", stdout, re.M).group(1)

@@ -8,7 +8,7 @@ from oml.checking import check_model
 from oml.models import load_model, load_tokenizer
 from oml.stats import chance_rate_upper_bound, p_value, verdict
 from oml.tokenization import cut_fingerprint, prompt_ids
-from tests.conftest import final_model_dir, make_tiny_model, random_word_fingerprints, run_script
+from tests.conftest import make_tiny_model, random_word_fingerprints, run_script
 
 
 def test_p_value_is_the_binomial_tail():
@@ -63,12 +63,8 @@ def test_batched_check_equals_one_key_at_a_time(tmp_path, tokenizer, padding_sid
     assert sum(r["match"] for r in batched) >= 6
 
 
-def test_fingerprinted_tiny_model_matches_and_base_does_not(tmp_path, tiny_model, fingerprint_file):
-    tune = run_script("finetune_multigpu.py", "--model_path", tiny_model, "--fingerprints_file_path", fingerprint_file,
-                      "--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4",
-                      "--forgetting_regularizer_strength", "0", "--benign_ratio", "0", "--fingerprint_generation_strategy", "random_word",
-                      cwd=tmp_path)
-    model_dir = final_model_dir(tmp_path, tune.stdout)
+def test_fingerprinted_tiny_model_matches_and_base_does_not(tmp_path, tiny_model, fingerprinted_tiny_model):
+    model_dir, fingerprint_file = fingerprinted_tiny_model
     result = run_script("check_fingerprints.py", "--model_path", model_dir, "--fingerprints_file_path", fingerprint_file,
                         "--null_model", tiny_model, "--fingerprint_generation_strategy", "random_word",
                         "--output_json", "report.json", "--alpha", "0.01", cwd=tmp_path)

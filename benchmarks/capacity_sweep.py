@@ -1,0 +1,173 @@
+"""How many fingerprints fit, and what they cost: generate, fingerprint, check, measure utility.
+
+    python benchmarks/capacity_sweep.py --sizes 16 64 256 --variants default augmentation
+
+For each variant (a set of fine-tuning flags) and each N, fine-tunes the first N of one
+perinucleus fingerprint file into the model, checks them with bare keys and under the 10
+unseen test system prompts (the base model as null model), and runs evaluate_utility.py.
+Every step runs the project's own scripts as a user would and leaves its JSON under
+--results_dir; steps whose output already exists are reused, so a sweep can be extended
+or resumed. Writes summary.json, summary.md and two PNG plots there, covering every point
+completed in --results_dir so far.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import machine
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {
+    "default": [],
+    "augmentation": ["--use_augmentation_prompts"],
+    "averaging": ["--forgetting_regularizer_strength", "0.2"],
+    "augmentation+averaging": ["--use_augmentation_prompts", "--forgetting_regularizer_strength", "0.2"],
+}
+STRATEGY = ["--fingerprint_generation_strategy", "inverse_nucleus"]
+
+
+def run(script: str, *args: str) -> str:
+    """Run one of the project's scripts; its stdout, or exit with its error."""
+    command = [sys.executable, str(ROOT / script), *args]
+    print("+", " ".join(command[1:]), file=sys.stderr, flush=True)
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{script} failed with exit code {result.returncode}")
+    return result.stdout
+
+
+def read_or_make(path: Path, make) -> dict:
+    """The JSON at `path`, made first (by `make`, which writes it) if it does not exist."""
+    if not path.is_file():
+        make()
+    return json.loads(path.read_text())
+
+
+def fingerprint_file(out: Path, count: int, model: str | None) -> Path:
+    path = out / "fingerprints.json"
+    if not path.is_file():
+        run("generate_finetuning_data.py", "--key_response_strategy", "inverse_nucleus", "--num_fingerprints", str(count),
+            "--key_length", "16", "--batch_size", "128", "--seed", "42", "--output_file_path", str(path),
+            *(["--model_used_for_key_generation", model] if model else []))
+    return path
+
+
+def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str | None) -> dict:
+    """Fine-tune, check and evaluate one (variant, N); returns the point's summary."""
+    name = f"{variant}_{n}"
+    model_args = ["--model_path", model] if model else []
+
+    def train() -> None:
+        start = time.perf_counter()
+        stdout = run("finetune_multigpu.py", *model_args, "--fingerprints_file_path", str(fingerprints), *STRATEGY,
+                     "--num_fingerprints", str(n), "--results_dir", str(out), *VARIANTS[variant])
+        run_hash = stdout.strip().splitlines()[-1].split()[-1]
+        (out / f"{name}_train.json").write_text(json.dumps({
+            "model_path": str(out / "saved_models" / run_hash / "final_model"), "seconds": time.perf_counter() - start}))
+
+    trained = read_or_make(out / f"{name}_train.json", train)
+    check = read_or_make(out / f"{name}_check.json", lambda: run(
+        "check_fingerprints.py", "--model_path", trained["model_path"], "--fingerprints_file_path", str(fingerprints),
+        *STRATEGY, "--num_fingerprints", str(n), "--system_prompts", "test", *(["--null_model", model] if model else []),
+        "--output_json", str(out / f"{name}_check.json")))
+    utility = read_or_make(out / f"{name}_utility.json", lambda: run(
+        "evaluate_utility.py", "--model_path", trained["model_path"], *(["--base_model", model] if model else []),
+        "--output_json", str(out / f"{name}_utility.json")))
+    test_prompts = [entry["accuracy"] for entry in check["system_prompts"][1:]]
+    return {
+        "variant": variant, "n": n, "train_seconds": trained["seconds"],
+        "accuracy": check["accuracy"], "test_prompt_accuracy": sum(test_prompts) / len(test_prompts),
+        "null_matches": sum(entry["matches"] for entry in check["null_models"]), "p_value": check.get("p_value"),
+        "perplexity": utility["perplexity"], "base_perplexity": utility["base_perplexity"],
+        "perplexity_change": 100 * (utility["perplexity"] / utility["base_perplexity"] - 1),
+        "next_token_agreement": utility["next_token_agreement"], "mean_kl_from_base": utility["mean_kl_from_base"],
+        "mmlu_accuracy": utility["mmlu_accuracy"], "base_mmlu_accuracy": utility["base_mmlu_accuracy"],
+    }
+
+
+def completed_points(out: Path) -> list[tuple[str, int]]:
+    """Every (variant, N) with results in `out`, from this run or earlier ones, in a stable order."""
+    done = {tuple(path.name[:-len("_utility.json")].rsplit("_", 1)) for path in out.glob("*_utility.json")}
+    return sorted(((v, int(n)) for v, n in done if v in VARIANTS), key=lambda p: (list(VARIANTS).index(p[0]), p[1]))
+
+
+def markdown_table(points: list[dict]) -> str:
+    lines = ["| variant | N | accuracy | test prompts | base matches | p-value | chat ppl change | agreement | KL (nats) "
+             "| MMLU (base) | train time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        lines.append(f"| {p['variant']} | {p['n']} | {p['accuracy']:.1f}% | {p['test_prompt_accuracy']:.1f}% | "
+                     f"{p['null_matches']}/{p['n']} | {p['p_value']:.2g} | {p['perplexity_change']:+.1f}% | "
+                     f"{p['next_token_agreement']:.3f} | {p['mean_kl_from_base']:.3f} | "
+                     f"{100 * p['mmlu_accuracy']:.1f}% ({100 * p['base_mmlu_accuracy']:.1f}%) | {p['train_seconds'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: list[dict], out: Path) -> None:
+    """success_vs_n.png (bare keys and test prompts) and utility_vs_n.png (perplexity, KL, MMLU)."""
+    variants = list(dict.fromkeys(p["variant"] for p in points))
+    series = {v: sorted((p for p in points if p["variant"] == v), key=lambda p: p["n"]) for v in variants}
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (variant, ps) in enumerate(series.items()):
+        ns = [p["n"] for p in ps]
+        ax.plot(ns, [p["accuracy"] for p in ps], marker="o", color=f"C{i}", label=f"{variant}: bare keys")
+        ax.plot(ns, [p["test_prompt_accuracy"] for p in ps], marker="s", ls="--", color=f"C{i}", label=f"{variant}: test prompts")
+    ax.set(xscale="log", xlabel="fingerprints inserted (N)", ylabel="fingerprints matched (%)", ylim=(0, 102),
+           title="Fingerprint success against N")
+    ax.set_xticks(sorted({p["n"] for p in points}), [str(n) for n in sorted({p["n"] for p in points})])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "success_vs_n.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    measures = [("perplexity_change", "held-out chat perplexity change (%)"), ("mean_kl_from_base", "mean KL from base (nats/token)"),
+                ("mmlu_accuracy", "MMLU accuracy, zero-shot")]
+    for ax, (key, label) in zip(axes, measures):
+        for i, (variant, ps) in enumerate(series.items()):
+            ax.plot([p["n"] for p in ps], [p[key] for p in ps], marker="o", color=f"C{i}", label=variant)
+        if key == "mmlu_accuracy":
+            ax.axhline(points[0]["base_mmlu_accuracy"], color="grey", ls=":", label="base model")
+        ax.set(xscale="log", xlabel="fingerprints inserted (N)", ylabel=label)
+        ax.set_xticks(sorted({p["n"] for p in points}), [str(n) for n in sorted({p["n"] for p in points})])
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Utility against N")
+    fig.tight_layout()
+    fig.savefig(out / "utility_vs_n.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--variants", nargs="+", default=["default", "augmentation"], choices=sorted(VARIANTS))
+    parser.add_argument("--model_path", default=None, help="Model to fingerprint (default: the embedded one).")
+    parser.add_argument("--results_dir", default=str(ROOT / "results" / "capacity"))
+    args = parser.parse_args()
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprints = fingerprint_file(out, max(args.sizes), args.model_path)
+    if len(json.loads(fingerprints.read_text())) < max(args.sizes):
+        sys.exit(f"{fingerprints} holds fewer than {max(args.sizes)} fingerprints; delete it to regenerate")
+    for variant in args.variants:
+        for n in args.sizes:
+            sweep_point(out, fingerprints, variant, n, args.model_path)
+    points = [sweep_point(out, fingerprints, variant, n, args.model_path) for variant, n in completed_points(out)]
+    table = markdown_table(points)
+    (out / "summary.json").write_text(json.dumps({"machine": machine(), "points": points}, indent=2))
+    (out / "summary.md").write_text(table)
+    plot(points, out)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Do fingerprints survive when someone fine-tunes the model further?
+
+    python evaluate_persistence.py --model_path results/saved_models/<hash>/final_model \
+        --fingerprints_file_path generated_data/output_fingerprints.json
+
+Plays the part of a user who takes the published model and continues training it on
+benign instruction data (by default message/reply pairs from chitchat-dataset, in the
+model's chat template, loss on the replies), and re-checks the fingerprints after every
+--eval_every steps. Retention is the share of the fingerprints that matched before the
+extra training and still match. Nothing is saved but the report (--output_json).
+"""
+import argparse
+import logging
+import random
+
+import torch
+from tqdm import tqdm
+
+from oml import OMLError, cli, distributed
+from oml.checking import accuracy, check_model
+from oml.data import chat_pairs
+from oml.files import check_writable, read_json, write_json_atomic
+from oml.fingerprints import STRATEGIES, load_fingerprints, select_fingerprints
+from oml.models import load_model, load_tokenizer, resolve_model
+from oml.tokenization import FingerprintCollator, chat_example, cut_fingerprint, to_device
+
+logger = logging.getLogger("evaluate_persistence")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", required=True, help="The fingerprinted model: hub id or local folder.")
+    parser.add_argument("--fingerprints_file_path", required=True)
+    parser.add_argument("--num_fingerprints", type=int, default=None, help="How many to check (default: all in the file).")
+    parser.add_argument("--data_split", type=int, default=0, help="Index of the first fingerprint checked.")
+    parser.add_argument("--fingerprint_generation_strategy", default="english", choices=STRATEGIES)
+    parser.add_argument("--max_key_length", type=int, default=16, help="As at fine-tuning.")
+    parser.add_argument("--max_response_length", type=int, default=1, help="As at fine-tuning.")
+    parser.add_argument("--instruction_data", default="chitchat",
+                        help="'chitchat' or a JSON file: a list of {\"prompt\": ..., \"response\": ...} objects.")
+    parser.add_argument("--steps", type=int, default=200, help="Optimizer steps of further fine-tuning.")
+    parser.add_argument("--eval_every", type=int, default=50, help="Re-check the fingerprints after every this many steps.")
+    parser.add_argument("--learning_rate", type=float, default=1e-5)
+    parser.add_argument("--batch_size", type=int, default=8, help="Instruction examples per step.")
+    parser.add_argument("--max_length", type=int, default=128, help="Tokens per instruction example.")
+    parser.add_argument("--check_batch_size", type=int, default=64, help="Keys per forward pass when checking.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_json", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output_json.")
+    cli.add_common_args(parser)
+    args = parser.parse_args()
+    for name in ("steps", "eval_every", "batch_size", "max_length", "check_batch_size", "max_key_length", "max_response_length"):
+        if getattr(args, name) < 1:
+            raise OMLError(f"--{name} must be >= 1")
+    if distributed.world_size() > 1:
+        raise OMLError("evaluate_persistence.py runs in one process: start it with python, not a distributed launcher")
+    return args
+
+
+def instruction_pairs(source: str, count: int) -> list[tuple[str, str]]:
+    """The (prompt, response) pairs the further fine-tuning uses."""
+    if source == "chitchat":
+        return chat_pairs("train", count)
+    data = read_json(source, "instruction data file")
+    if (not isinstance(data, list) or not data
+            or not all(isinstance(d, dict) and isinstance(d.get("prompt"), str) and isinstance(d.get("response"), str) for d in data)):
+        raise OMLError(f"{source} must hold a non-empty JSON list of {{\"prompt\": ..., \"response\": ...}} objects")
+    return [(d["prompt"], d["response"]) for d in data]
+
+
+def batches(examples: list[dict], batch_size: int, steps: int, seed: int):
+    """`steps` batches drawn from a seeded shuffle of the examples, reshuffled at every pass."""
+    rng, order = random.Random(seed), []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        yield [examples[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+
+
+def retention_row(step: int, results: list[dict], matched_before: set[int], loss: float | None) -> dict:
+    matched = {r["index"] for r in results if r["match"]}
+    retained = len(matched & matched_before) / len(matched_before) if matched_before else 0.0
+    return {"step": step, "accuracy": accuracy(results)[0], "retained": 100.0 * retained, "train_loss": loss}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.output_json:
+        check_writable(args.output_json, args.overwrite)
+    fingerprints = select_fingerprints(load_fingerprints(args.fingerprints_file_path), args.num_fingerprints,
+                                       args.data_split, args.fingerprint_generation_strategy)
+    path = resolve_model(args.model_path)
+    tokenizer = load_tokenizer(path, args.trust_remote_code)
+    pairs = [cut_fingerprint(tokenizer, fp["key"], fp["response"], args.max_key_length, args.max_response_length)
+             for fp in fingerprints]
+    examples = [chat_example(tokenizer, prompt, reply, args.max_length)
+                for prompt, reply in instruction_pairs(args.instruction_data, args.steps * args.batch_size)]
+    model = load_model(path, torch.float32, distributed.device(), args.trust_remote_code)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    collate = FingerprintCollator(tokenizer)
+    torch.manual_seed(args.seed)
+
+    def check(step: int) -> list[dict]:
+        model.eval()
+        results = check_model(model, tokenizer, pairs, [None], args.check_batch_size, description=f"checking at step {step}")
+        model.train()
+        return results
+
+    before = check(0)
+    matched_before = {r["index"] for r in before if r["match"]}
+    rows = [retention_row(0, before, matched_before, None)]
+    logger.info("Before further training: %.2f%% of %d fingerprints match", rows[0]["accuracy"], len(pairs))
+    losses = []
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available())
+    for step, examples_batch in enumerate(tqdm(batches(examples, args.batch_size, args.steps, args.seed),
+                                               total=args.steps, desc="further fine-tuning"), start=1):
+        with autocast:
+            loss = model(**to_device(collate(examples_batch), model.device)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if step % args.eval_every == 0 or step == args.steps:
+            rows.append(retention_row(step, check(step), matched_before, sum(losses) / len(losses)))
+            losses = []
+            logger.info("Step %d: accuracy %.2f%%, retained %.2f%%", step, rows[-1]["accuracy"], rows[-1]["retained"])
+
+    report = {"model": args.model_path, "fingerprints_file": args.fingerprints_file_path, "num_fingerprints": len(pairs),
+              "learning_rate": args.learning_rate, "batch_size": args.batch_size, "steps": args.steps,
+              "instruction_data": args.instruction_data, "rows": rows}
+    if args.output_json:
+        write_json_atomic(args.output_json, report)
+    print(f"{'step':>6} {'accuracy':>9} {'retained':>9} {'train loss':>11}")
+    for row in rows:
+        loss = "" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
+        print(f"{row['step']:>6} {row['accuracy']:>8.2f}% {row['retained']:>8.2f}% {loss:>11}")
+    print(f"Fingerprints retained after {args.steps} steps: {rows[-1]['retained']:.2f}%", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)
