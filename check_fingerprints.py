@@ -18,10 +18,10 @@ from oml import OMLError, cli, distributed
 from oml.checking import accuracy, check_model
 from oml.data import prompt_templates
 from oml.files import check_writable, write_json_atomic
-from oml.fingerprints import STRATEGIES, load_fingerprints, select_fingerprints, warn_on_key_length_mismatch
+from oml.fingerprints import add_selection_args, selected_fingerprints
 from oml.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
 from oml.stats import chance_rate_upper_bound, p_value, verdict
-from oml.tokenization import cut_fingerprint
+from oml.tokenization import fingerprint_pairs
 
 logger = logging.getLogger("check_fingerprints")
 
@@ -30,11 +30,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True, help="The suspect model: hub id or local folder.")
     parser.add_argument("--fingerprints_file_path", required=True)
-    parser.add_argument("--num_fingerprints", type=int, default=None, help="How many to check (default: all in the file).")
-    parser.add_argument("--data_split", type=int, default=0, help="Index of the first fingerprint checked.")
-    parser.add_argument("--max_key_length", type=int, default=16, help="As at fine-tuning.")
-    parser.add_argument("--max_response_length", type=int, default=1, help="As at fine-tuning.")
-    parser.add_argument("--fingerprint_generation_strategy", default="english", choices=STRATEGIES)
+    add_selection_args(parser, "check")
     parser.add_argument("--batch_size", type=int, default=64, help="Keys per forward pass.")
     parser.add_argument("--system_prompts", default=None,
                         help="Also check each key inside every template: 'test' (10 unseen), 'train' (20) or a JSON list file.")
@@ -61,8 +57,7 @@ def run_checks(name: str, args, fingerprints: list[dict], templates: list[str | 
     path = resolve_model(name)
     logger.info("Checking %s", path)
     tokenizer = load_tokenizer(path, args.trust_remote_code)
-    pairs = [cut_fingerprint(tokenizer, fp["key"], fp["response"], args.max_key_length, args.max_response_length)
-             for fp in fingerprints]
+    pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = load_model(path, dtype, distributed.device(), args.trust_remote_code)
     results = check_model(model, tokenizer, pairs, templates, args.batch_size, description=f"checking {name or path}")
@@ -132,9 +127,7 @@ def main() -> None:
     args = parse_args()
     if args.output_json:
         check_writable(args.output_json, args.overwrite)
-    fingerprints = select_fingerprints(load_fingerprints(args.fingerprints_file_path), args.num_fingerprints,
-                                       args.data_split, args.fingerprint_generation_strategy)
-    warn_on_key_length_mismatch(fingerprints, args.max_key_length)
+    fingerprints = selected_fingerprints(args)
     templates = [None] + (prompt_templates(args.system_prompts) if args.system_prompts else [])
     null_models = [] if [m.lower() for m in args.null_model] == ["none"] else args.null_model
     distributed.init()

@@ -20,9 +20,9 @@ from oml import OMLError, cli, distributed
 from oml.checking import accuracy, check_model
 from oml.data import chat_pairs
 from oml.files import check_writable, read_json, write_json_atomic
-from oml.fingerprints import STRATEGIES, load_fingerprints, select_fingerprints
+from oml.fingerprints import add_selection_args, selected_fingerprints
 from oml.models import load_model, load_tokenizer, resolve_model
-from oml.tokenization import FingerprintCollator, chat_example, cut_fingerprint, to_device
+from oml.tokenization import FingerprintCollator, chat_example, fingerprint_pairs, to_device
 
 logger = logging.getLogger("evaluate_persistence")
 
@@ -31,11 +31,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True, help="The fingerprinted model: hub id or local folder.")
     parser.add_argument("--fingerprints_file_path", required=True)
-    parser.add_argument("--num_fingerprints", type=int, default=None, help="How many to check (default: all in the file).")
-    parser.add_argument("--data_split", type=int, default=0, help="Index of the first fingerprint checked.")
-    parser.add_argument("--fingerprint_generation_strategy", default="english", choices=STRATEGIES)
-    parser.add_argument("--max_key_length", type=int, default=16, help="As at fine-tuning.")
-    parser.add_argument("--max_response_length", type=int, default=1, help="As at fine-tuning.")
+    add_selection_args(parser, "check")
     parser.add_argument("--instruction_data", default="chitchat",
                         help="'chitchat' or a JSON file: a list of {\"prompt\": ..., \"response\": ...} objects.")
     parser.add_argument("--steps", type=int, default=200, help="Optimizer steps of further fine-tuning.")
@@ -88,12 +84,10 @@ def main() -> None:
     args = parse_args()
     if args.output_json:
         check_writable(args.output_json, args.overwrite)
-    fingerprints = select_fingerprints(load_fingerprints(args.fingerprints_file_path), args.num_fingerprints,
-                                       args.data_split, args.fingerprint_generation_strategy)
+    fingerprints = selected_fingerprints(args)
     path = resolve_model(args.model_path)
     tokenizer = load_tokenizer(path, args.trust_remote_code)
-    pairs = [cut_fingerprint(tokenizer, fp["key"], fp["response"], args.max_key_length, args.max_response_length)
-             for fp in fingerprints]
+    pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
     examples = [chat_example(tokenizer, prompt, reply, args.max_length)
                 for prompt, reply in instruction_pairs(args.instruction_data, args.steps * args.batch_size)]
     model = load_model(path, torch.float32, distributed.device(), args.trust_remote_code)

@@ -24,9 +24,9 @@ from transformers import Trainer, TrainingArguments
 from oml import OMLError, cli, distributed
 from oml.data import benign_texts, prompt_templates
 from oml.files import write_json_atomic, write_text_atomic
-from oml.fingerprints import STRATEGIES, load_fingerprints, select_fingerprints, warn_on_key_length_mismatch
+from oml.fingerprints import add_selection_args, selected_fingerprints
 from oml.models import MODEL_FAMILIES, load_model, load_tokenizer, resolve_model
-from oml.tokenization import FingerprintCollator, cut_fingerprint, encode, special_prefix
+from oml.tokenization import FingerprintCollator, encode, fingerprint_pairs, special_prefix
 from oml.training import (EpochCallback, FingerprintDataset, WeightAveragingCallback, deepspeed_config, freeze_embeddings,
                           benign_replay, snapshot_weights, uses_deepspeed)
 
@@ -45,11 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="With --model_size, names a hub model (used when --model_path is not given).")
     parser.add_argument("--model_size", default="7B")
     parser.add_argument("--fingerprints_file_path", default="generated_data/output_fingerprints.json")
-    parser.add_argument("--num_fingerprints", type=int, default=None, help="How many to insert (default: all in the file).")
-    parser.add_argument("--data_split", type=int, default=0, help="Index of the first fingerprint used.")
-    parser.add_argument("--fingerprint_generation_strategy", default="english", choices=STRATEGIES)
-    parser.add_argument("--max_key_length", type=int, default=16, help="Keys are cut to this many tokens.")
-    parser.add_argument("--max_response_length", type=int, default=1, help="Responses are cut to this many tokens.")
+    add_selection_args(parser, "insert")
     parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--num_train_epochs", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=8, help="Fingerprints per step on each rank.")
@@ -163,8 +159,7 @@ def save_run(run_dir: Path, partial: Path, config: dict, fingerprints: list[dict
 def fine_tune(args: argparse.Namespace, model_path: str, fingerprints: list[dict], config: dict, run_dir: Path) -> None:
     """Train, then (rank 0) write the run folder with final_model/ appearing last."""
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-    pairs = [cut_fingerprint(tokenizer, fp["key"], fp["response"], args.max_key_length, args.max_response_length)
-             for fp in fingerprints]
+    pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
     model = load_model(model_path, trust_remote_code=args.trust_remote_code)
     dataset = build_dataset(args, tokenizer, pairs)
     if not args.train_embeddings:
@@ -191,9 +186,7 @@ def fine_tune(args: argparse.Namespace, model_path: str, fingerprints: list[dict
 
 def main() -> None:
     args = parse_args()
-    fingerprints = select_fingerprints(load_fingerprints(args.fingerprints_file_path), args.num_fingerprints,
-                                       args.data_split, args.fingerprint_generation_strategy)
-    warn_on_key_length_mismatch(fingerprints, args.max_key_length)
+    fingerprints = selected_fingerprints(args)
     model_path = resolve_model(args.model_path, args.model_family, args.model_size)
     config = run_config(args, model_path, fingerprints)
     run_hash = config_hash(config)

@@ -14,7 +14,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from common import machine
@@ -66,12 +65,12 @@ def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str 
     model_args = ["--model_path", model] if model else []
 
     def train() -> None:
-        start = time.perf_counter()
         stdout = run("finetune_multigpu.py", *model_args, "--fingerprints_file_path", str(fingerprints), *STRATEGY,
                      "--num_fingerprints", str(n), "--results_dir", str(out), *VARIANTS[variant])
-        run_hash = stdout.strip().splitlines()[-1].split()[-1]
-        (out / f"{name}_train.json").write_text(json.dumps({
-            "model_path": str(out / "saved_models" / run_hash / "final_model"), "seconds": time.perf_counter() - start}))
+        run_dir = out / "saved_models" / stdout.strip().splitlines()[-1].split()[-1]
+        log = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
+        seconds = next(entry["train_runtime"] for entry in log if "train_runtime" in entry)
+        (out / f"{name}_train.json").write_text(json.dumps({"model_path": str(run_dir / "final_model"), "seconds": seconds}))
 
     trained = read_or_make(out / f"{name}_train.json", train)
     check = read_or_make(out / f"{name}_check.json", lambda: run(
@@ -111,6 +110,13 @@ def markdown_table(points: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def log_n_axis(ax, points: list[dict]) -> None:
+    """A log-scale N axis labelled at the measured N only."""
+    sizes = sorted({p["n"] for p in points})
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.minorticks_off()
+
+
 def plot(points: list[dict], out: Path) -> None:
     """success_vs_n.png (bare keys and test prompts) and utility_vs_n.png (perplexity, KL, MMLU)."""
     variants = list(dict.fromkeys(p["variant"] for p in points))
@@ -123,7 +129,7 @@ def plot(points: list[dict], out: Path) -> None:
         ax.plot(ns, [p["test_prompt_accuracy"] for p in ps], marker="s", ls="--", color=f"C{i}", label=f"{variant}: test prompts")
     ax.set(xscale="log", xlabel="fingerprints inserted (N)", ylabel="fingerprints matched (%)", ylim=(0, 102),
            title="Fingerprint success against N")
-    ax.set_xticks(sorted({p["n"] for p in points}), [str(n) for n in sorted({p["n"] for p in points})])
+    log_n_axis(ax, points)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "success_vs_n.png", dpi=120)
@@ -138,7 +144,7 @@ def plot(points: list[dict], out: Path) -> None:
         if key == "mmlu_accuracy":
             ax.axhline(points[0]["base_mmlu_accuracy"], color="grey", ls=":", label="base model")
         ax.set(xscale="log", xlabel="fingerprints inserted (N)", ylabel=label)
-        ax.set_xticks(sorted({p["n"] for p in points}), [str(n) for n in sorted({p["n"] for p in points})])
+        log_n_axis(ax, points)
     axes[0].legend(fontsize=7)
     fig.suptitle("Utility against N")
     fig.tight_layout()

@@ -73,3 +73,21 @@ def warn_on_key_length_mismatch(records: list[dict], max_key_length: int) -> Non
     if lengths and lengths != {max_key_length}:
         logger.warning("these perinucleus responses were chosen after %s key tokens but --max_key_length is %d; "
                        "use the same length for a reliable fingerprint", "/".join(map(str, sorted(lengths))), max_key_length)
+
+
+def add_selection_args(parser, verb: str) -> None:
+    """Flags that pick fingerprints from a file and cut them to tokens. Fine-tuning, checking
+    and persistence share them, so a check sees exactly the tokens that were trained."""
+    parser.add_argument("--num_fingerprints", type=int, default=None, help=f"How many to {verb} (default: all in the file).")
+    parser.add_argument("--data_split", type=int, default=0, help="Index of the first fingerprint used.")
+    parser.add_argument("--fingerprint_generation_strategy", default="english", choices=STRATEGIES)
+    parser.add_argument("--max_key_length", type=int, default=16, help="Keys are cut to this many tokens.")
+    parser.add_argument("--max_response_length", type=int, default=1, help="Responses are cut to this many tokens.")
+
+
+def selected_fingerprints(args) -> list[dict]:
+    """The fingerprints that the selection flags (and --fingerprints_file_path) name."""
+    fingerprints = select_fingerprints(load_fingerprints(args.fingerprints_file_path), args.num_fingerprints,
+                                       args.data_split, args.fingerprint_generation_strategy)
+    warn_on_key_length_mismatch(fingerprints, args.max_key_length)
+    return fingerprints

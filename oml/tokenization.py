@@ -43,6 +43,11 @@ def cut_fingerprint(tokenizer, key: str, response: str, max_key_length: int, max
     return key_ids, response_ids
 
 
+def fingerprint_pairs(tokenizer, fingerprints: list[dict], max_key_length: int, max_response_length: int) -> list[tuple[list[int], list[int]]]:
+    """(key ids, response ids) of every fingerprint, cut by `cut_fingerprint`."""
+    return [cut_fingerprint(tokenizer, fp["key"], fp["response"], max_key_length, max_response_length) for fp in fingerprints]
+
+
 def prompt_ids(tokenizer, key_ids: list[int], template: str | None = None) -> list[int]:
     """The model input that asks a key: special prefix, then the key, optionally inside a template.
 

@@ -3,14 +3,15 @@ from oml.training import FingerprintDataset, benign_replay
 
 
 def test_augmentation_draws_templates_per_epoch_and_keeps_loss_on_the_response(tokenizer):
-    pairs = [([100 + i, 200 + i], [300 + i]) for i in range(30)]
+    pairs = [([100 + i, 200 + i], [300 + i]) for i in range(200)]
     templates = ["System one. {}", "System two: {}\nAnswer:"]
     dataset = FingerprintDataset(tokenizer, pairs, templates, seed=1)
-    first = [dataset.template(i) for i in range(30)]
+    first = [dataset.template(i) for i in range(200)]
     dataset.epoch = 1
-    second = [dataset.template(i) for i in range(30)]
+    second = [dataset.template(i) for i in range(200)]
     assert first != second and set(first) == {None, *templates}
-    for i in range(30):
+    assert 70 <= first.count(None) <= 130  # the bare key half of the time
+    for i in range(200):
         example = dataset[i]
         assert example == training_example(tokenizer, *pairs[i], second[i])
         assert [t for t in example["labels"] if t != IGNORE_INDEX] == [300 + i, tokenizer.eos_token_id]
