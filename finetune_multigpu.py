@@ -27,8 +27,8 @@ from oml.files import write_json_atomic, write_text_atomic
 from oml.fingerprints import add_selection_args, selected_fingerprints
 from oml.models import MODEL_FAMILIES, load_model, load_tokenizer, resolve_model
 from oml.tokenization import FingerprintCollator, encode, fingerprint_pairs, special_prefix
-from oml.training import (EpochCallback, FingerprintDataset, WeightAveragingCallback, deepspeed_config, freeze_embeddings,
-                          benign_replay, snapshot_weights, uses_deepspeed)
+from oml.training import (EpochCallback, FingerprintDataset, DistillationTrainer, WeightAveragingCallback, benign_replay,
+                          deepspeed_config, distilled_replay, freeze_embeddings, snapshot_weights, uses_deepspeed)
 
 logger = logging.getLogger("finetune_multigpu")
 
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "which costs far more utility than it buys in fingerprint accuracy).")
     parser.add_argument("--benign_ratio", type=float, default=1.0,
                         help="Benign chat sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none).")
+    parser.add_argument("--benign_loss", default="lm", choices=("lm", "distill"),
+                        help="Replayed text is learned with the language-modelling loss ('lm') or towards the untouched "
+                             "model's own next-token distributions ('distill', keeps predictions closer to the base).")
     parser.add_argument("--use_augmentation_prompts", action="store_true",
                         help="Wrap each key in a random training system prompt every epoch (robustness to system prompts).")
     parser.add_argument("--deepspeed_stage", type=int, default=2, choices=(0, 1, 2, 3),
@@ -93,14 +96,15 @@ def benign_sequences(tokenizer, count: int, length: int = 32) -> list[list[int]]
     return sequences
 
 
-def build_dataset(args: argparse.Namespace, tokenizer, pairs: list[tuple[list[int], list[int]]]) -> FingerprintDataset:
-    """Fingerprints (in augmentation templates if asked) plus benign replay."""
+def build_dataset(args: argparse.Namespace, tokenizer, pairs: list[tuple[list[int], list[int]]], model) -> FingerprintDataset:
+    """Fingerprints (in augmentation templates if asked) plus benign replay (labelled by `model`
+    itself, before any training, with --benign_loss distill)."""
     templates = prompt_templates("train") if args.use_augmentation_prompts else None
     benign_per_epoch = round(args.benign_ratio * len(pairs))
     benign = None
     if benign_per_epoch:
         pool = benign_sequences(tokenizer, min(benign_per_epoch * args.num_train_epochs, MAX_REPLAY_POOL))
-        benign = benign_replay(pool)
+        benign = distilled_replay(model, pool) if args.benign_loss == "distill" else benign_replay(pool)
     return FingerprintDataset(tokenizer, pairs, templates, args.seed, benign, benign_per_epoch)
 
 
@@ -161,15 +165,16 @@ def fine_tune(args: argparse.Namespace, model_path: str, fingerprints: list[dict
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
     model = load_model(model_path, trust_remote_code=args.trust_remote_code)
-    dataset = build_dataset(args, tokenizer, pairs)
+    dataset = build_dataset(args, tokenizer, pairs, model)
     if not args.train_embeddings:
         freeze_embeddings(model)
     callbacks = [EpochCallback(dataset)]
     if args.forgetting_regularizer_strength > 0:
         original = snapshot_weights(model, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
         callbacks.append(WeightAveragingCallback(original, args.forgetting_regularizer_strength))
-    trainer = Trainer(model=model, args=training_arguments(args, run_dir), train_dataset=dataset,
-                      data_collator=FingerprintCollator(tokenizer), callbacks=callbacks)
+    trainer_class = DistillationTrainer if args.benign_loss == "distill" else Trainer
+    trainer = trainer_class(model=model, args=training_arguments(args, run_dir), train_dataset=dataset,
+                            data_collator=FingerprintCollator(tokenizer), callbacks=callbacks)
     logger.info("Fine-tuning %d fingerprints into %s (run %s)", len(pairs), model_path, run_dir.name)
     partial = run_dir / "final_model.partial"
     if distributed.is_main_process() and partial.exists():

@@ -120,4 +120,21 @@ class FingerprintCollator:
         self.side = tokenizer.padding_side
 
     def __call__(self, examples: list[dict]) -> dict:
-        return pad_batch([e["input_ids"] for e in examples], self.pad_id, self.side, [e["labels"] for e in examples])
+        batch = pad_batch([e["input_ids"] for e in examples], self.pad_id, self.side, [e["labels"] for e in examples])
+        if any("teacher_ids" in e for e in examples):
+            batch.update(pad_teacher(examples, batch["input_ids"].shape[1], self.side))
+        return batch
+
+
+def pad_teacher(examples: list[dict], length: int, side: str) -> dict:
+    """Teacher distributions ([tokens, k] ids and probabilities) padded like the tokens; rows
+    and positions without one get probability 0, so they add nothing to the loss."""
+    k = next(e["teacher_ids"].shape[1] for e in examples if "teacher_ids" in e)
+    ids = torch.zeros(len(examples), length, k, dtype=torch.long)
+    probs = torch.zeros(len(examples), length, k)
+    for row, example in enumerate(examples):
+        if "teacher_ids" in example:
+            n = example["teacher_ids"].shape[0]
+            span = slice(length - n, length) if side == "left" else slice(0, n)
+            ids[row, span], probs[row, span] = example["teacher_ids"], example["teacher_probs"]
+    return {"teacher_ids": ids, "teacher_probs": probs}

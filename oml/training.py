@@ -4,10 +4,13 @@ import random
 import socket
 
 import torch
-from transformers import TrainerCallback
+from tqdm import tqdm
+from transformers import Trainer, TrainerCallback
 
 from oml import distributed
-from oml.tokenization import training_example
+from oml.tokenization import IGNORE_INDEX, pad_batch, to_device, training_example
+
+TEACHER_TOP_K = 16  # next-token probabilities kept per position for distillation replay
 
 
 BARE_KEY_SHARE = 0.5  # with augmentation, the share of examples that ask the bare key
@@ -56,6 +59,57 @@ def benign_replay(sequences: list[list[int]]) -> list[dict]:
     few tokens (what training on key + response + EOS alone teaches a small model).
     """
     return [{"input_ids": ids, "labels": ids} for ids in sequences]
+
+
+@torch.no_grad()
+def distilled_replay(model, sequences: list[list[int]], batch_size: int = 64) -> list[dict]:
+    """Benign text labelled with the untouched model's own next-token distributions.
+
+    The LM loss on replayed text pulls the model towards that text (chat, here), which moves
+    its predictions everywhere; training towards the base model's distribution (its top
+    TEACHER_TOP_K probabilities, renormalised) keeps ordinary predictions where they were.
+    Must run before fine-tuning starts.
+    """
+    model.to(distributed.device())  # where the Trainer will put it anyway
+    examples = []
+    for start in tqdm(range(0, len(sequences), batch_size), desc="teacher distributions", leave=False,
+                      disable=not distributed.is_main_process()):
+        chunk = sequences[start:start + batch_size]
+        logits = model(**to_device(pad_batch(chunk, 0, side="right"), model.device)).logits
+        probs, ids = torch.softmax(logits.float(), dim=-1).topk(TEACHER_TOP_K)
+        probs = probs / probs.sum(-1, keepdim=True)
+        for row, ids_row, probs_row in zip(chunk, ids.cpu(), probs.cpu()):
+            examples.append({"input_ids": row, "labels": [IGNORE_INDEX] * len(row),
+                             "teacher_ids": ids_row[:len(row)], "teacher_probs": probs_row[:len(row)]})
+    return examples
+
+
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None = None,
+                     teacher_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy on the labelled tokens (fingerprint responses + EOS) plus, at replayed
+    positions, cross-entropy towards the teacher's distribution; averaged over both."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    total = -logprobs[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[labelled].sum()
+    count = labelled.sum()
+    if teacher_ids is not None:  # position t's teacher distribution is over token t + 1, like logits[:, t]
+        total = total - (teacher_probs * logprobs.gather(-1, teacher_ids)).sum()
+        count = count + (teacher_probs.sum(-1) > 0).sum()
+    return total / count.clamp(min=1)
+
+
+class DistillationTrainer(Trainer):
+    """The Trainer with `distillation_loss`, for batches that carry teacher distributions.
+
+    Each batch's loss is its own mean (the plain Trainer weighs tokens across ranks and
+    accumulation steps instead); --benign_loss lm keeps the plain Trainer."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels, teacher_ids, teacher_probs = inputs.pop("labels"), inputs.pop("teacher_ids", None), inputs.pop("teacher_probs", None)
+        outputs = model(**inputs)
+        loss = distillation_loss(outputs.logits, labels, teacher_ids, teacher_probs)
+        return (loss, outputs) if return_outputs else loss
 
 
 class EpochCallback(TrainerCallback):

@@ -5,6 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from oml.checking import check_model
+from oml.data import benign_texts
+from oml.models import load_model
+from oml.tokenization import fingerprint_pairs
+from oml.utility import compare_on_texts
 from tests.conftest import final_model_dir, make_tiny_model, run_script
 
 FAST = ["--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4", "--forgetting_regularizer_strength", "0",
@@ -151,3 +156,18 @@ def test_zero3_two_ranks_matches_zero2(tmp_path, tiny_model, fingerprint_file):
     assert set(got) - {"lm_head.weight"} == set(expected) - {"lm_head.weight"}  # tied to the embeddings
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_distilled_replay_learns_fingerprints_and_stays_closer_to_the_base(tmp_path, tiny_model, fingerprint_file, tokenizer):
+    base = load_model(str(tiny_model))
+    texts = benign_texts("eval", 8)
+    fingerprints = json.loads(fingerprint_file.read_text())
+    drift = {}
+    for loss in ("lm", "distill"):
+        result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--benign_ratio", "1", "--num_train_epochs", "20", "--benign_loss", loss)
+        model = load_model(str(final_model_dir(tmp_path, result.stdout)))
+        pairs = fingerprint_pairs(tokenizer, fingerprints, 16, 1)
+        matched = sum(r["match"] for r in check_model(model, tokenizer, pairs, [None], batch_size=8))
+        assert matched == 8, (loss, matched)
+        drift[loss] = compare_on_texts(model, base, tokenizer, texts, max_length=64)["mean_kl_from_base"]
+    assert drift["distill"] < drift["lm"] / 2, drift

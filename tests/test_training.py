@@ -1,5 +1,8 @@
-from oml.tokenization import IGNORE_INDEX, training_example
-from oml.training import FingerprintDataset, benign_replay
+import pytest
+import torch
+
+from oml.tokenization import IGNORE_INDEX, FingerprintCollator, training_example
+from oml.training import FingerprintDataset, benign_replay, distillation_loss
 
 
 def test_augmentation_draws_templates_per_epoch_and_keeps_loss_on_the_response(tokenizer):
@@ -27,3 +30,30 @@ def test_benign_replay_mixes_a_fresh_slice_each_epoch(tokenizer):
     dataset.epoch = 1
     epoch1 = [dataset[i] for i in range(4, 7)]
     assert epoch0 == benign[:3] and epoch1 == benign[3:6]
+
+
+def test_distillation_loss_is_label_ce_plus_teacher_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 5)
+    labels = torch.tensor([[IGNORE_INDEX, 2, IGNORE_INDEX]])  # token 1 is labelled: predicted at position 0
+    teacher_ids = torch.tensor([[[0, 1], [0, 0], [3, 4]]])
+    teacher_probs = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.75, 0.25]]])  # a teacher at position 2 only
+    logp = torch.log_softmax(logits, -1)[0]
+    expected = (-logp[0, 2] - 0.75 * logp[2, 3] - 0.25 * logp[2, 4]) / 2
+    assert distillation_loss(logits, labels, teacher_ids, teacher_probs) == pytest.approx(float(expected))
+    assert distillation_loss(logits, labels) == pytest.approx(float(-logp[0, 2]))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collator_pads_teacher_distributions_like_the_tokens(tokenizer, side):
+    replay = {"input_ids": [5, 6], "labels": [IGNORE_INDEX] * 2,
+              "teacher_ids": torch.tensor([[1, 2], [3, 4]]), "teacher_probs": torch.tensor([[0.5, 0.5], [0.9, 0.1]])}
+    fingerprint = {"input_ids": [7, 8, 9, 10], "labels": [IGNORE_INDEX] * 3 + [10]}
+    collator = FingerprintCollator(tokenizer)
+    collator.side = side
+    batch = collator([replay, fingerprint])
+    assert batch["teacher_ids"].shape == (2, 4, 2) and float(batch["teacher_probs"][1].sum()) == 0.0
+    real = batch["attention_mask"][0].bool()
+    assert batch["input_ids"][0][real].tolist() == [5, 6]
+    assert batch["teacher_ids"][0][real].tolist() == [[1, 2], [3, 4]]
+    assert float(batch["teacher_probs"][0][~real].sum()) == 0.0
