@@ -29,6 +29,8 @@ VARIANTS = {
     "augmentation": ["--use_augmentation_prompts"],
     "averaging": ["--forgetting_regularizer_strength", "0.2"],
     "augmentation+averaging": ["--use_augmentation_prompts", "--forgetting_regularizer_strength", "0.2"],
+    "distill": ["--benign_loss", "distill"],
+    "distill+augmentation": ["--benign_loss", "distill", "--use_augmentation_prompts"],
 }
 STRATEGY = ["--fingerprint_generation_strategy", "inverse_nucleus"]
 
