@@ -32,9 +32,10 @@ from oml.training import (EpochCallback, FingerprintDataset, DistillationTrainer
 
 logger = logging.getLogger("finetune_multigpu")
 
-# Flags that name where results go or how progress is reported: not part of the run's identity.
 MAX_REPLAY_POOL = 4096  # distinct benign replay sequences (reused cyclically beyond this)
-NOT_HASHED = ("local_rank", "report_to", "wandb_run_name", "results_dir", "trust_remote_code")
+# Flags that name where inputs and results are or how progress is reported: not part of the
+# run's identity (the fingerprints are identified by the md5 of their contents).
+NOT_HASHED = ("local_rank", "report_to", "wandb_run_name", "results_dir", "trust_remote_code", "fingerprints_file_path")
 
 
 def build_parser() -> argparse.ArgumentParser:
