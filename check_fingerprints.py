@@ -20,7 +20,7 @@ from oml.data import prompt_templates
 from oml.files import check_writable, write_json_atomic
 from oml.fingerprints import add_selection_args, selected_fingerprints
 from oml.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
-from oml.stats import chance_rate_upper_bound, p_value, verdict
+from oml.stats import chance_rate_upper_bound, format_p_value, log10_p_value, verdict
 from oml.tokenization import fingerprint_pairs
 
 logger = logging.getLogger("check_fingerprints")
@@ -83,8 +83,9 @@ def build_report(args, fingerprints, templates, suspect: list[dict], nulls: dict
         null_matches = sum(entry["matches"] for entry in report["null_models"])
         rate = chance_rate_upper_bound(null_matches, n * len(nulls))
         report["chance_rate_upper_bound"] = rate
-        report["p_value"] = p_value(matches, n, rate)
-        report["verdict"] = verdict(report["p_value"], args.alpha)
+        report["log10_p_value"] = log10_p_value(matches, n, rate)
+        report["p_value"] = 10 ** report["log10_p_value"]  # 0.0 below the float range; the log stays exact
+        report["verdict"] = verdict(report["log10_p_value"], args.alpha)
     report["keys"] = [{**fingerprints[r["index"]], **r} for r in suspect]
     return report
 
@@ -107,7 +108,7 @@ def print_report(report: dict, verbose: bool) -> None:
         print(f"Null model {entry['model']}: {entry['accuracy']:.2f} ({entry['matches']}/{report['num_fingerprints']})")
     if "p_value" in report:
         print(f"Chance rate (95% upper bound from the null models): {report['chance_rate_upper_bound']:.4g}")
-        print(f"P-value of {report['matches']}/{report['num_fingerprints']} matches by chance: {report['p_value']:.3g}")
+        print(f"P-value of {report['matches']}/{report['num_fingerprints']} matches by chance: {format_p_value(report['log10_p_value'])}")
         print(f"Verdict: {report['verdict']} (alpha {report['alpha']:g})")
     print(f"Fractional fingerprint accuracy: {report['fractional_accuracy']:.2f}")
     print(f"Fingerprint accuracy: {report['accuracy']:.2f}", flush=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from common import machine
 
+from oml.stats import format_p_value, log10_p_value
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -86,7 +88,7 @@ def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str 
     return {
         "variant": variant, "n": n, "train_seconds": trained["seconds"],
         "accuracy": check["accuracy"], "test_prompt_accuracy": sum(test_prompts) / len(test_prompts),
-        "null_matches": sum(entry["matches"] for entry in check["null_models"]), "p_value": check.get("p_value"),
+        "null_matches": sum(entry["matches"] for entry in check["null_models"]), "log10_p_value": log10_p_value(check["matches"], n, check["chance_rate_upper_bound"]),
         "perplexity": utility["perplexity"], "base_perplexity": utility["base_perplexity"],
         "perplexity_change": 100 * (utility["perplexity"] / utility["base_perplexity"] - 1),
         "next_token_agreement": utility["next_token_agreement"], "mean_kl_from_base": utility["mean_kl_from_base"],
@@ -106,7 +108,7 @@ def markdown_table(points: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p['variant']} | {p['n']} | {p['accuracy']:.1f}% | {p['test_prompt_accuracy']:.1f}% | "
-                     f"{p['null_matches']}/{p['n']} | {p['p_value']:.2g} | {p['perplexity_change']:+.1f}% | "
+                     f"{p['null_matches']}/{p['n']} | {format_p_value(p['log10_p_value'])} | {p['perplexity_change']:+.1f}% | "
                      f"{p['next_token_agreement']:.3f} | {p['mean_kl_from_base']:.3f} | "
                      f"{100 * p['mmlu_accuracy']:.1f}% ({100 * p['base_mmlu_accuracy']:.1f}%) | {p['train_seconds'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -6,15 +7,19 @@ from scipy.stats import binom
 
 from oml.checking import check_model
 from oml.models import load_model, load_tokenizer
-from oml.stats import chance_rate_upper_bound, p_value, verdict
+from oml.stats import chance_rate_upper_bound, format_p_value, log10_p_value, verdict
 from oml.tokenization import cut_fingerprint, prompt_ids
 from tests.conftest import make_tiny_model, random_word_fingerprints, run_script
 
 
-def test_p_value_is_the_binomial_tail():
-    assert p_value(3, 10, 0.1) == pytest.approx(1 - sum(binom.pmf(k, 10, 0.1) for k in range(3)))
-    assert p_value(10, 10, 0.5) == pytest.approx(0.5 ** 10)
-    assert p_value(0, 10, 0.3) == 1.0
+def test_p_value_is_the_binomial_tail_even_below_the_float_range():
+    assert 10 ** log10_p_value(3, 10, 0.1) == pytest.approx(1 - sum(binom.pmf(k, 10, 0.1) for k in range(3)))
+    assert 10 ** log10_p_value(10, 10, 0.5) == pytest.approx(0.5 ** 10)
+    assert log10_p_value(0, 10, 0.3) == 0.0
+    # All 256 keys matched at chance rate 0.0116: p = 0.0116^256, about 3e-496, which no float holds.
+    assert log10_p_value(256, 256, 0.0116) == pytest.approx(256 * math.log10(0.0116))
+    assert format_p_value(256 * math.log10(0.0116)) == "3.17e-496"
+    assert format_p_value(math.log10(2.39e-83)) == "2.39e-83"
 
 
 def test_chance_rate_upper_bound_matches_clopper_pearson_closed_form():
@@ -25,7 +30,7 @@ def test_chance_rate_upper_bound_matches_clopper_pearson_closed_form():
 
 
 def test_verdict_uses_alpha():
-    assert verdict(1e-9, 1e-6) == "MATCH" and verdict(1e-3, 1e-6) == "NO MATCH"
+    assert verdict(-9, 1e-6) == "MATCH" and verdict(-3, 1e-6) == "NO MATCH" and verdict(-500, 1e-6) == "MATCH"
 
 
 def one_at_a_time(model, tokenizer, pairs, template=None):
