@@ -97,7 +97,9 @@ def test_deepspeed_averaging_reaches_the_fp32_master_weights(tmp_path, tiny_mode
 
 
 def test_two_rank_deepspeed_run_writes_one_set_of_files_and_learns(tmp_path, tiny_model, fingerprint_file):
-    result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, ranks=2)
+    # With distillation replay, so that its loss also runs inside the DeepSpeed engine.
+    result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--benign_ratio", "1", "--benign_loss", "distill",
+                      "--num_train_epochs", "20", ranks=2)
     assert result.stdout.count("Config hash of the final model:") == 1
     assert len(list((tmp_path / "results" / "saved_models").iterdir())) == 1
     assert len((tmp_path / "results" / "all_run_logs.txt").read_text().splitlines()) == 1
