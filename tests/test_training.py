@@ -42,6 +42,11 @@ def test_distillation_loss_is_label_ce_plus_teacher_cross_entropy():
     expected = (-logp[0, 2] - 0.75 * logp[2, 3] - 0.25 * logp[2, 4]) / 2
     assert distillation_loss(logits, labels, teacher_ids, teacher_probs) == pytest.approx(float(expected))
     assert distillation_loss(logits, labels) == pytest.approx(float(-logp[0, 2]))
+    # A teacher whose top k hold 0.7 of the mass: the other 0.3 is one more bucket.
+    partial = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.5, 0.2]]])
+    q = logp.exp()
+    expected = (-logp[0, 2] - 0.5 * logp[2, 3] - 0.2 * logp[2, 4] - 0.3 * torch.log(1 - q[2, 3] - q[2, 4])) / 2
+    assert distillation_loss(logits, labels, teacher_ids, partial) == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
