@@ -13,15 +13,13 @@ from oml.tokenization import IGNORE_INDEX, pad_batch, to_device, training_exampl
 TEACHER_TOP_K = 16  # next-token probabilities kept per position for distillation replay
 
 
-BARE_KEY_SHARE = 0.5  # with augmentation, the share of examples that ask the bare key
-
-
 class FingerprintDataset(torch.utils.data.Dataset):
     """Training examples for (key ids, response ids) pairs, plus optional benign text.
 
-    With templates, each key is asked bare half of the time (bare keys are what a check
-    asks by default) and otherwise inside a system-prompt template, drawn anew every
-    epoch, seeded by (seed, epoch, index).
+    With templates, each key is wrapped in a system-prompt template drawn anew every
+    epoch, the bare key being one more choice, seeded by (seed, epoch, index). (Asking the
+    bare key half of the time instead raised bare-key accuracy but lowered accuracy under
+    unseen templates more; see docs/benchmarks.md.)
     Benign replay examples (see `benign_replay`; a fresh slice of the pool every epoch)
     are mixed in as they are.
     """
@@ -30,7 +28,7 @@ class FingerprintDataset(torch.utils.data.Dataset):
                  seed: int = 0, benign: list[dict] | None = None, benign_per_epoch: int = 0):
         self.tokenizer = tokenizer
         self.pairs = pairs
-        self.templates = list(templates or [])
+        self.choices = [None] + list(templates) if templates else [None]
         self.seed = seed
         self.benign = benign or []
         self.benign_per_epoch = benign_per_epoch if self.benign else 0
@@ -40,10 +38,7 @@ class FingerprintDataset(torch.utils.data.Dataset):
         return len(self.pairs) + self.benign_per_epoch
 
     def template(self, index: int) -> str | None:
-        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
-        if not self.templates or rng.random() < BARE_KEY_SHARE:
-            return None
-        return rng.choice(self.templates)
+        return random.Random(f"{self.seed}:{self.epoch}:{index}").choice(self.choices)
 
     def __getitem__(self, index: int) -> dict:
         if index >= len(self.pairs):

@@ -13,7 +13,7 @@ def test_augmentation_draws_templates_per_epoch_and_keeps_loss_on_the_response(t
     dataset.epoch = 1
     second = [dataset.template(i) for i in range(200)]
     assert first != second and set(first) == {None, *templates}
-    assert 70 <= first.count(None) <= 130  # the bare key half of the time
+    assert 40 <= first.count(None) <= 95  # the bare key is one of three equal choices
     for i in range(200):
         example = dataset[i]
         assert example == training_example(tokenizer, *pairs[i], second[i])
