@@ -80,19 +80,12 @@ def retention_row(step: int, results: list[dict], matched_before: set[int], loss
     return {"step": step, "accuracy": accuracy(results)[0], "retained": 100.0 * retained, "train_loss": loss}
 
 
-def main() -> None:
-    args = parse_args()
-    if args.output_json:
-        check_writable(args.output_json, args.overwrite)
-    fingerprints = selected_fingerprints(args)
-    path = resolve_model(args.model_path)
-    tokenizer = load_tokenizer(path, args.trust_remote_code)
-    pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
-    examples = [chat_example(tokenizer, prompt, reply, args.max_length)
-                for prompt, reply in instruction_pairs(args.instruction_data, args.steps * args.batch_size)]
-    model = load_model(path, torch.float32, distributed.device(), args.trust_remote_code)
+def train_and_recheck(model, tokenizer, pairs: list[tuple[list[int], list[int]]], examples: list[dict],
+                      args: argparse.Namespace) -> list[dict]:
+    """Further fine-tuning (plain AdamW, as a user would), re-checking after every chunk of steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     collate = FingerprintCollator(tokenizer)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available())
     torch.manual_seed(args.seed)
 
     def check(step: int) -> list[dict]:
@@ -106,11 +99,10 @@ def main() -> None:
     rows = [retention_row(0, before, matched_before, None)]
     logger.info("Before further training: %.2f%% of %d fingerprints match", rows[0]["accuracy"], len(pairs))
     losses = []
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available())
-    for step, examples_batch in enumerate(tqdm(batches(examples, args.batch_size, args.steps, args.seed),
-                                               total=args.steps, desc="further fine-tuning"), start=1):
+    for step, batch in enumerate(tqdm(batches(examples, args.batch_size, args.steps, args.seed),
+                                      total=args.steps, desc="further fine-tuning"), start=1):
         with autocast:
-            loss = model(**to_device(collate(examples_batch), model.device)).loss
+            loss = model(**to_device(collate(batch), model.device)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -119,17 +111,35 @@ def main() -> None:
             rows.append(retention_row(step, check(step), matched_before, sum(losses) / len(losses)))
             losses = []
             logger.info("Step %d: accuracy %.2f%%, retained %.2f%%", step, rows[-1]["accuracy"], rows[-1]["retained"])
+    return rows
 
-    report = {"model": args.model_path, "fingerprints_file": args.fingerprints_file_path, "num_fingerprints": len(pairs),
-              "learning_rate": args.learning_rate, "batch_size": args.batch_size, "steps": args.steps,
-              "instruction_data": args.instruction_data, "rows": rows}
-    if args.output_json:
-        write_json_atomic(args.output_json, report)
+
+def print_rows(rows: list[dict], steps: int) -> None:
     print(f"{'step':>6} {'accuracy':>9} {'retained':>9} {'train loss':>11}")
     for row in rows:
         loss = "" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
         print(f"{row['step']:>6} {row['accuracy']:>8.2f}% {row['retained']:>8.2f}% {loss:>11}")
-    print(f"Fingerprints retained after {args.steps} steps: {rows[-1]['retained']:.2f}%", flush=True)
+    print(f"Fingerprints retained after {steps} steps: {rows[-1]['retained']:.2f}%", flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.output_json:
+        check_writable(args.output_json, args.overwrite)
+    fingerprints = selected_fingerprints(args)
+    path = resolve_model(args.model_path)
+    tokenizer = load_tokenizer(path, args.trust_remote_code)
+    pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
+    examples = [chat_example(tokenizer, prompt, reply, args.max_length)
+                for prompt, reply in instruction_pairs(args.instruction_data, args.steps * args.batch_size)]
+    model = load_model(path, torch.float32, distributed.device(), args.trust_remote_code)
+    rows = train_and_recheck(model, tokenizer, pairs, examples, args)
+    if args.output_json:
+        write_json_atomic(args.output_json, {
+            "model": args.model_path, "fingerprints_file": args.fingerprints_file_path, "num_fingerprints": len(pairs),
+            "learning_rate": args.learning_rate, "batch_size": args.batch_size, "steps": args.steps,
+            "instruction_data": args.instruction_data, "rows": rows})
+    print_rows(rows, args.steps)
 
 
 if __name__ == "__main__":
