@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "which costs far more utility than it buys in fingerprint accuracy).")
     parser.add_argument("--benign_ratio", type=float, default=1.0,
                         help="Benign chat sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none).")
-    parser.add_argument("--benign_loss", default="lm", choices=("lm", "distill"),
-                        help="Replayed text is learned with the language-modelling loss ('lm') or towards the untouched "
-                             "model's own next-token distributions ('distill', keeps predictions closer to the base).")
+    parser.add_argument("--benign_loss", default="distill", choices=("distill", "lm"),
+                        help="Replayed text is learned towards the untouched model's own next-token distributions "
+                             "('distill': keeps predictions close to the base) or with the language-modelling loss "
+                             "('lm': adapts the model to the replayed text).")
     parser.add_argument("--use_augmentation_prompts", action="store_true",
                         help="Wrap each key in a random training system prompt every epoch (robustness to system prompts).")
     parser.add_argument("--deepspeed_stage", type=int, default=2, choices=(0, 1, 2, 3),

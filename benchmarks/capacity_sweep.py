@@ -1,6 +1,6 @@
 """How many fingerprints fit, and what they cost: generate, fingerprint, check, measure utility.
 
-    python benchmarks/capacity_sweep.py --sizes 16 64 256 --variants default augmentation
+    python benchmarks/capacity_sweep.py --sizes 16 64 256 --variants distill lm
 
 For each variant (a set of fine-tuning flags) and each N, fine-tunes the first N of one
 perinucleus fingerprint file into the model, checks them with bare keys and under the 10
@@ -26,13 +26,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {
-    "default": [],
-    "augmentation": ["--use_augmentation_prompts"],
-    "averaging": ["--forgetting_regularizer_strength", "0.2"],
-    "augmentation+averaging": ["--use_augmentation_prompts", "--forgetting_regularizer_strength", "0.2"],
+VARIANTS = {  # each names its replay loss, so that the labels stay true if defaults change
     "distill": ["--benign_loss", "distill"],
     "distill+augmentation": ["--benign_loss", "distill", "--use_augmentation_prompts"],
+    "lm": ["--benign_loss", "lm"],
+    "lm+augmentation": ["--benign_loss", "lm", "--use_augmentation_prompts"],
+    "lm+averaging": ["--benign_loss", "lm", "--forgetting_regularizer_strength", "0.2"],
 }
 STRATEGY = ["--fingerprint_generation_strategy", "inverse_nucleus"]
 
@@ -159,7 +158,7 @@ def plot(points: list[dict], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
-    parser.add_argument("--variants", nargs="+", default=["default", "augmentation"], choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["distill", "distill+augmentation"], choices=sorted(VARIANTS))
     parser.add_argument("--model_path", default=None, help="Model to fingerprint (default: the embedded one).")
     parser.add_argument("--results_dir", default=str(ROOT / "results" / "capacity"))
     args = parser.parse_args()
