@@ -12,14 +12,13 @@ import argparse
 import gc
 import logging
 
-import torch
 
 from oml import OMLError, cli, distributed
 from oml.checking import accuracy, check_model
 from oml.data import prompt_templates
 from oml.files import check_writable, write_json_atomic
 from oml.fingerprints import add_selection_args, selected_fingerprints
-from oml.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
+from oml.models import EMBEDDED_MODEL, compute_dtype, load_model, load_tokenizer, resolve_model
 from oml.stats import chance_rate_upper_bound, format_p_value, log10_p_value, verdict
 from oml.tokenization import fingerprint_pairs
 
@@ -58,7 +57,7 @@ def run_checks(name: str, args, fingerprints: list[dict], templates: list[str | 
     logger.info("Checking %s", path)
     tokenizer = load_tokenizer(path, args.trust_remote_code)
     pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = compute_dtype()
     model = load_model(path, dtype, distributed.device(), args.trust_remote_code)
     results = check_model(model, tokenizer, pairs, templates, args.batch_size, description=f"checking {name or path}")
     del model

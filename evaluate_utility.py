@@ -12,12 +12,11 @@ import argparse
 import gc
 import logging
 
-import torch
 
 from oml import OMLError, cli, distributed
 from oml.data import benign_texts, mmlu_items
 from oml.files import check_writable, write_json_atomic
-from oml.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model
+from oml.models import EMBEDDED_MODEL, compute_dtype, load_model, load_tokenizer, resolve_model
 from oml.utility import compare_on_texts, mmlu_accuracy
 
 logger = logging.getLogger("evaluate_utility")
@@ -54,7 +53,7 @@ def lm_eval_scores(model_path: str, tasks: list[str], limit: int | None, batch_s
         import lm_eval
     except ImportError:
         raise OMLError("--lm_eval_tasks needs lm-evaluation-harness: pip install 'lm_eval[hf]'") from None
-    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    dtype = str(compute_dtype()).removeprefix("torch.")
     results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": model_path, "dtype": dtype},
                                       tasks=tasks, limit=limit, batch_size=batch_size,
                                       device=str(distributed.device()))
@@ -67,7 +66,7 @@ def evaluate(args: argparse.Namespace, model_path: str, base_path: str) -> dict:
     tokenizer = load_tokenizer(model_path, args.trust_remote_code)
     if len(load_tokenizer(base_path, args.trust_remote_code)) != len(tokenizer):
         raise OMLError(f"{model_path} and {base_path} have different tokenizers; their next-token distributions cannot be compared")
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = compute_dtype()
     model = load_model(model_path, dtype, distributed.device(), args.trust_remote_code)
     base = load_model(base_path, dtype, distributed.device(), args.trust_remote_code)
     texts = benign_texts("eval", args.num_texts)

@@ -25,7 +25,7 @@ from oml import OMLError, cli, distributed
 from oml.data import benign_texts, prompt_templates
 from oml.files import write_json_atomic, write_text_atomic
 from oml.fingerprints import add_selection_args, selected_fingerprints
-from oml.models import MODEL_FAMILIES, load_model, load_tokenizer, resolve_model
+from oml.models import MODEL_FAMILIES, compute_dtype, load_model, load_tokenizer, resolve_model
 from oml.tokenization import FingerprintCollator, encode, fingerprint_pairs, special_prefix
 from oml.training import (EpochCallback, FingerprintDataset, DistillationTrainer, WeightAveragingCallback, benign_replay,
                           deepspeed_config, distilled_replay, freeze_embeddings, snapshot_weights, uses_deepspeed)
@@ -172,7 +172,7 @@ def fine_tune(args: argparse.Namespace, model_path: str, fingerprints: list[dict
         freeze_embeddings(model)
     callbacks = [EpochCallback(dataset)]
     if args.forgetting_regularizer_strength > 0:
-        original = snapshot_weights(model, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        original = snapshot_weights(model, compute_dtype())
         callbacks.append(WeightAveragingCallback(original, args.forgetting_regularizer_strength))
     trainer_class = DistillationTrainer if args.benign_loss == "distill" else Trainer
     trainer = trainer_class(model=model, args=training_arguments(args, run_dir), train_dataset=dataset,

@@ -8,7 +8,6 @@ Writes a JSON list of {"key", "response"} objects (see README.md for the strateg
 import argparse
 import logging
 
-import torch
 from tqdm import tqdm
 
 from oml import OMLError, cli, distributed
@@ -17,7 +16,7 @@ from oml.files import check_writable, write_json_atomic
 from oml.fingerprints import load_keys
 from oml.generation import (FIRST_TOKEN_STRATEGIES, decode_clean, english_texts, first_token, perinucleus_responses,
                             random_window, random_words, rng_for, seed_torch_for)
-from oml.models import load_model, load_tokenizer, resolve_model
+from oml.models import compute_dtype, load_model, load_tokenizer, resolve_model
 
 logger = logging.getLogger("generate_finetuning_data")
 DEFAULT_NUM_FINGERPRINTS = 8192
@@ -109,7 +108,7 @@ def make_batch(args, indices: list[int], batch_index: int, given_keys: list[str]
 def load(name: str | None, args) -> tuple:
     path = resolve_model(name)
     logger.info("Loading %s", path)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = compute_dtype()
     return load_model(path, dtype, distributed.device(), args.trust_remote_code), load_tokenizer(path, args.trust_remote_code)
 
 
