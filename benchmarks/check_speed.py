@@ -1,17 +1,15 @@
 """The batched checker versus checking one key at a time with generate(), as the original does.
 
-    python benchmarks/check_speed.py [--num_fingerprints 256] [--response_length 1]
+    python benchmarks/check_speed.py [--num_fingerprints 256] [--response_length 1] [--smoke]
 
 Both check the same fingerprints on the embedded model; half of the responses are the
 model's own greedy continuations, so matches and misses are both exercised.
 """
-import argparse
-
 import torch
-from common import random_word_keys, save, timed
+from common import benchmark_model, benchmark_parser, random_word_keys, save, timed
 
 from oml.checking import check_model, greedy_continuations
-from oml.models import load_model, load_tokenizer, resolve_model
+from oml.models import load
 from oml.tokenization import encode, prompt_ids
 
 
@@ -27,13 +25,14 @@ def one_key_at_a_time(model, tokenizer, pairs) -> list[bool]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--num_fingerprints", type=int, default=256)
     parser.add_argument("--response_length", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=64)
     args = parser.parse_args()
-    path = resolve_model(None)
-    model, tokenizer = load_model(path), load_tokenizer(path)
+    if args.smoke:
+        args.num_fingerprints, args.batch_size = 8, 4
+    model, tokenizer = load(benchmark_model(args.smoke))
     keys = [encode(tokenizer, key)[:16] for key in random_word_keys(args.num_fingerprints)]
     own = greedy_continuations(model, tokenizer, [prompt_ids(tokenizer, k) for k in keys], args.response_length)
     pairs = [(k, o if i % 2 == 0 else encode(tokenizer, " zebra umbrella")[:args.response_length])
@@ -43,7 +42,7 @@ def main() -> None:
     batched, batched_s = timed(check_model, model, tokenizer, pairs, [None], args.batch_size)
     single, single_s = timed(one_key_at_a_time, model, tokenizer, pairs)
     identical = sum(r["match"] == m for r, m in zip(batched, single))
-    save(f"check_speed_r{args.response_length}", {
+    save(args.results_dir, f"check_speed_r{args.response_length}", {
         "num_fingerprints": len(pairs), "response_length": args.response_length, "batch_size": args.batch_size,
         "batched_s": batched_s, "one_at_a_time_s": single_s, "speedup": single_s / batched_s,
         "identical_per_key_results": identical, "matches": sum(single)})

@@ -1,22 +1,21 @@
 """Perinucleus responses for 512 keys on the embedded model: batched versus one key at a time.
 
-    python benchmarks/perinucleus_speed.py [--num_keys 512] [--batch_size 128]
+    python benchmarks/perinucleus_speed.py [--num_keys 512] [--batch_size 128] [--smoke]
 """
-import argparse
-
-from common import random_word_keys, save, timed
+from common import benchmark_model, benchmark_parser, random_word_keys, save, timed
 
 from oml.generation import perinucleus_responses
-from oml.models import load_model, load_tokenizer, resolve_model
+from oml.models import load
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--num_keys", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=128)
     args = parser.parse_args()
-    path = resolve_model(None)
-    model, tokenizer = load_model(path), load_tokenizer(path)
+    if args.smoke:
+        args.num_keys, args.batch_size = 8, 4
+    model, tokenizer = load(benchmark_model(args.smoke))
     keys = random_word_keys(args.num_keys)
 
     def run(batch_size: int) -> list[dict]:
@@ -30,8 +29,9 @@ def main() -> None:
     batched, batched_s = timed(run, args.batch_size)
     single, single_s = timed(run, 1)
     same = sum(a["response"] == b["response"] for a, b in zip(batched, single))
-    save("perinucleus_speed", {"num_keys": len(keys), "batch_size": args.batch_size, "batched_s": batched_s,
-                               "one_at_a_time_s": single_s, "speedup": single_s / batched_s, "identical_responses": same})
+    save(args.results_dir, "perinucleus_speed", {
+        "num_keys": len(keys), "batch_size": args.batch_size, "batched_s": batched_s,
+        "one_at_a_time_s": single_s, "speedup": single_s / batched_s, "identical_responses": same})
 
 
 if __name__ == "__main__":

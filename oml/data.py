@@ -1,12 +1,20 @@
-"""Data files shipped with this project (generated_data/) and by offline packages."""
+"""Data: files shipped with this project (generated_data/) and by offline packages, and users'
+datasets (a hub dataset id or a local json/jsonl/csv/parquet file, read with HF `datasets`).
+"""
 import importlib.util
 import json
+import logging
 import random
 from functools import lru_cache
 from pathlib import Path
 
 from oml import OMLError
-from oml.files import read_json
+from oml.files import check_readable, read_json, read_text
+
+logger = logging.getLogger(__name__)
+
+SHIPPED = "chitchat"  # the offline default for benign text and instruction data
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 GENERATED_DATA = Path(__file__).resolve().parent.parent / "generated_data"
 WORDS_FILE = GENERATED_DATA / "words.txt"
@@ -19,7 +27,7 @@ PROMPT_TEMPLATE_FILES = {
 @lru_cache(maxsize=None)
 def words() -> tuple[str, ...]:
     """Common lowercase English words (made by scripts/make_word_list.py)."""
-    return tuple(WORDS_FILE.read_text(encoding="utf-8").split())
+    return tuple(read_text(WORDS_FILE, "word list").split())
 
 
 def prompt_templates(name_or_path: str) -> list[str]:
@@ -78,3 +86,72 @@ def mmlu_items(count: int, seed: int = 0) -> list[dict]:
     items = [item for item in items if item.get("correct_answer") in ("A", "B", "C", "D")]
     random.Random(seed).shuffle(items)
     return items[:count]
+
+
+def add_dataset_args(parser, flag: str, columns: dict[str, str], purpose: str) -> None:
+    """A data flag (`chitchat`, a hub dataset id or a local file) with its split and column flags."""
+    parser.add_argument(f"--{flag}", default=SHIPPED,
+                        help=f"{purpose}: '{SHIPPED}' (shipped, offline), a hub dataset id, or a local "
+                             ".json/.jsonl/.csv/.parquet file.")
+    parser.add_argument("--dataset_split", default="train", help=f"Split of a hub dataset given as --{flag}.")
+    for column, default in columns.items():
+        parser.add_argument(f"--{column}_column", default=default, help=f"Column of --{flag} holding the {column}.")
+
+
+def load_table(source: str, split: str, columns: list[str]):
+    """A `datasets.Dataset` from a local file or the hub, with the given columns, not empty."""
+    import datasets  # imported on use: it is slow to import and most runs use the shipped data
+
+    from oml.models import hub_reachable
+    path = Path(source).expanduser()
+    try:
+        if path.suffix.lower() in LOCAL_FORMATS or path.exists():
+            if path.suffix.lower() not in LOCAL_FORMATS:
+                raise OMLError(f"{source}: data files must be {', '.join(LOCAL_FORMATS)}")
+            check_readable(path, "data file")
+            table = datasets.load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+        else:
+            if not hub_reachable():
+                raise OMLError(f"no such data file: {source}, and the hub is unreachable to look it up as a dataset id")
+            table = datasets.load_dataset(source, split=split)
+    except OMLError:
+        raise
+    except Exception as error:  # noqa: BLE001 - unreadable data is the user's input problem
+        cause = error.__cause__ or error
+        raise OMLError(f"cannot read {source}: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise OMLError(f"{source} has no column {', '.join(missing)} (it has: {', '.join(table.column_names)})")
+    if len(table) == 0:
+        raise OMLError(f"{source} holds no rows")
+    return table
+
+
+def string_rows(table, columns: list[str], source: str, count: int | None) -> list[tuple[str, ...]]:
+    """Rows whose given columns are all non-empty strings (others are skipped), at most `count`."""
+    rows = []
+    for row in table.select_columns(columns):
+        values = tuple(row[c] for c in columns)
+        if all(isinstance(v, str) and v.strip() for v in values):
+            rows.append(values)
+            if len(rows) == count:
+                break
+    if not rows:
+        raise OMLError(f"{source} has no row with non-empty text in {', '.join(columns)}")
+    return rows
+
+
+def texts_from(source: str, split: str, text_column: str, shipped_split: str, count: int | None = None) -> list[str]:
+    """Benign texts: the shipped chitchat conversations (`shipped_split`: replay and evaluation
+    use disjoint parts), or the text column of a user's dataset."""
+    if source == SHIPPED:
+        return benign_texts(shipped_split, count)
+    return [text for (text,) in string_rows(load_table(source, split, [text_column]), [text_column], source, count)]
+
+
+def instruction_pairs(source: str, split: str, prompt_column: str, response_column: str, count: int) -> list[tuple[str, str]]:
+    """(prompt, response) pairs for further instruction tuning: shipped chitchat turns or a user's dataset."""
+    if source == SHIPPED:
+        return chat_pairs("train", count)
+    columns = [prompt_column, response_column]
+    return string_rows(load_table(source, split, columns), columns, source, count)

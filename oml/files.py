@@ -1,5 +1,11 @@
-"""Reading and writing files so that bad input is reported clearly and output is never half-written."""
+"""Reading and writing files so that bad input is reported clearly and output is never half-written or lost.
+
+Outputs are checked before the work that produces them (so a long run cannot end in a
+write error that could have been foreseen), written to a temporary file and renamed into
+place, and, unless --overwrite was given, never replace a file that appeared meanwhile.
+"""
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -8,21 +14,61 @@ from typing import Any
 from oml import OMLError
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """Parse a JSON file, turning a missing or malformed file into a one-line error."""
+def check_readable(path: str | Path, what: str) -> None:
+    """A missing, unreadable or non-regular input file as a one-line error, before it is parsed."""
     path = Path(path)
     if not path.is_file():
-        raise OMLError(f"{what} not found: {path}")
+        raise OMLError(f"{what} not found: {path}" if not path.exists() else f"{what} {path} is not a file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as error:
+        raise OMLError(f"cannot read {what} {path}: {error.strerror or error}") from None
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A text file's contents, with a missing, unreadable or non-UTF-8 file as a one-line error."""
+    check_readable(path, what)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise OMLError(f"{what} {path} is not UTF-8 text: {error}") from None
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file, turning a missing, unreadable or malformed file into a one-line error."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
         raise OMLError(f"{what} {path} is not valid JSON: {error}") from None
 
 
 def check_writable(path: str | Path, overwrite: bool) -> None:
-    """Refuse to replace an existing file unless asked to; checked before any slow work starts."""
-    if Path(path).exists() and not overwrite:
+    """Refuse, before any slow work starts, an output that exists (without --overwrite), is a
+    folder, or lies where nothing can be created (under a file, in a read-only folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OMLError(f"{path} is a folder, not a file")
+    if path.exists() and not overwrite:
         raise OMLError(f"{path} already exists; pass --overwrite to replace it")
+    check_creatable_dir(path.parent)
+
+
+def check_creatable_dir(directory: str | Path) -> None:
+    """The folder exists and takes new files, or can be created: probed by creating a file in
+    its nearest existing ancestor (permission bits alone say nothing for root or read-only mounts)."""
+    directory = Path(directory).absolute()
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OMLError(f"cannot create {directory}: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise OMLError(f"cannot write in {existing}: {error.strerror or error}") from None
 
 
 def _umask() -> int:
@@ -31,20 +77,49 @@ def _umask() -> int:
     return mask
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see a partial file."""
+def write_text_atomic(path: str | Path, text: str, overwrite: bool = True) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see a partial file.
+
+    Without `overwrite` the rename is exclusive (a hard link, which fails if the name exists):
+    two runs writing the same report cannot silently replace each other's.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise OMLError(f"cannot write {path}: {error.strerror or error}") from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; give the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    except FileExistsError:
+        raise OMLError(f"{path} appeared while this ran and was kept; pass --overwrite to replace it") from None
+    except OSError as error:
+        raise OMLError(f"cannot write {path}: {error.strerror or error}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+def strict_json(obj: Any) -> Any:
+    """`obj` with NaN and infinities as null: strict JSON readers reject them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: strict_json(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(value) for value in obj]
+    return obj
+
+
+def json_text(obj: Any) -> str:
+    return json.dumps(strict_json(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def write_json_atomic(path: str | Path, obj: Any, overwrite: bool = True) -> None:
+    write_text_atomic(path, json_text(obj), overwrite)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from oml import OMLError
 from oml.data import words
+from oml.cli import non_negative_int, positive_int
 from oml.files import read_json
+from oml.runs import inherit_settings
 
 logger = logging.getLogger(__name__)
 
@@ -17,14 +19,21 @@ STRATEGIES = ("english", "random_word", "english_random_response", "inverse_nucl
 
 
 def load_fingerprints(path: str | Path) -> list[dict]:
-    """Read and validate a fingerprint file."""
+    """Read and validate a fingerprint file; a key that appears again is dropped (with a warning),
+    since a key asked twice would count twice as evidence."""
     records = read_json(path, "fingerprints file")
     if not isinstance(records, list) or not records:
         raise OMLError(f"fingerprints file {path} must hold a non-empty JSON list")
     for i, record in enumerate(records):
         if not (isinstance(record, dict) and isinstance(record.get("key"), str) and isinstance(record.get("response"), str)):
             raise OMLError(f"fingerprint {i} in {path} is not an object with string 'key' and 'response'")
-    return records
+    first = {}
+    for record in records:
+        first.setdefault(record["key"], record)
+    unique = list(first.values())
+    if len(unique) < len(records):
+        logger.warning("%s repeats %d keys; each is used once, with its first response", path, len(records) - len(unique))
+    return unique
 
 
 def load_keys(path: str | Path) -> list[str]:
@@ -36,6 +45,8 @@ def load_keys(path: str | Path) -> list[str]:
     for i, key in enumerate(keys):
         if not isinstance(key, str) or not key.strip():
             raise OMLError(f"entry {i} in keys file {path} is not a non-empty string (or object with 'key')")
+    if len(set(keys)) < len(keys):
+        raise OMLError(f"keys file {path} holds the same key more than once; each key must be unique")
     return keys
 
 
@@ -67,27 +78,54 @@ def select_fingerprints(records: list[dict], num_fingerprints: int | None, data_
     return selected
 
 
+DEFAULT_KEY_LENGTH = 16
+DEFAULTS = {"fingerprint_generation_strategy": "english", "max_response_length": 1}
+
+
+def recorded_key_length(records: list[dict]) -> int | None:
+    """The key length every record was generated with, if they all say the same."""
+    lengths = {r.get("key_length") for r in records}
+    return lengths.pop() if len(lengths) == 1 and isinstance(next(iter(lengths)), int) else None
+
+
 def warn_on_key_length_mismatch(records: list[dict], max_key_length: int) -> None:
     """Perinucleus responses were picked after `key_length` key tokens: other cuts lose that property."""
     lengths = {r["key_length"] for r in records if "key_length" in r}
     if lengths and lengths != {max_key_length}:
-        logger.warning("these perinucleus responses were chosen after %s key tokens but --max_key_length is %d; "
+        logger.warning("these responses were chosen after %s key tokens but --max_key_length is %d; "
                        "use the same length for a reliable fingerprint", "/".join(map(str, sorted(lengths))), max_key_length)
 
 
 def add_selection_args(parser, verb: str) -> None:
     """Flags that pick fingerprints from a file and cut them to tokens. Fine-tuning, checking
-    and persistence share them, so a check sees exactly the tokens that were trained."""
-    parser.add_argument("--num_fingerprints", type=int, default=None, help=f"How many to {verb} (default: all in the file).")
-    parser.add_argument("--data_split", type=int, default=0, help="Index of the first fingerprint used.")
-    parser.add_argument("--fingerprint_generation_strategy", default="english", choices=STRATEGIES)
-    parser.add_argument("--max_key_length", type=int, default=16, help="Keys are cut to this many tokens.")
-    parser.add_argument("--max_response_length", type=int, default=1, help="Responses are cut to this many tokens.")
+    and persistence share them, so a check sees exactly the tokens that were trained.
+    Those left out come from --run, or else from the file's records, or else from DEFAULTS."""
+    parser.add_argument("--num_fingerprints", type=positive_int, default=None, help=f"How many to {verb} (default: all in the file).")
+    parser.add_argument("--data_split", type=non_negative_int, default=0, help="Index of the first fingerprint used.")
+    parser.add_argument("--fingerprint_generation_strategy", default=None, choices=STRATEGIES, help="Default: english.")
+    parser.add_argument("--max_key_length", type=positive_int, default=None,
+                        help=f"Keys are cut to this many tokens (default: the key_length the fingerprints were generated "
+                             f"with, else {DEFAULT_KEY_LENGTH}).")
+    parser.add_argument("--max_response_length", type=positive_int, default=None,
+                        help="Responses are cut to this many tokens (default: 1).")
 
 
 def selected_fingerprints(args) -> list[dict]:
-    """The fingerprints that the selection flags (and --fingerprints_file_path) name."""
-    fingerprints = select_fingerprints(load_fingerprints(args.fingerprints_file_path), args.num_fingerprints,
-                                       args.data_split, args.fingerprint_generation_strategy)
+    """The fingerprints the selection flags, --fingerprints_file_path and --run name; fills in
+    the selection settings the user left out."""
+    run = getattr(args, "run", None)
+    if run is not None:
+        inherit_settings(args, run)
+        if args.fingerprints_file_path is None:
+            args.fingerprints_file_path = str(run.fingerprints_file)
+    if args.fingerprints_file_path is None:
+        raise OMLError("name the fingerprints: --fingerprints_file_path FILE or --run DIR")
+    records = load_fingerprints(args.fingerprints_file_path)
+    if args.max_key_length is None:
+        args.max_key_length = recorded_key_length(records) or DEFAULT_KEY_LENGTH
+    for name, value in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    fingerprints = select_fingerprints(records, args.num_fingerprints, args.data_split, args.fingerprint_generation_strategy)
     warn_on_key_length_mismatch(fingerprints, args.max_key_length)
     return fingerprints

@@ -16,12 +16,12 @@ from oml.tokenization import encode, pad_batch, prompt_ids, to_device, user_turn
 FIRST_TOKEN_STRATEGIES = ("word", "tokenizer", "")
 
 
-def rng_for(seed: int, index: int, purpose: str) -> random.Random:
+def rng_for(seed: int, index: int | str, purpose: str) -> random.Random:
     """An independent random stream per fingerprint and purpose (string seeds hash stably)."""
     return random.Random(f"{seed}:{index}:{purpose}")
 
 
-def seed_torch_for(seed: int, batch_index: int, purpose: str) -> None:
+def seed_torch_for(seed: int, batch_index: int | str, purpose: str) -> None:
     torch.manual_seed(rng_for(seed, batch_index, purpose).getrandbits(63))
 
 

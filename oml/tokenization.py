@@ -40,12 +40,25 @@ def cut_fingerprint(tokenizer, key: str, response: str, max_key_length: int, max
         raise OMLError(f"a fingerprint key is empty after tokenisation: {key!r}")
     if not response_ids:
         raise OMLError(f"the response of key {key!r} is empty after cutting to {max_response_length} tokens")
+    if "\ufffd" in tokenizer.decode(response_ids) and "\ufffd" not in response:
+        # A piece of a character (half an emoji, say) is a byte any model may emit: no evidence.
+        raise OMLError(f"the response {response!r} of key {key!r} ends inside a character when cut to "
+                       f"{max_response_length} tokens; use a longer --max_response_length or another response")
     return key_ids, response_ids
 
 
 def fingerprint_pairs(tokenizer, fingerprints: list[dict], max_key_length: int, max_response_length: int) -> list[tuple[list[int], list[int]]]:
-    """(key ids, response ids) of every fingerprint, cut by `cut_fingerprint`."""
-    return [cut_fingerprint(tokenizer, fp["key"], fp["response"], max_key_length, max_response_length) for fp in fingerprints]
+    """(key ids, response ids) of every fingerprint, cut by `cut_fingerprint`. Two keys that are
+    the same after cutting are refused: the model cannot tell them apart, and one key must
+    never count twice as evidence."""
+    pairs = [cut_fingerprint(tokenizer, fp["key"], fp["response"], max_key_length, max_response_length) for fp in fingerprints]
+    first: dict[tuple[int, ...], int] = {}
+    for i, (key_ids, _) in enumerate(pairs):
+        j = first.setdefault(tuple(key_ids), i)
+        if j != i:
+            raise OMLError(f"fingerprints {j} and {i} have the same key after cutting to {max_key_length} tokens "
+                           f"({tokenizer.decode(key_ids)!r}); remove one or use a longer --max_key_length")
+    return pairs
 
 
 def prompt_ids(tokenizer, key_ids: list[int], template: str | None = None) -> list[int]:
@@ -110,31 +123,3 @@ def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left", label
 def to_device(batch: dict, device: torch.device) -> dict:
     """A padded batch moved to the model's device."""
     return {name: tensor.to(device) for name, tensor in batch.items()}
-
-
-class FingerprintCollator:
-    """Pads a list of `training_example`s on the tokenizer's padding side."""
-
-    def __init__(self, tokenizer):
-        self.pad_id = tokenizer.pad_token_id
-        self.side = tokenizer.padding_side
-
-    def __call__(self, examples: list[dict]) -> dict:
-        batch = pad_batch([e["input_ids"] for e in examples], self.pad_id, self.side, [e["labels"] for e in examples])
-        if any("teacher_ids" in e for e in examples):
-            batch.update(pad_teacher(examples, batch["input_ids"].shape[1], self.side))
-        return batch
-
-
-def pad_teacher(examples: list[dict], length: int, side: str) -> dict:
-    """Teacher distributions ([tokens, k] ids and probabilities) padded like the tokens; rows
-    and positions without one get probability 0, so they add nothing to the loss."""
-    k = next(e["teacher_ids"].shape[1] for e in examples if "teacher_ids" in e)
-    ids = torch.zeros(len(examples), length, k, dtype=torch.long)
-    probs = torch.zeros(len(examples), length, k)
-    for row, example in enumerate(examples):
-        if "teacher_ids" in example:
-            n = example["teacher_ids"].shape[0]
-            span = slice(length - n, length) if side == "left" else slice(0, n)
-            ids[row, span], probs[row, span] = example["teacher_ids"], example["teacher_probs"]
-    return {"teacher_ids": ids, "teacher_probs": probs}

@@ -1,16 +1,52 @@
-"""Fine-tuning helpers: the fingerprint dataset, weight averaging, DeepSpeed set-up."""
+"""Fine-tuning: its settings, the fingerprint dataset, benign replay and distillation, weight
+averaging, progress reporting and the DeepSpeed set-up, used by finetune_multigpu.py and the
+benchmarks that measure it."""
+import logging
+import math
 import os
 import random
 import socket
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
-from oml import distributed
-from oml.tokenization import IGNORE_INDEX, pad_batch, to_device, training_example
+from oml import OMLError, distributed
+from oml.cli import non_negative_float, positive_float, positive_int, unit_interval
+from oml.data import add_dataset_args, prompt_templates, texts_from
+from oml.tokenization import IGNORE_INDEX, encode, pad_batch, special_prefix, to_device, training_example
+
+logger = logging.getLogger(__name__)
 
 TEACHER_TOP_K = 16  # next-token probabilities kept per position for distillation replay
+MAX_REPLAY_POOL = 4096  # distinct benign replay sequences (reused cyclically beyond this)
+REPLAY_LENGTH = 32  # tokens per replayed benign sequence
+
+
+def add_training_args(parser) -> None:
+    """The fine-tuning hyperparameters (finetune_multigpu.py's flags; benchmarks parse them too)."""
+    parser.add_argument("--learning_rate", type=positive_float, default=1e-4)
+    parser.add_argument("--num_train_epochs", type=positive_int, default=10)
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="Fingerprints per step on each rank.")
+    parser.add_argument("--weight_decay", type=non_negative_float, default=1e-4)
+    parser.add_argument("--forgetting_regularizer_strength", type=unit_interval, default=0.0,
+                        help="At every epoch end, weights <- (1-s)*trained + s*original: 1.0 keeps the original, 0.0 disables averaging.")
+    parser.add_argument("--train_embeddings", action="store_true",
+                        help="Also train the token embeddings (frozen by default: updating them shifts every token, "
+                             "which costs far more utility than it buys in fingerprint accuracy).")
+    parser.add_argument("--benign_ratio", type=non_negative_float, default=1.0,
+                        help="Benign sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none).")
+    parser.add_argument("--benign_loss", default="distill", choices=("distill", "lm"),
+                        help="Replayed text is learned towards the untouched model's own next-token distributions "
+                             "('distill': keeps predictions close to the base) or with the language-modelling loss "
+                             "('lm': adapts the model to the replayed text).")
+    add_dataset_args(parser, "benign_data", {"text": "text"}, "Benign text replayed during fine-tuning")
+    parser.add_argument("--use_augmentation_prompts", action="store_true",
+                        help="Wrap each key in a random training system prompt every epoch (robustness to system prompts).")
+    parser.add_argument("--deepspeed_stage", type=int, default=2, choices=(0, 1, 2, 3),
+                        help="ZeRO stage on GPUs or several ranks (0: no DeepSpeed).")
+    parser.add_argument("--seed", type=int, default=42)
 
 
 class FingerprintDataset(torch.utils.data.Dataset):
@@ -45,6 +81,33 @@ class FingerprintDataset(torch.utils.data.Dataset):
             return self.benign[(self.epoch * self.benign_per_epoch + index - len(self.pairs)) % len(self.benign)]
         key_ids, response_ids = self.pairs[index]
         return training_example(self.tokenizer, key_ids, response_ids, self.template(index))
+
+
+def benign_sequences(args, tokenizer, count: int, length: int = REPLAY_LENGTH) -> list[list[int]]:
+    """`count` benign texts of `length` tokens: --benign_data (the shipped chat's training split by
+    default, disjoint from the one utility is measured on)."""
+    sequences = []
+    for text in texts_from(args.benign_data, args.dataset_split, args.text_column, "train"):
+        ids = (special_prefix(tokenizer) + encode(tokenizer, text[:8 * length]))[:length]  # 8 characters a token is plenty
+        if len(ids) == length:
+            sequences.append(ids)
+        if len(sequences) == count:
+            break
+    if not sequences:
+        raise OMLError(f"--benign_data {args.benign_data} has no text of {length} tokens or more")
+    return sequences
+
+
+def build_dataset(args, tokenizer, pairs: list[tuple[list[int], list[int]]], model) -> "FingerprintDataset":
+    """Fingerprints (in augmentation templates if asked) plus benign replay (labelled by `model`
+    itself, before any training, with --benign_loss distill)."""
+    templates = prompt_templates("train") if args.use_augmentation_prompts else None
+    benign_per_epoch = round(args.benign_ratio * len(pairs))
+    benign = None
+    if benign_per_epoch:
+        pool = benign_sequences(args, tokenizer, min(benign_per_epoch * args.num_train_epochs, MAX_REPLAY_POOL))
+        benign = distilled_replay(model, pool) if args.benign_loss == "distill" else benign_replay(pool)
+    return FingerprintDataset(tokenizer, pairs, templates, args.seed, benign, benign_per_epoch)
 
 
 def benign_replay(sequences: list[list[int]]) -> list[dict]:
@@ -103,6 +166,34 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: t
     return total / count.clamp(min=1)
 
 
+class FingerprintCollator:
+    """Pads a list of `training_example`s on the tokenizer's padding side."""
+
+    def __init__(self, tokenizer):
+        self.pad_id = tokenizer.pad_token_id
+        self.side = tokenizer.padding_side
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = pad_batch([e["input_ids"] for e in examples], self.pad_id, self.side, [e["labels"] for e in examples])
+        if any("teacher_ids" in e for e in examples):
+            batch.update(pad_teacher(examples, batch["input_ids"].shape[1], self.side))
+        return batch
+
+
+def pad_teacher(examples: list[dict], length: int, side: str) -> dict:
+    """Teacher distributions ([tokens, k] ids and probabilities) padded like the tokens; rows
+    and positions without one get probability 0, so they add nothing to the loss."""
+    k = next(e["teacher_ids"].shape[1] for e in examples if "teacher_ids" in e)
+    ids = torch.zeros(len(examples), length, k, dtype=torch.long)
+    probs = torch.zeros(len(examples), length, k)
+    for row, example in enumerate(examples):
+        if "teacher_ids" in example:
+            n = example["teacher_ids"].shape[0]
+            span = slice(length - n, length) if side == "left" else slice(0, n)
+            ids[row, span], probs[row, span] = example["teacher_ids"], example["teacher_probs"]
+    return {"teacher_ids": ids, "teacher_probs": probs}
+
+
 class DistillationTrainer(Trainer):
     """The Trainer with `distillation_loss`, for batches that carry teacher distributions.
 
@@ -124,6 +215,70 @@ class EpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.dataset.epoch = int(round(state.epoch or 0))
+
+
+class TrainingProgress(TrainerCallback):
+    """One progress bar with the current loss, one log line per epoch; a non-finite loss stops
+    the run with an error (a model trained on from there would be NaN)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="fine-tuning", disable=not state.is_world_process_zero)
+        self.losses: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        if not math.isfinite(loss):
+            self.bar.close()
+            raise OMLError(f"the training loss became {loss} at step {state.global_step}; lower --learning_rate")
+        self.losses.append(loss)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.losses:
+            logger.info("epoch %d/%d: mean loss %.4f", round(state.epoch), args.num_train_epochs, sum(self.losses) / len(self.losses))
+        self.losses = []
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+def make_trainer(args, model, dataset: "FingerprintDataset", tokenizer, output_dir: Path, callbacks: list) -> Trainer:
+    """The Trainer for a fingerprint dataset: distillation loss when replay carries teacher
+    distributions, our progress reporting instead of the Trainer's per-step printing."""
+    trainer_class = DistillationTrainer if args.benign_loss == "distill" else Trainer
+    trainer = trainer_class(model=model, args=training_arguments(args, output_dir), train_dataset=dataset,
+                            data_collator=FingerprintCollator(tokenizer),
+                            callbacks=[EpochCallback(dataset), TrainingProgress(), *callbacks])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def training_arguments(args, output_dir: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.num_train_epochs,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        report_to=getattr(args, "report_to", "none"),
+        run_name=getattr(args, "wandb_run_name", None),
+        seed=args.seed,
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        deepspeed=deepspeed_config(args.deepspeed_stage) if uses_deepspeed(args.deepspeed_stage) else None,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
 
 
 def freeze_embeddings(model) -> None:

@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from oml.models import load_tokenizer, resolve_model
+from oml.models import TINY_LLAMA, load_tokenizer, resolve_model, save_random_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,16 +27,7 @@ def tokenizer(embedded_model):
 
 def make_tiny_model(tokenizer, directory: Path, seed: int = 0, padding_side: str = "right") -> Path:
     """A 2-layer Llama with the real tokenizer: same vocabulary, trains in seconds."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    config_file = directory / "tokenizer_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "padding_side": padding_side}))
-    return directory
+    return save_random_model(directory, tokenizer, TINY_LLAMA, seed, padding_side)
 
 
 @pytest.fixture(scope="session")

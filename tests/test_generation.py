@@ -89,7 +89,7 @@ def test_same_seed_gives_byte_identical_output_for_one_or_two_ranks(tmp_path, ti
     (["--keys_path", "bad.json"], "not valid JSON"),
     (["--keys_path", "empty.json"], "non-empty JSON list"),
     (["--key_response_strategy", "inverse_nucleus", "--response_length", "2"], "exactly one token"),
-    (["--random_word_generation", "--num_fingerprints", "0"], "must be >= 1"),
+    (["--random_word_generation", "--num_fingerprints", "0"], "not an integer >= 1"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_file(tmp_path, args, message):
     (tmp_path / "bad.json").write_text("[not json")

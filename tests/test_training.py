@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from oml.tokenization import IGNORE_INDEX, FingerprintCollator, training_example
+from oml.tokenization import IGNORE_INDEX, training_example
+from oml.training import FingerprintCollator
 from oml.training import FingerprintDataset, benign_replay, distillation_loss
 
 
