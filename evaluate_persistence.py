@@ -98,9 +98,9 @@ def train_and_recheck(model, tokenizer, pairs: list[tuple[list[int], list[int]]]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(float(loss)):
-            raise OMLError(f"the training loss became {float(loss)} at step {step}; lower --learning_rate")
-        losses.append(float(loss))
+        if not math.isfinite(loss.item()):
+            raise OMLError(f"the training loss became {loss.item()} at step {step}; lower --learning_rate")
+        losses.append(loss.item())
         if step % args.eval_every == 0 or step == args.steps:
             rows.append(retention_row(step, check(step), matched_before, sum(losses) / len(losses)))
             losses = []

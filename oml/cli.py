@@ -12,6 +12,7 @@ import sys
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from oml import OMLError
 from oml.distributed import is_main_process
@@ -85,17 +86,23 @@ def setup_logging() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def fail(message: str, code: int) -> None:
+    """The last line on stderr: close open progress bars first, or they redraw below the error."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def run(main: Callable[[], None]) -> None:
     """Run a script's main(): user errors become one line on stderr and exit code 2."""
     setup_logging()
     try:
         main()
     except OMLError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
+        fail(str(error), USER_ERROR_EXIT_CODE)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        fail("interrupted", 130)
 
 
 def add_common_args(parser) -> None:

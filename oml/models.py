@@ -186,6 +186,21 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     return model.eval()
 
 
+def refuse_custom_code(path: str, trust_remote_code: bool) -> None:
+    """A local model whose config points at code of its own (auto_map) is refused unless trusted:
+    that code would run on this machine (transformers' own message for this case is misleading)."""
+    config = Path(path) / "config.json"
+    if trust_remote_code or not config.is_file():
+        return
+    try:
+        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return  # from_pretrained reports unreadable configs
+    if auto_map:
+        raise OMLError(f"{path} runs custom code of its own ({', '.join(sorted(auto_map))} in config.json); "
+                       "it is not loaded unless you pass --trust_remote_code")
+
+
 def load(name: str | None, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
          device: torch.device | None | str = "auto") -> tuple:
     """(model, tokenizer) for a model name, as every script loads them: resolved (embedded default,
@@ -193,6 +208,7 @@ def load(name: str | None, trust_remote_code: bool = False, dtype: torch.dtype |
     device ("auto") or left on the CPU (None), custom code only when trusted."""
     path = resolve_model(name)
     logger.info("Loading %s", path)
+    refuse_custom_code(path, trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code)
     model = load_model(path, dtype or compute_dtype(), distributed.device() if device == "auto" else device, trust_remote_code)
     return model, tokenizer

@@ -269,6 +269,7 @@ def training_arguments(args, output_dir: Path) -> TrainingArguments:
         lr_scheduler_type="constant",
         save_strategy="no",
         logging_steps=1,
+        logging_nan_inf_filter=False,  # a NaN loss must reach TrainingProgress, not be hidden by an average
         disable_tqdm=True,
         report_to=getattr(args, "report_to", "none"),
         run_name=getattr(args, "wandb_run_name", None),

@@ -97,22 +97,3 @@ def test_system_prompt_table_and_two_ranks(tmp_path, tiny_model, fingerprint_fil
     assert len(first["keys"]) == 8 * 11
     assert [(k["index"], k["template"], k["predicted"]) for k in first["keys"]] == \
            [(k["index"], k["template"], k["predicted"]) for k in second["keys"]]
-
-
-@pytest.mark.parametrize("make_args, message", [
-    (lambda d: ["--model_path", d / "missing", "--fingerprints_file_path", d / "fp.json"], "does not exist"),
-    (lambda d: ["--model_path", d / "model", "--fingerprints_file_path", d / "missing.json"], "not found"),
-    (lambda d: ["--model_path", d / "model", "--fingerprints_file_path", d / "bad.json"], "not valid JSON"),
-    (lambda d: ["--model_path", d / "model", "--fingerprints_file_path", d / "fp.json", "--num_fingerprints", "99"], "holds only 8"),
-    (lambda d: ["--model_path", d / "model", "--fingerprints_file_path", d / "empty_response.json"], "empty after cutting"),
-    (lambda d: ["--model_path", d / "notamodel", "--fingerprints_file_path", d / "fp.json"], "not a model folder"),
-])
-def test_bad_input_exits_2(tmp_path, tiny_model, fingerprint_file, make_args, message):
-    (tmp_path / "model").symlink_to(tiny_model)
-    (tmp_path / "fp.json").write_text(fingerprint_file.read_text())
-    (tmp_path / "bad.json").write_text("{oops")
-    (tmp_path / "empty_response.json").write_text(json.dumps([{"key": "a key", "response": ""}]))
-    (tmp_path / "notamodel").mkdir()
-    result = run_script("check_fingerprints.py", *make_args(tmp_path), "--null_model", "none", cwd=tmp_path, check=False)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
