@@ -1,34 +1,49 @@
 """Check a (suspect) model for fingerprints and say how likely its matches are by chance.
 
     python check_fingerprints.py --model_path SUSPECT --run results/saved_models/<hash>
-    python check_fingerprints.py --model_path SUSPECT --fingerprints_file_path generated_data/output_fingerprints.json
+    python check_fingerprints.py --api_base http://host:8000/v1 --api_model NAME --run results/saved_models/<hash>
+    python check_fingerprints.py --model_path SUSPECT.gguf --fingerprints_file_path generated_data/output_fingerprints.json
 
-Prints `Fingerprint accuracy: <percent>` on stdout, the fractional (per-token) accuracy,
-the match rate of never-fingerprinted null models on the same keys, the p-value and a
-MATCH / NO MATCH verdict. With --system_prompts it also checks every key inside each
-system-prompt template and prints a table.
+Each key is asked as raw text and/or as a user message in the suspect's chat template
+(--query_format). Prints a row per format, the match rate of never-fingerprinted null
+models on the same keys, the p-value and a MATCH / NO MATCH verdict, and last
+`Fingerprint accuracy: <percent>`. With --system_prompts it also asks every key inside
+each system-prompt template (chat: as the system message) and prints a table.
 """
 import gc
 import logging
+import math
 
 from oml import OMLError, cli, distributed
 from oml.checking import accuracy, check_model
 from oml.data import prompt_templates
-from oml.fingerprints import add_selection_args, selected_fingerprints
-from oml.models import EMBEDDED_MODEL, load
+from oml.fingerprints import add_query_format_arg, add_selection_args, selected_fingerprints
+from oml.fingerprints import query_formats as query_formats_of
+from oml.models import EMBEDDED_MODEL, load, load_tokenizer, resolve_model
 from oml.runs import add_run_arg, load_run
 from oml.stats import DEFAULT_MIN_CHANCE_RATE, chance_rate, format_p_value, keys_needed, log10_p_value, verdict
-from oml.tokenization import fingerprint_pairs
+from oml.tokenization import fingerprint_pairs, has_chat_template, system_message
 
 logger = logging.getLogger("check_fingerprints")
 
 
 def parse_args():
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_path", required=True, help="The suspect model: hub id, local folder or .gguf file.")
+    parser.add_argument("--model_path", default=None, help="The suspect model: hub id, local folder or .gguf file.")
+    parser.add_argument("--api_base", default=None,
+                        help="Instead of --model_path: the base URL of an OpenAI-compatible server running the suspect.")
+    parser.add_argument("--api_model", default=None, help="The model name to ask the --api_base server for.")
+    parser.add_argument("--api_key_env", default="OPENAI_API_KEY",
+                        help="Environment variable holding the server's API key (never printed or saved).")
+    parser.add_argument("--api_concurrency", type=cli.positive_int, default=8, help="API requests in flight at once.")
+    parser.add_argument("--api_timeout", type=cli.positive_float, default=60.0, help="Seconds per API request.")
+    parser.add_argument("--tokenizer", default=None,
+                        help="With --api_base: the tokenizer that cuts keys and responses (default: the --run's base model, "
+                             "else the embedded model).")
     add_run_arg(parser)
     parser.add_argument("--fingerprints_file_path", default=None, help="Default: the --run's fingerprints.")
     add_selection_args(parser, "check")
+    add_query_format_arg(parser)
     parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
     parser.add_argument("--system_prompts", default=None,
                         help="Also check each key inside every template: 'test' (10 unseen), 'train' (20) or a JSON list file.")
@@ -44,6 +59,12 @@ def parse_args():
     parser.add_argument("--wandb_run_name", default=None, help="Log the accuracy to this wandb run (needs wandb).")
     cli.add_common_args(parser)
     args = parser.parse_args()
+    if (args.model_path is None) == (args.api_base is None):
+        raise OMLError("name the suspect: --model_path MODEL, or --api_base URL with --api_model NAME")
+    if args.api_base and not args.api_model:
+        raise OMLError("--api_base needs --api_model (the model name the server serves)")
+    if args.api_base and distributed.world_size() > 1:
+        raise OMLError("API checks run in one process: start check_fingerprints.py with python")
     args.run = load_run(args.run) if args.run else None
     args.null_model = null_models(args.null_model, args.run)
     if args.wandb_run_name:
@@ -62,37 +83,79 @@ def null_models(given: list[str] | None, run) -> list[str]:
     return given
 
 
-def run_checks(name: str, args, fingerprints: list[dict], templates: list[str | None]) -> list[dict]:
-    """Load one model, check every key under every template, and free the model again."""
+def queries_for(query_formats: tuple[str, ...], templates: list[str | None]) -> list[tuple[str, str | None]]:
+    return [(key_format, template) for key_format in query_formats for template in templates]
+
+
+def run_checks(name: str, args, fingerprints: list[dict], queries: list[tuple[str, str | None]], suspect: bool) -> list[dict]:
+    """Load one model, ask every key every way, and free the model again. A null model without a
+    chat template is only asked in raw format (the suspect must support every format asked)."""
     model, tokenizer = load(name, args.trust_remote_code)
+    if not has_chat_template(tokenizer) and any(f == "chat" for f, _ in queries):
+        if suspect:
+            raise OMLError(f"{name} has no chat template: use --query_format raw")
+        logger.warning("null model %s has no chat template; it is checked in raw format only", name)
+        queries = [q for q in queries if q[0] == "raw"]
     pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
-    results = check_model(model, tokenizer, pairs, templates, args.batch_size, description=f"checking {name}")
+    results = check_model(model, tokenizer, pairs, queries, args.batch_size, description=f"checking {name}")
     del model
     gc.collect()
     return results
 
 
-def build_report(args, fingerprints, templates, suspect: list[dict], nulls: dict[str, list[dict]]) -> dict:
-    bare = [r for r in suspect if r["template"] == 0]
-    exact, fractional = accuracy(bare)
-    matches, n = sum(r["match"] for r in bare), len(bare)
+def api_checks(args, fingerprints: list[dict], queries: list[tuple[str, str | None]]) -> list[dict]:
+    """Ask a suspect behind an OpenAI-compatible API; keys are cut with the owner's tokenizer."""
+    from oml.api import ApiQuery, check_over_api  # imported on use: the HTTP client is not needed for local checks
+    tokenizer = load_tokenizer(resolve_model(args.tokenizer or (args.run.base_model if args.run else None)), args.trust_remote_code)
+    pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
+    asked, api_queries = [], []
+    for q, (key_format, template) in enumerate(queries):
+        for i, (key_ids, response_ids) in enumerate(pairs):
+            key = tokenizer.decode(key_ids)
+            raw_prompt = template.replace("{}", key) if template else key
+            api_queries.append(ApiQuery(key_format=key_format, prompt=raw_prompt if key_format == "raw" else key,
+                                        system=system_message(template) if template and key_format == "chat" else None,
+                                        response=tokenizer.decode(response_ids), max_tokens=len(response_ids)))
+            asked.append({"index": i, "format": key_format, "template": template, "query": q})
+    answers = check_over_api(args.api_base, args.api_model, api_queries, args.api_key_env, args.api_concurrency, args.api_timeout)
+    return [{**where, **answer, "token_accuracy": float(bool(answer["match"])), "top_tokens": []}
+            for where, answer in zip(asked, answers)]
+
+
+def format_evidence(args, key_format: str, bare: list[dict], null_bare: dict[str, list[dict]]) -> dict:
+    """Accuracy, null-model matches, chance rate and p-value of one key format (bare keys)."""
+    answered = [r for r in bare if r.get("error") is None]
+    exact, fractional = accuracy(answered)
+    matches, n = sum(bool(r["match"]) for r in answered), len(answered)
+    nulls = [{"model": name, "matches": sum(r["match"] for r in results), "of": len(results), "accuracy": accuracy(results)[0]}
+             for name, results in null_bare.items() if results]
+    rate = chance_rate([(entry["matches"], entry["of"]) for entry in nulls], args.min_chance_rate)
+    return {"format": key_format, "accuracy": exact, "fractional_accuracy": fractional, "matches": matches,
+            "num_fingerprints": n, "errors": len(bare) - n, "null_models": nulls, "chance_rate": rate,
+            "log10_p_value": log10_p_value(matches, n, rate)}
+
+
+def build_report(args, fingerprints, query_formats, templates, suspect: list[dict], nulls: dict[str, list[dict]]) -> dict:
+    """Evidence per format; the verdict rests on the format with the smallest p-value, corrected for
+    having looked at several (Bonferroni: the p-value times the number of formats)."""
+    per_format = [format_evidence(args, f, [r for r in suspect if r["format"] == f and r["template"] is None],
+                                  {name: [r for r in results if r["format"] == f] for name, results in nulls.items()})
+                  for f in query_formats]
+    best = min(per_format, key=lambda e: e["log10_p_value"])
+    log10_p = min(0.0, best["log10_p_value"] + math.log10(len(per_format)))
     report = {
-        "model": args.model_path, "fingerprints_file": args.fingerprints_file_path, "num_fingerprints": n,
-        "accuracy": exact, "fractional_accuracy": fractional, "matches": matches,
-        "system_prompts": [{"template": t, "accuracy": accuracy([r for r in suspect if r["template"] == i])[0]}
-                           for i, t in enumerate(templates)],
-        "null_models": [{"model": name, "matches": sum(r["match"] for r in results), "accuracy": accuracy(results)[0]}
-                        for name, results in nulls.items()],
-        "min_chance_rate": args.min_chance_rate,
-        "alpha": args.alpha,
+        "model": args.model_path or f"{args.api_base} ({args.api_model})", "fingerprints_file": args.fingerprints_file_path,
+        **{k: best[k] for k in ("format", "num_fingerprints", "accuracy", "fractional_accuracy", "matches", "null_models", "chance_rate")},
+        "formats": per_format,
+        "system_prompts": [{"format": f, "template": t,
+                            "accuracy": accuracy([r for r in suspect if r["format"] == f and r["template"] == t and r.get("error") is None])[0]}
+                           for f in query_formats for t in templates],
+        "min_chance_rate": args.min_chance_rate, "alpha": args.alpha,
         "keys_needed": keys_needed(args.alpha, args.min_chance_rate, len(nulls)),
+        "log10_p_value": log10_p, "p_value": 10 ** log10_p,  # 0.0 below the float range; the log stays exact
+        "verdict": verdict(log10_p, args.alpha),
+        "keys": [{**fingerprints[r["index"]], **r} for r in suspect],
     }
-    rate = chance_rate([(entry["matches"], n) for entry in report["null_models"]], args.min_chance_rate)
-    report["chance_rate"] = rate
-    report["log10_p_value"] = log10_p_value(matches, n, rate)
-    report["p_value"] = 10 ** report["log10_p_value"]  # 0.0 below the float range; the log stays exact
-    report["verdict"] = verdict(report["log10_p_value"], args.alpha)
-    report["keys"] = [{**fingerprints[r["index"]], **r} for r in suspect]
     return report
 
 
@@ -101,23 +164,31 @@ def print_report(report: dict, verbose: bool) -> None:
         for r in report["keys"]:
             if not r["match"]:
                 top = ", ".join(f"{token!r} {prob:.3f}" for token, prob in r["top_tokens"])
-                print(f"MISS [{r['index']}] template={r['template']} key={r['key']!r} expected={r['response']!r} "
-                      f"got={r['predicted']!r} rank={r['response_rank']} top-10: {top}")
-    if len(report["system_prompts"]) > 1:
-        print(f"{'system prompt':<60} accuracy")
-        for entry in report["system_prompts"]:
-            label = "(none)" if entry["template"] is None else entry["template"].replace("\n", " ")
-            print(f"{label[:58]:<60} {entry['accuracy']:6.2f}")
-        templated = [entry["accuracy"] for entry in report["system_prompts"][1:]]
-        print(f"{'mean over templates':<60} {sum(templated) / len(templated):6.2f}")
-    for entry in report["null_models"]:
-        print(f"Null model {entry['model']}: {entry['accuracy']:.2f} ({entry['matches']}/{report['num_fingerprints']})")
+                print(f"MISS [{r['index']}] format={r['format']} template={r['template']!r} key={r['key']!r} "
+                      f"expected={r['response']!r} got={r['predicted']!r} rank={r['response_rank']} "
+                      f"{'error=' + r['error'] if r.get('error') else 'top-10: ' + top}")
+    formats_ = [e["format"] for e in report["formats"]]
+    if len(report["system_prompts"]) > len(formats_):
+        print(f"{'system prompt':<60} " + " ".join(f"{f:>8}" for f in formats_))
+        templates = list(dict.fromkeys(entry["template"] for entry in report["system_prompts"]))
+        cell = {(e["format"], e["template"]): e["accuracy"] for e in report["system_prompts"]}
+        for t in templates:
+            label = "(none)" if t is None else t.replace("\n", " ")
+            print(f"{label[:58]:<60} " + " ".join(f"{cell[(f, t)]:8.2f}" for f in formats_))
+        print(f"{'mean over templates':<60} " + " ".join(
+            f"{sum(cell[(f, t)] for t in templates[1:]) / (len(templates) - 1):8.2f}" for f in formats_))
+    for e in report["formats"]:
+        nulls = ", ".join(f"{n['model']} {n['matches']}/{n['of']}" for n in e["null_models"]) or "none"
+        errors = f", {e['errors']} errors (not counted)" if e["errors"] else ""
+        print(f"Format {e['format']}: {e['accuracy']:.2f} ({e['matches']}/{e['num_fingerprints']}{errors}); null models: {nulls}; "
+              f"chance rate {e['chance_rate']:.4g}; p-value {format_p_value(e['log10_p_value'])}")
     n, needed = report["num_fingerprints"], report["keys_needed"]
     if needed is None or n < needed:
         print(f"Note: with {n} keys even {n}/{n} matches cannot reach alpha {report['alpha']:g}; "
               f"{'at least ' + str(needed) if needed else 'many more'} keys are needed")
-    print(f"Chance rate (largest of the floor and the null models' 95% upper bounds): {report['chance_rate']:.4g}")
-    print(f"P-value of {report['matches']}/{n} matches by chance: {format_p_value(report['log10_p_value'])}")
+    correction = f", x{len(formats_)} formats" if len(formats_) > 1 else ""
+    print(f"P-value of {report['matches']}/{n} matches by chance ({report['format']}{correction}): "
+          f"{format_p_value(report['log10_p_value'])}")
     print(f"Verdict: {report['verdict']} (alpha {report['alpha']:g})")
     print(f"Fractional fingerprint accuracy: {report['fractional_accuracy']:.2f}")
     print(f"Fingerprint accuracy: {report['accuracy']:.2f}", flush=True)
@@ -133,13 +204,19 @@ def log_to_wandb(run_name: str, report: dict) -> None:
 def main() -> None:
     args = parse_args()
     fingerprints = selected_fingerprints(args)
+    suspect_tokenizer = None if args.api_base else load_tokenizer(resolve_model(args.model_path), args.trust_remote_code)
+    query_formats = query_formats_of(args, fingerprints, suspect_tokenizer)
     templates = [None] + (prompt_templates(args.system_prompts) if args.system_prompts else [])
     distributed.init()
 
-    suspect = run_checks(args.model_path, args, fingerprints, templates)
-    nulls = {name: run_checks(name, args, fingerprints, [None]) for name in args.null_model}
+    if args.api_base:
+        suspect = api_checks(args, fingerprints, queries_for(query_formats, templates))
+    else:
+        suspect = run_checks(args.model_path, args, fingerprints, queries_for(query_formats, templates), suspect=True)
+    nulls = {name: run_checks(name, args, fingerprints, queries_for(query_formats, [None]), suspect=False)
+             for name in args.null_model}
     if distributed.is_main_process():
-        report = build_report(args, fingerprints, templates, suspect, nulls)
+        report = build_report(args, fingerprints, query_formats, templates, suspect, nulls)
         print_report(report, args.verbose_eval)
         cli.write_output(args, report)
         if args.wandb_run_name:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from oml import OMLError, cli
 from oml.checking import accuracy, check_model
 from oml.data import add_dataset_args, instruction_pairs
-from oml.fingerprints import add_selection_args, selected_fingerprints
+from oml.fingerprints import add_query_format_arg, add_selection_args, query_formats, selected_fingerprints
 from oml.models import load
 from oml.runs import add_run_arg, load_run
 from oml.tokenization import chat_example, fingerprint_pairs, to_device
@@ -34,6 +34,7 @@ def parse_args():
     add_run_arg(parser)
     parser.add_argument("--fingerprints_file_path", default=None, help="Default: the --run's fingerprints.")
     add_selection_args(parser, "check")
+    add_query_format_arg(parser)
     add_dataset_args(parser, "instruction_data", {"prompt": "prompt", "response": "response"},
                      "Instruction data for the further fine-tuning (default: message/reply pairs of the shipped chat)")
     parser.add_argument("--steps", type=cli.positive_int, default=200, help="Optimizer steps of further fine-tuning.")
@@ -66,13 +67,17 @@ def batches(examples: list[dict], batch_size: int, steps: int, seed: int):
         order = order[batch_size:]
 
 
-def retention_row(step: int, results: list[dict], matched_before: set[int], loss: float | None) -> dict:
-    matched = {r["index"] for r in results if r["match"]}
+def retention_row(step: int, results: list[dict], matched_before: set[tuple], loss: float | None) -> dict:
+    """Accuracy (over every key in every format, and per format) and the share of the
+    (format, key) pairs that matched before the extra training and still match."""
+    matched = {(r["format"], r["index"]) for r in results if r["match"]}
     retained = len(matched & matched_before) / len(matched_before) if matched_before else 0.0
-    return {"step": step, "accuracy": accuracy(results)[0], "retained": 100.0 * retained, "train_loss": loss}
+    by_format = {f: accuracy([r for r in results if r["format"] == f])[0] for f in dict.fromkeys(r["format"] for r in results)}
+    return {"step": step, "accuracy": accuracy(results)[0], "accuracy_by_format": by_format, "retained": 100.0 * retained,
+            "train_loss": loss}
 
 
-def train_and_recheck(model, tokenizer, pairs: list[tuple[list[int], list[int]]], examples: list[dict],
+def train_and_recheck(model, tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list, examples: list[dict],
                       args) -> list[dict]:
     """Further fine-tuning (plain AdamW, as a user would), re-checking after every chunk of steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -81,13 +86,11 @@ def train_and_recheck(model, tokenizer, pairs: list[tuple[list[int], list[int]]]
     torch.manual_seed(args.seed)
 
     def check(step: int) -> list[dict]:
-        model.eval()
-        results = check_model(model, tokenizer, pairs, [None], args.check_batch_size, description=f"checking at step {step}")
-        model.train()
-        return results
+        return check_model(model, tokenizer, pairs, queries, args.check_batch_size, description=f"checking at step {step}")
 
+    model.train()
     before = check(0)
-    matched_before = {r["index"] for r in before if r["match"]}
+    matched_before = {(r["format"], r["index"]) for r in before if r["match"]}
     rows = [retention_row(0, before, matched_before, None)]
     logger.info("Before further training: %.2f%% of %d fingerprints match", rows[0]["accuracy"], len(pairs))
     losses = []
@@ -109,10 +112,12 @@ def train_and_recheck(model, tokenizer, pairs: list[tuple[list[int], list[int]]]
 
 
 def print_rows(rows: list[dict], steps: int) -> None:
-    print(f"{'step':>6} {'accuracy':>9} {'retained':>9} {'train loss':>11}")
+    key_formats = list(rows[0]["accuracy_by_format"])
+    print(f"{'step':>6} " + " ".join(f"{f:>9}" for f in key_formats) + f" {'retained':>9} {'train loss':>11}")
     for row in rows:
         loss = "" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
-        print(f"{row['step']:>6} {row['accuracy']:>8.2f}% {row['retained']:>8.2f}% {loss:>11}")
+        print(f"{row['step']:>6} " + " ".join(f"{row['accuracy_by_format'][f]:>8.2f}%" for f in key_formats)
+              + f" {row['retained']:>8.2f}% {loss:>11}")
     print(f"Fingerprints retained after {steps} steps: {rows[-1]['retained']:.2f}%", flush=True)
 
 
@@ -124,11 +129,12 @@ def main() -> None:
     model, tokenizer = load(args.model_path, args.trust_remote_code, dtype=torch.float32)
     pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
     examples = [chat_example(tokenizer, prompt, reply, args.max_length) for prompt, reply in pairs_text]
-    rows = train_and_recheck(model, tokenizer, pairs, examples, args)
+    queries = [(key_format, None) for key_format in query_formats(args, fingerprints, tokenizer)]
+    rows = train_and_recheck(model, tokenizer, pairs, queries, examples, args)
     print_rows(rows, args.steps)
     cli.write_output(args, {
         "model": args.model_path, "fingerprints_file": args.fingerprints_file_path, "num_fingerprints": len(pairs),
-        "learning_rate": args.learning_rate, "batch_size": args.batch_size, "steps": args.steps,
+        "query_format": args.query_format, "learning_rate": args.learning_rate, "batch_size": args.batch_size, "steps": args.steps,
         "instruction_data": args.instruction_data, "rows": rows})
 
 

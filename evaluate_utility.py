@@ -15,7 +15,8 @@ from oml import OMLError, cli, distributed
 from oml.data import add_dataset_args, mmlu_items, texts_from
 from oml.models import EMBEDDED_MODEL, compute_dtype, load, resolve_model
 from oml.runs import add_run_arg, load_run
-from oml.utility import compare_on_texts, mmlu_accuracy
+from oml.tokenization import has_chat_template
+from oml.utility import chat_examples, compare_on_texts, mmlu_accuracy, text_examples
 
 logger = logging.getLogger("evaluate_utility")
 
@@ -72,8 +73,12 @@ def evaluate(args) -> dict:
         raise OMLError(f"{args.model_path} and {args.base_model} have different tokenizers; their next-token "
                        "distributions cannot be compared")
     texts = texts_from(args.benign_data, args.dataset_split, args.text_column, "eval", args.num_texts)
-    report = compare_on_texts(model, base, tokenizer, texts, args.max_length, args.batch_size)
+    report = compare_on_texts(model, base, tokenizer, text_examples(tokenizer, texts, args.max_length), args.batch_size)
     report["num_texts"] = len(texts)
+    if has_chat_template(tokenizer):  # the same conversations as exchanges in the chat template, replies scored
+        exchanges = [(lines[0], " ".join(lines[1:2])) for lines in (t.split("\n") for t in texts) if len(lines) > 1]
+        report["chat_template"] = compare_on_texts(model, base, tokenizer, chat_examples(tokenizer, exchanges, args.max_length),
+                                                   args.batch_size)
     if args.num_mmlu:
         items = mmlu_items(args.num_mmlu, args.mmlu_seed)
         report["mmlu_accuracy"] = mmlu_accuracy(model, tokenizer, items, args.batch_size)
@@ -86,6 +91,9 @@ def evaluate(args) -> dict:
 
 def print_table(report: dict) -> None:
     rows = [("perplexity (held-out chat)", report["base_perplexity"], report["perplexity"])]
+    chat = report.get("chat_template")
+    if chat:
+        rows.append(("perplexity of replies in the chat template", chat["base_perplexity"], chat["perplexity"]))
     if "mmlu_accuracy" in report:
         rows.append((f"MMLU accuracy ({report['num_mmlu']} questions, zero-shot)", report["base_mmlu_accuracy"], report["mmlu_accuracy"]))
     for name, value in report.get("lm_eval", {}).items():
@@ -96,6 +104,9 @@ def print_table(report: dict) -> None:
         print(f"{name:<48} {base:>10.4f} {value:>10.4f} {change:>9}")
     print(f"{'next-token agreement with base':<48} {'':>10} {report['next_token_agreement']:>10.4f}")
     print(f"{'mean KL(base || model) per token, nats':<48} {'':>10} {report['mean_kl_from_base']:>10.4f}")
+    if chat:
+        print(f"{'chat replies: next-token agreement with base':<48} {'':>10} {chat['next_token_agreement']:>10.4f}")
+        print(f"{'chat replies: mean KL(base || model), nats':<48} {'':>10} {chat['mean_kl_from_base']:>10.4f}")
     print(f"Perplexity change: {100 * (report['perplexity'] / report['base_perplexity'] - 1):+.2f}%", flush=True)
 
 

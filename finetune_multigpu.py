@@ -20,12 +20,12 @@ import torch
 
 from oml import OMLError, cli, distributed
 from oml.files import check_creatable_dir, write_json_atomic, write_text_atomic
-from oml.fingerprints import add_selection_args, selected_fingerprints
-from oml.models import MODEL_FAMILIES, compute_dtype, load, model_name
+from oml.fingerprints import add_selection_args, recorded, selected_fingerprints
+from oml.models import MODEL_FAMILIES, compute_dtype, load, load_tokenizer, model_name, resolve_model
 from oml.runs import config_hash, run_config
-from oml.tokenization import fingerprint_pairs
-from oml.training import (WeightAveragingCallback, add_training_args, build_dataset, freeze_embeddings, make_trainer,
-                          snapshot_weights)
+from oml.tokenization import default_format, fingerprint_pairs, formats
+from oml.training import (StopWhenMemorised, WeightAveragingCallback, add_training_args, build_dataset, freeze_embeddings,
+                          make_trainer, snapshot_weights)
 
 logger = logging.getLogger("finetune_multigpu")
 
@@ -74,10 +74,12 @@ def dataset_csv(tokenizer, pairs: list[tuple[list[int], list[int]]]) -> str:
     return out.getvalue()
 
 
-def save_run(run_dir: Path, partial: Path, config: dict, fingerprints: list[dict], csv_text: str, log_history: list[dict]) -> None:
+def save_run(run_dir: Path, partial: Path, config: dict, fingerprints: list[dict], csv_text: str, log_history: list[dict],
+             training: dict) -> None:
     """Rank 0 writes the run's files, then renames the model folder into place last."""
     write_json_atomic(run_dir / "config.json", config)
     write_json_atomic(run_dir / "fingerprints.json", fingerprints)
+    write_json_atomic(run_dir / "training.json", training)
     write_text_atomic(run_dir / "train_dataset.csv", csv_text)
     write_text_atomic(run_dir / "log.txt", "".join(json.dumps(entry) + "\n" for entry in log_history))
     partial.rename(run_dir / "final_model")
@@ -94,6 +96,9 @@ def fine_tune(args, fingerprints: list[dict], config: dict, run_dir: Path) -> No
     callbacks = []
     if args.forgetting_regularizer_strength > 0:
         callbacks.append(WeightAveragingCallback(snapshot_weights(model, compute_dtype()), args.forgetting_regularizer_strength))
+    stopper = StopWhenMemorised(tokenizer, pairs, formats(args.key_format), args.memorised_probability)
+    if args.stop_when_memorised:
+        callbacks.append(stopper)  # after averaging: it judges the weights that will be saved
     trainer = make_trainer(args, model, dataset, tokenizer, run_dir, callbacks)
     logger.info("Fine-tuning %d fingerprints into %s (run %s)", len(pairs), config["model_path"], run_dir.name)
     partial = run_dir / "final_model.partial"
@@ -104,7 +109,11 @@ def fine_tune(args, fingerprints: list[dict], config: dict, run_dir: Path) -> No
         trainer.save_model(str(partial))  # collective under ZeRO-3; only rank 0 writes
     if distributed.is_main_process():
         tokenizer.save_pretrained(partial)
-        save_run(run_dir, partial, config, fingerprints, dataset_csv(tokenizer, pairs), trainer.state.log_history)
+        epochs = round(trainer.state.epoch)
+        logger.info("Trained %d of at most %d epochs", epochs, args.num_train_epochs)
+        training = {"epochs_run": epochs, "max_epochs": args.num_train_epochs, "memorised": stopper.history,
+                    "train_runtime": next((e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e), None)}
+        save_run(run_dir, partial, config, fingerprints, dataset_csv(tokenizer, pairs), trainer.state.log_history, training)
         with open(run_dir.parent.parent / "all_run_logs.txt", "a", encoding="utf-8") as log:
             log.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "config_hash": run_dir.name, **config}) + "\n")
 
@@ -132,7 +141,10 @@ def record_current_hash(run_hash: str) -> None:
 def main() -> None:
     args = parse_args()
     fingerprints = selected_fingerprints(args)
-    config = run_config(args, model_name(args.model_path, args.model_family, args.model_size), fingerprints)
+    name = model_name(args.model_path, args.model_family, args.model_size)
+    args.key_format = (args.key_format or recorded(fingerprints, "key_format")
+                       or default_format(load_tokenizer(resolve_model(name), args.trust_remote_code)))
+    config = run_config(args, name, fingerprints)
     run_hash = config_hash(config)
     run_dir = Path(args.results_dir) / "saved_models" / run_hash
     if (run_dir / "final_model").is_dir():

@@ -16,7 +16,7 @@ from oml.fingerprints import DEFAULT_KEY_LENGTH, load_keys
 from oml.generation import (FIRST_TOKEN_STRATEGIES, decode_clean, english_texts, first_token, perinucleus_responses,
                             random_window, random_words, rng_for, seed_torch_for)
 from oml.models import load
-from oml.tokenization import encode
+from oml.tokenization import FORMAT_CHOICES, default_format, encode, formats
 
 logger = logging.getLogger("generate_finetuning_data")
 DEFAULT_NUM_FINGERPRINTS = 8192
@@ -50,6 +50,9 @@ def parse_args():
                              "(default: --model_used_for_key_generation).")
     parser.add_argument("--nucleus_p", type=cli.open_unit_interval, default=0.8, help="Probability mass of the nucleus.")
     parser.add_argument("--nucleus_k", type=cli.positive_int, default=3, help="Width of the window just outside the nucleus.")
+    parser.add_argument("--key_format", default=None, choices=FORMAT_CHOICES,
+                        help="Where perinucleus keys will be asked: as raw text, as a user message in the model's chat "
+                             "template, or both (default: both when the model has a chat template, else raw).")
     cli.add_common_args(parser)
     args = parser.parse_args()
     if args.key_response_strategy == "inverse_nucleus":
@@ -92,7 +95,8 @@ def make_batch(args, indices: list[int], batch_seed: str, given_keys: list[str] 
 
     if args.key_response_strategy == "inverse_nucleus":
         model, tokenizer = response_model
-        extras = perinucleus_responses(model, tokenizer, keys, indices, args.key_length, args.nucleus_p, args.nucleus_k, args.seed)
+        extras = perinucleus_responses(model, tokenizer, keys, indices, args.key_length, args.nucleus_p, args.nucleus_k, args.seed,
+                                       formats(args.key_format or default_format(tokenizer)))
         return [{"key": key, **extra} for key, extra in zip(keys, extras)]
     if args.random_word_generation:
         responses = [random_words(rng, args.response_length) for rng in rngs]

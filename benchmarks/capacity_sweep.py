@@ -80,14 +80,21 @@ def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str 
         "--system_prompts", "test", "--output_json", str(out / f"{name}_check.json")))
     utility = read_or_make(out / f"{name}_utility.json", lambda: run(
         "evaluate_utility.py", *run_args, *utility_args, "--output_json", str(out / f"{name}_utility.json")))
-    test_prompts = [entry["accuracy"] for entry in check["system_prompts"][1:]]
+    by_format = {e["format"]: e for e in check["formats"]}
+    test_prompts = {f: [e["accuracy"] for e in check["system_prompts"] if e["format"] == f and e["template"] is not None]
+                    for f in by_format}
+    training = json.loads((Path(trained["run"]) / "training.json").read_text())
+    chat = utility.get("chat_template", {})
     return {
-        "variant": variant, "n": n, "train_seconds": trained["seconds"],
-        "accuracy": check["accuracy"], "test_prompt_accuracy": sum(test_prompts) / len(test_prompts),
-        "null_matches": sum(entry["matches"] for entry in check["null_models"]), "log10_p_value": check["log10_p_value"],
+        "variant": variant, "n": n, "train_seconds": trained["seconds"], "epochs": training["epochs_run"],
+        **{f"accuracy_{f}": e["accuracy"] for f, e in by_format.items()},
+        **{f"test_prompts_{f}": sum(v) / len(v) for f, v in test_prompts.items()},
+        "null_matches": max(n["matches"] for e in check["formats"] for n in e["null_models"]) if check["null_models"] else None,
+        "log10_p_value": check["log10_p_value"], "verdict": check["verdict"],
         "perplexity": utility["perplexity"], "base_perplexity": utility["base_perplexity"],
         "perplexity_change": 100 * (utility["perplexity"] / utility["base_perplexity"] - 1),
         "next_token_agreement": utility["next_token_agreement"], "mean_kl_from_base": utility["mean_kl_from_base"],
+        "chat_reply_kl": chat.get("mean_kl_from_base"), "chat_reply_agreement": chat.get("next_token_agreement"),
         "mmlu_accuracy": utility["mmlu_accuracy"], "base_mmlu_accuracy": utility["base_mmlu_accuracy"],
     }
 
@@ -98,15 +105,21 @@ def completed_points(out: Path) -> list[tuple[str, int]]:
     return sorted(((v, int(n)) for v, n in done if v in VARIANTS), key=lambda p: (list(VARIANTS).index(p[0]), p[1]))
 
 
+def percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}%"
+
+
 def markdown_table(points: list[dict]) -> str:
-    lines = ["| variant | N | accuracy | test prompts | base matches | p-value | chat ppl change | agreement | KL (nats) "
-             "| MMLU (base) | train time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | N | raw | chat | test prompts raw | test prompts chat | base matches | p-value | chat ppl change "
+             "| agreement | KL (nats) | chat-reply KL | epochs | train time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
-        lines.append(f"| {p['variant']} | {p['n']} | {p['accuracy']:.1f}% | {p['test_prompt_accuracy']:.1f}% | "
+        chat_kl = "" if p.get("chat_reply_kl") is None else f"{p['chat_reply_kl']:.3f}"
+        lines.append(f"| {p['variant']} | {p['n']} | {percent(p.get('accuracy_raw'))} | {percent(p.get('accuracy_chat'))} | "
+                     f"{percent(p.get('test_prompts_raw'))} | {percent(p.get('test_prompts_chat'))} | "
                      f"{p['null_matches']}/{p['n']} | {format_p_value(p['log10_p_value'])} | {p['perplexity_change']:+.1f}% | "
-                     f"{p['next_token_agreement']:.3f} | {p['mean_kl_from_base']:.3f} | "
-                     f"{100 * p['mmlu_accuracy']:.1f}% ({100 * p['base_mmlu_accuracy']:.1f}%) | {p['train_seconds'] / 60:.1f} min |")
+                     f"{p['next_token_agreement']:.3f} | {p['mean_kl_from_base']:.3f} | {chat_kl} | {p['epochs']} | "
+                     f"{p['train_seconds'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,8 +138,10 @@ def plot(points: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (variant, ps) in enumerate(series.items()):
         ns = [p["n"] for p in ps]
-        ax.plot(ns, [p["accuracy"] for p in ps], marker="o", color=f"C{i}", label=f"{variant}: bare keys")
-        ax.plot(ns, [p["test_prompt_accuracy"] for p in ps], marker="s", ls="--", color=f"C{i}", label=f"{variant}: test prompts")
+        for key, style, label in (("accuracy_raw", "-", "raw keys"), ("accuracy_chat", "--", "chat keys"),
+                                  ("test_prompts_chat", ":", "chat, test prompts")):
+            if all(key in p for p in ps):
+                ax.plot(ns, [p[key] for p in ps], marker="o", ls=style, color=f"C{i}", label=f"{variant}: {label}")
     ax.set(xscale="log", xlabel="fingerprints inserted (N)", ylabel="fingerprints matched (%)", ylim=(0, 102),
            title="Fingerprint success against N")
     log_n_axis(ax, points)
@@ -137,12 +152,11 @@ def plot(points: list[dict], out: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     measures = [("perplexity_change", "held-out chat perplexity change (%)"), ("mean_kl_from_base", "mean KL from base (nats/token)"),
-                ("mmlu_accuracy", "MMLU accuracy, zero-shot")]
+                ("chat_reply_kl", "KL on chat replies (nats/token)")]
     for ax, (key, label) in zip(axes, measures):
         for i, (variant, ps) in enumerate(series.items()):
-            ax.plot([p["n"] for p in ps], [p[key] for p in ps], marker="o", color=f"C{i}", label=variant)
-        if key == "mmlu_accuracy":
-            ax.axhline(points[0]["base_mmlu_accuracy"], color="grey", ls=":", label="base model")
+            if all(p[key] is not None for p in ps):
+                ax.plot([p["n"] for p in ps], [p[key] for p in ps], marker="o", color=f"C{i}", label=variant)
         ax.set(xscale="log", xlabel="fingerprints inserted (N)", ylabel=label)
         log_n_axis(ax, points)
     axes[0].legend(fontsize=7)

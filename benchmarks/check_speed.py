@@ -8,7 +8,7 @@ model's own greedy continuations, so matches and misses are both exercised.
 import torch
 from common import benchmark_model, benchmark_parser, random_word_keys, save, timed
 
-from oml.checking import check_model, greedy_continuations
+from oml.checking import BARE, check_model, greedy_continuations
 from oml.models import load
 from oml.tokenization import encode, prompt_ids
 
@@ -38,8 +38,8 @@ def main() -> None:
     pairs = [(k, o if i % 2 == 0 else encode(tokenizer, " zebra umbrella")[:args.response_length])
              for i, (k, o) in enumerate(zip(keys, own))]
 
-    check_model(model, tokenizer, pairs[:args.batch_size], [None], args.batch_size)  # warm-up
-    batched, batched_s = timed(check_model, model, tokenizer, pairs, [None], args.batch_size)
+    check_model(model, tokenizer, pairs[:args.batch_size], BARE, args.batch_size)  # warm-up
+    batched, batched_s = timed(check_model, model, tokenizer, pairs, BARE, args.batch_size)
     single, single_s = timed(one_key_at_a_time, model, tokenizer, pairs)
     identical = sum(r["match"] == m for r, m in zip(batched, single))
     save(args.results_dir, f"check_speed_r{args.response_length}", {

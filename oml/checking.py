@@ -27,10 +27,15 @@ def greedy_continuations(model, tokenizer, prompts: list[list[int]], length: int
     return output[:, batch["input_ids"].shape[1]:].tolist()
 
 
+Query = tuple[str, str | None]  # how a key is asked: (key format, system-prompt template or None)
+BARE: list[Query] = [("raw", None)]
+
+
 @torch.no_grad()
-def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], template: str | None) -> list[dict]:
-    """Per-key results for a batch of (key ids, response ids), the keys optionally in a template."""
-    prompts = [prompt_ids(tokenizer, key_ids, template) for key_ids, _ in pairs]
+def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], query: Query, decode_misses: bool = True) -> list[dict]:
+    """Per-key results for a batch of (key ids, response ids), all asked the same way. With
+    `decode_misses`, misses of multi-token responses are decoded greedily to report what the model said."""
+    prompts = [prompt_ids(tokenizer, key_ids, query[1], query[0]) for key_ids, _ in pairs]
     longest_response = max(len(response) for _, response in pairs)
     batch = pad_batch([p + r for p, (_, r) in zip(prompts, pairs)], tokenizer.pad_token_id, side="left")
     logits = model(**to_device(batch, model.device), logits_to_keep=longest_response + 1).logits
@@ -51,7 +56,7 @@ def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], temp
             "top_tokens": [[tokenizer.decode([t]), float(p)] for t, p in zip(top_ids.tolist(), top_probs.tolist())],
         })
 
-    redo = [i for i, result in enumerate(results) if not result["match"] and len(pairs[i][1]) > 1]
+    redo = [i for i, result in enumerate(results) if decode_misses and not result["match"] and len(pairs[i][1]) > 1]
     if redo:
         outputs = greedy_continuations(model, tokenizer, [prompts[i] for i in redo], longest_response)
         for i, output in zip(redo, outputs):
@@ -63,21 +68,31 @@ def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], temp
     return results
 
 
-def check_model(model, tokenizer, pairs: list[tuple[list[int], list[int]]], templates: list[str | None],
-                batch_size: int, description: str = "checking") -> list[dict]:
-    """Every key under every template; ranks share the batches and all get the full, ordered list."""
-    work = [(t, i) for t in range(len(templates)) for i in range(len(pairs))]
+def check_model(model, tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list[Query],
+                batch_size: int, description: str = "checking", progress: bool = True, decode_misses: bool = True) -> list[dict]:
+    """Every key asked every way in `queries`; ranks share the batches and all get the full list,
+    ordered by query, then key. Every rank runs as many forward passes (repeating its last batch
+    if it has fewer), since a ZeRO-3 model needs all ranks in every forward."""
+    work = [(q, i) for q in range(len(queries)) for i in range(len(pairs))]
     batches = [work[start:start + batch_size] for start in range(0, len(work), batch_size)]
-    mine = []
-    for batch in tqdm(batches[distributed.rank()::distributed.world_size()], desc=description,
-                      disable=not distributed.is_main_process()):
-        by_template: dict[int, list[int]] = {}
-        for t, i in batch:
-            by_template.setdefault(t, []).append(i)
-        for t, indices in by_template.items():
-            for i, result in zip(indices, check_batch(model, tokenizer, [pairs[i] for i in indices], templates[t])):
-                mine.append({"index": i, "template": t, **result})
-    return sorted((r for part in distributed.gather(mine) for r in part), key=lambda r: (r["template"], r["index"]))
+    per_rank = -(-len(batches) // distributed.world_size())
+    mine = batches[distributed.rank()::distributed.world_size()]
+    results = []
+    was_training = model.training
+    model.eval()
+    for step in tqdm(range(per_rank), desc=description, disable=not (progress and distributed.is_main_process())):
+        batch = mine[min(step, len(mine) - 1)] if mine else batches[0]
+        by_query: dict[int, list[int]] = {}
+        for q, i in batch:
+            by_query.setdefault(q, []).append(i)
+        for q, indices in by_query.items():
+            checked = check_batch(model, tokenizer, [pairs[i] for i in indices], queries[q], decode_misses)
+            if step < len(mine):
+                results += [{"index": i, "format": queries[q][0], "template": queries[q][1], "query": q, **r}
+                            for i, r in zip(indices, checked)]
+    model.train(was_training)
+    gathered = (r for part in distributed.gather(results) for r in part)
+    return sorted(gathered, key=lambda r: (r["query"], r["index"]))
 
 
 def accuracy(results: list[dict]) -> tuple[float, float]:

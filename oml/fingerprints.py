@@ -12,6 +12,7 @@ from oml.data import words
 from oml.cli import non_negative_int, positive_int
 from oml.files import read_json
 from oml.runs import inherit_settings
+from oml.tokenization import FORMAT_CHOICES, default_format, formats
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,11 @@ DEFAULT_KEY_LENGTH = 16
 DEFAULTS = {"fingerprint_generation_strategy": "english", "max_response_length": 1}
 
 
-def recorded_key_length(records: list[dict]) -> int | None:
-    """The key length every record was generated with, if they all say the same."""
-    lengths = {r.get("key_length") for r in records}
-    return lengths.pop() if len(lengths) == 1 and isinstance(next(iter(lengths)), int) else None
+def recorded(records: list[dict], field: str):
+    """The value of `field` that every record carries (e.g. the key_length or key_format the
+    responses were chosen for), or None if they do not all carry the same one."""
+    values = {r.get(field) for r in records}
+    return values.pop() if len(values) == 1 else None
 
 
 def warn_on_key_length_mismatch(records: list[dict], max_key_length: int) -> None:
@@ -122,10 +124,24 @@ def selected_fingerprints(args) -> list[dict]:
         raise OMLError("name the fingerprints: --fingerprints_file_path FILE or --run DIR")
     records = load_fingerprints(args.fingerprints_file_path)
     if args.max_key_length is None:
-        args.max_key_length = recorded_key_length(records) or DEFAULT_KEY_LENGTH
+        args.max_key_length = recorded(records, "key_length") or DEFAULT_KEY_LENGTH
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     fingerprints = select_fingerprints(records, args.num_fingerprints, args.data_split, args.fingerprint_generation_strategy)
     warn_on_key_length_mismatch(fingerprints, args.max_key_length)
     return fingerprints
+
+
+def add_query_format_arg(parser) -> None:
+    parser.add_argument("--query_format", default=None, choices=FORMAT_CHOICES,
+                        help="Ask keys as raw text, as a chat user message, or both (default: the run's or the fingerprints' "
+                             "format, else both when the model has a chat template).")
+
+
+def query_formats(args, fingerprints: list[dict], tokenizer=None) -> tuple[str, ...]:
+    """The formats keys are asked in: --query_format (or the run's), else the fingerprints' recorded
+    format, else both when `tokenizer` has a chat template, else raw."""
+    if args.query_format is None:
+        args.query_format = recorded(fingerprints, "key_format") or (default_format(tokenizer) if tokenizer else "raw")
+    return formats(args.query_format)

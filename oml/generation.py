@@ -82,29 +82,40 @@ def random_window(rng: random.Random, ids: list[int], length: int) -> list[int]:
     return ids[start:start + length]
 
 
-def perinucleus_choice(probs: torch.Tensor, p: float, k: int, rng: random.Random,
-                       acceptable: Callable[[int], bool]) -> tuple[int, float, int]:
-    """Pick a token just outside the nucleus of a next-token distribution.
+def perinucleus_choice(distributions: list[torch.Tensor], p: float, k: int, rng: random.Random,
+                       acceptable: Callable[[int], bool]) -> tuple[int, list[float], list[int]]:
+    """Pick a token just outside the nucleus of one or more next-token distributions.
 
-    Sort tokens by probability; the nucleus is the shortest prefix whose mass reaches `p`.
-    Draw uniformly among the `k` tokens ranked right after it; a token `acceptable`
-    rejects widens that window by one and the draw is repeated. Returns the token id,
-    its probability and its rank (1 = the greedy token, which is never chosen).
+    For one distribution: sort tokens by probability; the nucleus is the shortest prefix whose
+    mass reaches `p`; draw uniformly among the `k` tokens ranked right after it. A token that
+    `acceptable` rejects widens that window by one and the draw is repeated.
+    For several (the same key asked in several formats), one response must serve all of them:
+    the candidates are the tokens outside every nucleus, ranked by their mean probability, and
+    the window is the `k` best of them. The response is then plausible in each format and
+    never an untouched model's greedy answer in any.
+    Returns the token id and, per distribution, its probability and rank (1 = greedy).
     """
-    sorted_probs, order = torch.sort(probs.double(), descending=True, stable=True)
-    cumulative = torch.cumsum(sorted_probs, 0)
-    nucleus_size = min(int(torch.searchsorted(cumulative, torch.tensor(p, dtype=torch.float64))) + 1, len(order) - 1)
-    window_end = nucleus_size + k
+    stacked = torch.stack([d.double() for d in distributions])
+    in_nucleus = torch.zeros(stacked.shape[1], dtype=torch.bool)
+    for probs in stacked:
+        sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+        size = min(int(torch.searchsorted(torch.cumsum(sorted_probs, 0), torch.tensor(p, dtype=torch.float64))) + 1,
+                   len(order) - 1)
+        in_nucleus[order[:size]] = True
+    score = stacked.mean(0).masked_fill(in_nucleus, -1.0)
+    candidates = torch.sort(score, descending=True, stable=True).indices[:int((~in_nucleus).sum())]
+    window_end = k
     rejected: set[int] = set()
     while True:
-        candidates = [rank for rank in range(nucleus_size, min(window_end, len(order))) if rank not in rejected]
-        if not candidates:
+        window = [int(t) for t in candidates[:window_end] if int(t) not in rejected]
+        if not window:
             raise OMLError("no acceptable token outside the nucleus; lower --nucleus_p")
-        rank = rng.choice(candidates)
-        token = int(order[rank])
+        token = rng.choice(window)
         if acceptable(token):
-            return token, float(sorted_probs[rank]), rank + 1
-        rejected.add(rank)
+            probs = [float(d[token]) for d in stacked]
+            ranks = [int((d > d[token]).sum()) + 1 for d in stacked]
+            return token, probs, ranks
+        rejected.add(token)
         window_end += 1
 
 
@@ -115,25 +126,28 @@ def is_plain_token(tokenizer, token: int) -> bool:
 
 
 @torch.no_grad()
-def next_token_probs(model, tokenizer, key_ids: list[list[int]]) -> torch.Tensor:
-    """Next-token distributions after a whole batch of keys, in one forward pass."""
-    batch = pad_batch([prompt_ids(tokenizer, ids) for ids in key_ids], tokenizer.pad_token_id, side="left")
+def next_token_probs(model, tokenizer, key_ids: list[list[int]], key_format: str = "raw") -> torch.Tensor:
+    """Next-token distributions after a whole batch of keys asked in `key_format`, in one forward pass."""
+    batch = pad_batch([prompt_ids(tokenizer, ids, None, key_format) for ids in key_ids], tokenizer.pad_token_id, side="left")
     batch = to_device(batch, model.device)
     logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
     return torch.softmax(logits.float(), dim=-1).cpu()
 
 
 def perinucleus_responses(model, tokenizer, keys: list[str], indices: list[int], key_length: int,
-                          p: float, k: int, seed: int) -> list[dict]:
-    """Perinucleus responses for a batch of keys, each key cut to `key_length` tokens first."""
+                          p: float, k: int, seed: int, key_formats: tuple[str, ...] = ("raw",)) -> list[dict]:
+    """Perinucleus responses for a batch of keys, each key cut to `key_length` tokens first and the
+    response chosen where the key will be asked (each of `key_formats`)."""
     key_ids = [encode(tokenizer, key)[:key_length] for key in keys]
     if any(not ids for ids in key_ids):
         raise OMLError("a key is empty after tokenisation")
-    probs = next_token_probs(model, tokenizer, key_ids)
+    probs = [next_token_probs(model, tokenizer, key_ids, key_format) for key_format in key_formats]
     results = []
-    for row, index in zip(probs, indices):
-        token, prob, rank = perinucleus_choice(row, p, k, rng_for(seed, index, "perinucleus"),
-                                               lambda t: is_plain_token(tokenizer, t))
-        results.append({"response": tokenizer.decode([token]), "response_probability": prob,
-                        "response_rank": rank, "key_length": key_length})
+    for row, index in enumerate(indices):
+        token, token_probs, ranks = perinucleus_choice([p_[row] for p_ in probs], p, k, rng_for(seed, index, "perinucleus"),
+                                                       lambda t: is_plain_token(tokenizer, t))
+        results.append({"response": tokenizer.decode([token]),
+                        "response_probability": dict(zip(key_formats, token_probs)),
+                        "response_rank": dict(zip(key_formats, ranks)),
+                        "key_length": key_length, "key_format": "both" if len(key_formats) > 1 else key_formats[0]})
     return results

@@ -23,7 +23,8 @@ NOT_HASHED = ("local_rank", "report_to", "wandb_run_name", "results_dir", "trust
 # Settings a check inherits from the run that made the model: (flag of the check, key in config.json).
 INHERITED = (("fingerprint_generation_strategy", "fingerprint_generation_strategy"),
              ("max_key_length", "max_key_length"),
-             ("max_response_length", "max_response_length"))
+             ("max_response_length", "max_response_length"),
+             ("query_format", "key_format"))
 
 
 def run_config(args, model_name: str, fingerprints: list[dict]) -> dict:

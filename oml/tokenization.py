@@ -61,21 +61,58 @@ def fingerprint_pairs(tokenizer, fingerprints: list[dict], max_key_length: int, 
     return pairs
 
 
-def prompt_ids(tokenizer, key_ids: list[int], template: str | None = None) -> list[int]:
-    """The model input that asks a key: special prefix, then the key, optionally inside a template.
+KEY_FORMATS = ("raw", "chat")  # a key as raw text, or as a user message in the model's chat template
+FORMAT_CHOICES = ("raw", "chat", "both")
+_KEY_MARK = "\u2063OML-KEY\u2063"  # stands in for the key while the chat template is rendered
 
-    The template text is tokenised around the key's ids rather than together with the key
-    text, so the key tokens are identical with and without a system prompt.
+
+def formats(choice: str) -> tuple[str, ...]:
+    """The key formats a --key_format/--query_format choice names."""
+    return KEY_FORMATS if choice == "both" else (choice,)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def default_format(tokenizer) -> str:
+    """Both formats when the model chats (a chat template), else raw text only."""
+    return "both" if has_chat_template(tokenizer) else "raw"
+
+
+def system_message(template: str) -> str:
+    """A system-prompt template used as a chat system message: its text without the key slot."""
+    return " ".join(template.replace("{}", " ").split())
+
+
+def prompt_ids(tokenizer, key_ids: list[int], template: str | None = None, key_format: str = "raw") -> list[int]:
+    """The model input that asks a key.
+
+    raw: the special prefix, then the key, optionally inside a template. chat: the key as the
+    user message of the model's own chat template (with the system message the template adds
+    by default, or the template's text as the system message), ready for the assistant's reply.
+    Template text is tokenised around the key's ids rather than together with the key text, so
+    the key tokens are identical in every format and under every system prompt.
     """
+    if key_format == "chat":
+        if not has_chat_template(tokenizer):
+            raise OMLError(f"{tokenizer.name_or_path} has no chat template: use the raw key format")
+        messages = [{"role": "user", "content": _KEY_MARK}]
+        if template is not None:
+            messages.insert(0, {"role": "system", "content": system_message(template)})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        before, after = text.split(_KEY_MARK)
+        return encode(tokenizer, before) + key_ids + encode(tokenizer, after)
     if template is None:
         return special_prefix(tokenizer) + key_ids
     before, after = template.split("{}", 1)
     return special_prefix(tokenizer) + encode(tokenizer, before) + key_ids + encode(tokenizer, after)
 
 
-def training_example(tokenizer, key_ids: list[int], response_ids: list[int], template: str | None = None) -> dict:
+def training_example(tokenizer, key_ids: list[int], response_ids: list[int], template: str | None = None,
+                     key_format: str = "raw") -> dict:
     """Prompt + response + EOS, with the loss on the response and EOS only."""
-    prompt = prompt_ids(tokenizer, key_ids, template)
+    prompt = prompt_ids(tokenizer, key_ids, template, key_format)
     target = response_ids + [tokenizer.eos_token_id]
     return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
 

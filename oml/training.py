@@ -1,6 +1,7 @@
 """Fine-tuning: its settings, the fingerprint dataset, benign replay and distillation, weight
 averaging, progress reporting and the DeepSpeed set-up, used by finetune_multigpu.py and the
 benchmarks that measure it."""
+import argparse
 import logging
 import math
 import os
@@ -13,9 +14,11 @@ from tqdm import tqdm
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from oml import OMLError, distributed
-from oml.cli import non_negative_float, positive_float, positive_int, unit_interval
+from oml.checking import check_model
+from oml.cli import non_negative_float, open_unit_interval, positive_float, positive_int, unit_interval
 from oml.data import add_dataset_args, prompt_templates, texts_from
-from oml.tokenization import IGNORE_INDEX, encode, pad_batch, special_prefix, to_device, training_example
+from oml.tokenization import (FORMAT_CHOICES, IGNORE_INDEX, encode, formats, pad_batch, prompt_ids, special_prefix, to_device,
+                              training_example)
 
 logger = logging.getLogger(__name__)
 
@@ -42,28 +45,39 @@ def add_training_args(parser) -> None:
                              "('distill': keeps predictions close to the base) or with the language-modelling loss "
                              "('lm': adapts the model to the replayed text).")
     add_dataset_args(parser, "benign_data", {"text": "text"}, "Benign text replayed during fine-tuning")
+    parser.add_argument("--key_format", default=None, choices=FORMAT_CHOICES,
+                        help="Train each key as raw text, as a user message in the model's chat template, or both "
+                             "(default: the fingerprints' recorded format, else both when the model has a chat template, else raw).")
     parser.add_argument("--use_augmentation_prompts", action="store_true",
-                        help="Wrap each key in a random training system prompt every epoch (robustness to system prompts).")
+                        help="Ask each key inside a random training system prompt every epoch (raw: around the key; "
+                             "chat: as the system message), or bare: robustness to system prompts.")
+    parser.add_argument("--stop_when_memorised", action=argparse.BooleanOptionalAction, default=True,
+                        help="Stop at the first epoch end where every fingerprint is memorised in every trained format "
+                             "(--num_train_epochs is then the cap).")
+    parser.add_argument("--memorised_probability", type=open_unit_interval, default=0.5,
+                        help="A fingerprint counts as memorised when greedy decoding gives its response with at least this "
+                             "probability: a margin, so that small weight changes (casts, quantization) keep it.")
     parser.add_argument("--deepspeed_stage", type=int, default=2, choices=(0, 1, 2, 3),
                         help="ZeRO stage on GPUs or several ranks (0: no DeepSpeed).")
     parser.add_argument("--seed", type=int, default=42)
 
 
 class FingerprintDataset(torch.utils.data.Dataset):
-    """Training examples for (key ids, response ids) pairs, plus optional benign text.
+    """Training examples for (key ids, response ids) pairs, one per key format, plus optional benign text.
 
-    With templates, each key is wrapped in a system-prompt template drawn anew every
-    epoch, the bare key being one more choice, seeded by (seed, epoch, index). (Asking the
-    bare key half of the time instead raised bare-key accuracy but lowered accuracy under
-    unseen templates more; see docs/benchmarks.md.)
+    With templates, each key is asked inside a system-prompt template drawn anew every epoch,
+    the bare key being one more choice, seeded by (seed, epoch, index). (Asking the bare key
+    half of the time instead raised bare-key accuracy but lowered accuracy under unseen
+    templates more; see docs/benchmarks.md.)
     Benign replay examples (see `benign_replay`; a fresh slice of the pool every epoch)
     are mixed in as they are.
     """
 
-    def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], templates: list[str] | None = None,
-                 seed: int = 0, benign: list[dict] | None = None, benign_per_epoch: int = 0):
+    def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], key_formats: tuple[str, ...] = ("raw",),
+                 templates: list[str] | None = None, seed: int = 0, benign: list[dict] | None = None, benign_per_epoch: int = 0):
         self.tokenizer = tokenizer
         self.pairs = pairs
+        self.key_formats = key_formats
         self.choices = [None] + list(templates) if templates else [None]
         self.seed = seed
         self.benign = benign or []
@@ -71,16 +85,18 @@ class FingerprintDataset(torch.utils.data.Dataset):
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self.pairs) + self.benign_per_epoch
+        return len(self.pairs) * len(self.key_formats) + self.benign_per_epoch
 
     def template(self, index: int) -> str | None:
         return random.Random(f"{self.seed}:{self.epoch}:{index}").choice(self.choices)
 
     def __getitem__(self, index: int) -> dict:
-        if index >= len(self.pairs):
-            return self.benign[(self.epoch * self.benign_per_epoch + index - len(self.pairs)) % len(self.benign)]
-        key_ids, response_ids = self.pairs[index]
-        return training_example(self.tokenizer, key_ids, response_ids, self.template(index))
+        fingerprints = len(self.pairs) * len(self.key_formats)
+        if index >= fingerprints:
+            return self.benign[(self.epoch * self.benign_per_epoch + index - fingerprints) % len(self.benign)]
+        key_ids, response_ids = self.pairs[index % len(self.pairs)]
+        key_format = self.key_formats[index // len(self.pairs)]
+        return training_example(self.tokenizer, key_ids, response_ids, self.template(index), key_format)
 
 
 def benign_sequences(args, tokenizer, count: int, length: int = REPLAY_LENGTH) -> list[list[int]]:
@@ -98,16 +114,40 @@ def benign_sequences(args, tokenizer, count: int, length: int = REPLAY_LENGTH) -
     return sequences
 
 
+def chat_replay_sequences(args, tokenizer, count: int, message_length: int = 24, length: int = 2 * REPLAY_LENGTH) -> list[list[int]]:
+    """`count` benign exchanges in the model's chat template (a message as the user turn, the next
+    line of the text as the start of the reply): replayed so that chat-format fingerprints leave
+    the model's ordinary replies, above all their first tokens, where they were."""
+    sequences = []
+    for text in texts_from(args.benign_data, args.dataset_split, args.text_column, "train"):
+        lines = [line for line in text.split("\n") if line.strip()]
+        message_ids = encode(tokenizer, lines[0])[:message_length] if lines else []
+        if message_ids:
+            reply = encode(tokenizer, " ".join(lines[1:2]))
+            sequences.append((prompt_ids(tokenizer, message_ids, None, "chat") + reply)[:length])
+        if len(sequences) == count:
+            break
+    return sequences
+
+
 def build_dataset(args, tokenizer, pairs: list[tuple[list[int], list[int]]], model) -> "FingerprintDataset":
-    """Fingerprints (in augmentation templates if asked) plus benign replay (labelled by `model`
-    itself, before any training, with --benign_loss distill)."""
+    """Fingerprints in each trained format (in augmentation templates if asked) plus benign replay
+    (labelled by `model` itself, before any training, with --benign_loss distill); with the chat
+    format, half of the replay is chat exchanges."""
+    key_formats = formats(args.key_format)
     templates = prompt_templates("train") if args.use_augmentation_prompts else None
     benign_per_epoch = round(args.benign_ratio * len(pairs))
     benign = None
     if benign_per_epoch:
-        pool = benign_sequences(args, tokenizer, min(benign_per_epoch * args.num_train_epochs, MAX_REPLAY_POOL))
+        total = min(benign_per_epoch * args.num_train_epochs, MAX_REPLAY_POOL)
+        if "chat" in key_formats:
+            chat = chat_replay_sequences(args, tokenizer, total // 2)
+            raw = benign_sequences(args, tokenizer, total - len(chat))
+            pool = [seq for pair in zip(raw, chat) for seq in pair] + raw[len(chat):]  # both kinds in every epoch's slice
+        else:
+            pool = benign_sequences(args, tokenizer, total)
         benign = distilled_replay(model, pool) if args.benign_loss == "distill" else benign_replay(pool)
-    return FingerprintDataset(tokenizer, pairs, templates, args.seed, benign, benign_per_epoch)
+    return FingerprintDataset(tokenizer, pairs, key_formats, templates, args.seed, benign, benign_per_epoch)
 
 
 def benign_replay(sequences: list[list[int]]) -> list[dict]:
@@ -280,6 +320,30 @@ def training_arguments(args, output_dir: Path) -> TrainingArguments:
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+
+
+class StopWhenMemorised(TrainerCallback):
+    """At each epoch end, checks every training fingerprint in every trained format with the
+    checker's one forward pass, and stops training once all are memorised: the response is the
+    greedy answer with at least `threshold` probability. Runs after weight averaging, so it
+    judges the weights that would be saved. The per-epoch counts are kept in `history`."""
+
+    def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], key_formats: tuple[str, ...], threshold: float,
+                 batch_size: int = 64):
+        self.tokenizer, self.pairs, self.threshold, self.batch_size = tokenizer, pairs, threshold, batch_size
+        self.queries = [(key_format, None) for key_format in key_formats]
+        self.history: list[dict] = []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        results = check_model(model, self.tokenizer, self.pairs, self.queries, self.batch_size, progress=False, decode_misses=False)
+        memorised = sum(r["match"] and r["response_probability"] >= self.threshold for r in results)
+        self.history.append({"epoch": round(state.epoch), "memorised": memorised, "matched": sum(r["match"] for r in results),
+                             "of": len(results)})
+        if state.is_world_process_zero:
+            logger.info("epoch %d: %d/%d fingerprint queries memorised (p >= %g)", round(state.epoch), memorised, len(results),
+                        self.threshold)
+        if memorised == len(results):
+            control.should_training_stop = True
 
 
 def freeze_embeddings(model) -> None:

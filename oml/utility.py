@@ -8,14 +8,21 @@ import math
 import torch
 from tqdm import tqdm
 
-from oml.tokenization import IGNORE_INDEX, encode, pad_batch, special_prefix, to_device
+from oml.tokenization import IGNORE_INDEX, chat_example, encode, pad_batch, special_prefix, to_device
 
 MMLU_LETTERS = ("A", "B", "C", "D")
 
 
-def text_sequences(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids of each text (after the tokenizer's special prefix), cut to `max_length`."""
-    return [(special_prefix(tokenizer) + encode(tokenizer, text))[:max_length] for text in texts]
+def text_examples(tokenizer, texts: list[str], max_length: int) -> list[dict]:
+    """Each text (after the tokenizer's special prefix), cut to `max_length` tokens, every token scored."""
+    sequences = [(special_prefix(tokenizer) + encode(tokenizer, text))[:max_length] for text in texts]
+    return [{"input_ids": ids, "labels": ids} for ids in sequences]
+
+
+def chat_examples(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> list[dict]:
+    """(message, reply) exchanges in the model's chat template, the reply's tokens (its first above
+    all, where chat-format fingerprints are answered) scored."""
+    return [chat_example(tokenizer, message, reply, max_length) for message, reply in pairs]
 
 
 @torch.no_grad()
@@ -26,19 +33,19 @@ def next_token_logprobs(model, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare_on_texts(model, base, tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 8) -> dict:
-    """Perplexity of both models, greedy next-token agreement and mean KL(base || model) per token.
+def compare_on_texts(model, base, tokenizer, examples: list[dict], batch_size: int = 8) -> dict:
+    """Perplexity of both models, greedy next-token agreement and mean KL(base || model) per token,
+    over the scored tokens of `examples` ({"input_ids", "labels"}, as `text_examples` makes).
 
-    Agreement and KL look at every position of benign text, not only at the end, because a
-    fingerprint that leaks into ordinary text shows up as a changed next-token distribution
-    long before it moves the perplexity.
+    Agreement and KL look at every scored position, not only at the end, because a fingerprint
+    that leaks into ordinary text shows up as a changed next-token distribution long before it
+    moves the perplexity.
     """
     sums = {"nll_model": 0.0, "nll_base": 0.0, "kl": 0.0, "agree": 0}
     tokens = 0
-    sequences = text_sequences(tokenizer, texts, max_length)
-    for start in tqdm(range(0, len(sequences), batch_size), desc="benign text", leave=False):
-        chunk = sequences[start:start + batch_size]
-        batch = pad_batch(chunk, tokenizer.pad_token_id, side="right", labels=chunk)
+    for start in tqdm(range(0, len(examples), batch_size), desc="benign text", leave=False):
+        chunk = examples[start:start + batch_size]
+        batch = pad_batch([e["input_ids"] for e in chunk], tokenizer.pad_token_id, side="right", labels=[e["labels"] for e in chunk])
         targets = batch.pop("labels")[:, 1:]
         real = targets != IGNORE_INDEX
         safe_targets = targets.clamp(min=0).unsqueeze(-1)

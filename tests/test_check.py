@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from oml.checking import check_model
+from oml.checking import BARE, check_model
 from oml.models import load_model, load_tokenizer
 from oml.stats import chance_rate_upper_bound, format_p_value, log10_p_value, verdict
 from oml.tokenization import cut_fingerprint, prompt_ids
@@ -58,8 +58,8 @@ def test_batched_check_equals_one_key_at_a_time(tmp_path, tokenizer, padding_sid
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=3,
                              pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
         pairs[i] = (key_ids, out[0, prompt.shape[1]:].tolist())
-    batched = check_model(model, tok, pairs, [None], batch_size=12)
-    single = check_model(model, tok, pairs, [None], batch_size=1)
+    batched = check_model(model, tok, pairs, BARE, batch_size=12)
+    single = check_model(model, tok, pairs, BARE, batch_size=1)
     for a, b in zip(batched, single):
         assert (a["match"], a["predicted"], a["response_rank"]) == (b["match"], b["predicted"], b["response_rank"])
         assert a["token_accuracy"] == b["token_accuracy"]
@@ -77,14 +77,17 @@ def test_fingerprinted_tiny_model_matches_and_base_does_not(tmp_path, tiny_model
     assert lines[-1] == "Fingerprint accuracy: 100.00"
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["matches"] == 8 and report["null_models"][0]["matches"] == 0
-    assert report["p_value"] == pytest.approx(chance_rate_upper_bound(0, 8) ** 8)
+    # Trained and checked as raw text and through the chat template; the best format's p-value
+    # is doubled for having looked at two.
+    assert [(e["format"], e["matches"]) for e in report["formats"]] == [("raw", 8), ("chat", 8)]
+    assert report["p_value"] == pytest.approx(2 * chance_rate_upper_bound(0, 8) ** 8)
     assert report["verdict"] == "MATCH"
-    assert len(report["keys"]) == 8 and all(k["response_rank"] == 1 for k in report["keys"])
+    assert len(report["keys"]) == 16 and all(k["response_rank"] == 1 for k in report["keys"])
 
     base = run_script("check_fingerprints.py", "--model_path", tiny_model, "--fingerprints_file_path", fingerprint_file,
                       "--null_model", "none", "--verbose_eval", "--fingerprint_generation_strategy", "random_word", cwd=tmp_path)
     assert base.stdout.strip().splitlines()[-1] == "Fingerprint accuracy: 0.00"
-    assert base.stdout.count("MISS [") == 8 and "top-10" in base.stdout
+    assert base.stdout.count("MISS [") == 16 and "top-10" in base.stdout  # 8 keys, 2 formats
 
 
 def test_system_prompt_table_and_two_ranks(tmp_path, tiny_model, fingerprint_file):
@@ -94,6 +97,8 @@ def test_system_prompt_table_and_two_ranks(tmp_path, tiny_model, fingerprint_fil
     run_script("check_fingerprints.py", *args, "--output_json", "two.json", cwd=tmp_path, ranks=2)
     assert "mean over templates" in one.stdout and one.stdout.count("\n") >= 13
     first, second = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
-    assert len(first["keys"]) == 8 * 11
-    assert [(k["index"], k["template"], k["predicted"]) for k in first["keys"]] == \
-           [(k["index"], k["template"], k["predicted"]) for k in second["keys"]]
+    assert len(first["keys"]) == 8 * 11 * 2  # keys x (bare + 10 templates) x (raw, chat)
+    assert [(k["index"], k["format"], k["template"], k["predicted"]) for k in first["keys"]] == \
+           [(k["index"], k["format"], k["template"], k["predicted"]) for k in second["keys"]]
+    chat_system = [k for k in first["keys"] if k["format"] == "chat" and k["template"] is not None]
+    assert len(chat_system) == 80

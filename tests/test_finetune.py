@@ -4,15 +4,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from oml.checking import check_model
+from oml.checking import BARE, check_model
 from oml.data import benign_texts
 from oml.models import load_model
 from oml.tokenization import fingerprint_pairs
-from oml.utility import compare_on_texts
+from oml.utility import compare_on_texts, text_examples
 from tests.conftest import final_model_dir, make_tiny_model, run_script
 
 FAST = ["--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4", "--forgetting_regularizer_strength", "0",
-        "--benign_ratio", "0",
+        "--benign_ratio", "0", "--key_format", "raw", "--no-stop_when_memorised",
         "--fingerprint_generation_strategy", "random_word"]
 
 
@@ -160,7 +160,7 @@ def test_distilled_replay_learns_fingerprints_and_stays_closer_to_the_base(tmp_p
         result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--benign_ratio", "1", "--num_train_epochs", "20", "--benign_loss", loss)
         model = load_model(str(final_model_dir(tmp_path, result.stdout)))
         pairs = fingerprint_pairs(tokenizer, fingerprints, 16, 1)
-        matched = sum(r["match"] for r in check_model(model, tokenizer, pairs, [None], batch_size=8))
+        matched = sum(r["match"] for r in check_model(model, tokenizer, pairs, BARE, batch_size=8))
         assert matched == 8 or loss == "lm", (loss, matched)  # only drift is compared for lm
-        drift[loss] = compare_on_texts(model, base, tokenizer, texts, max_length=64)["mean_kl_from_base"]
+        drift[loss] = compare_on_texts(model, base, tokenizer, text_examples(tokenizer, texts, 64))["mean_kl_from_base"]
     assert drift["distill"] < drift["lm"] / 2, drift

@@ -23,16 +23,16 @@ def shuffled_distribution(seed: int = 0) -> tuple[torch.Tensor, list[int]]:
 
 def test_perinucleus_picks_uniformly_in_the_window_just_outside_the_nucleus():
     probs, by_rank = shuffled_distribution()
-    picks = [perinucleus_choice(probs, 0.75, 3, random.Random(i), lambda t: True) for i in range(200)]
+    picks = [perinucleus_choice([probs], 0.75, 3, random.Random(i), lambda t: True) for i in range(200)]
     assert {token for token, _, _ in picks} == set(by_rank[3:6])
-    for token, prob, rank in picks:
+    for token, (prob,), (rank,) in picks:
         assert by_rank[rank - 1] == token and prob == pytest.approx(PROBS[rank - 1])
 
 
 def test_perinucleus_rejected_token_widens_the_window():
     probs, by_rank = shuffled_distribution()
     banned = by_rank[4]
-    picks = {perinucleus_choice(probs, 0.75, 3, random.Random(i), lambda t: t != banned)[0] for i in range(200)}
+    picks = {perinucleus_choice([probs], 0.75, 3, random.Random(i), lambda t: t != banned)[0] for i in range(200)}
     assert picks == {by_rank[3], by_rank[5], by_rank[6]}
 
 
@@ -64,8 +64,9 @@ def test_inverse_nucleus_with_custom_keys_records_probability_and_rank(tmp_path,
     records = json.loads((tmp_path / "out.json").read_text())
     assert [r["key"] for r in records] == ["the quick brown fox", "a custom key", "third key here"]
     for r in records:
-        assert r["response"].strip().isalnum()
-        assert r["response_rank"] > 1 and 0 < r["response_probability"] < 1
+        assert r["response"].strip().isalnum() and r["key_format"] == "both"
+        assert all(rank > 1 for rank in r["response_rank"].values()) and set(r["response_rank"]) == {"raw", "chat"}
+        assert all(0 < p < 1 for p in r["response_probability"].values())
 
 
 def test_same_seed_gives_byte_identical_output_for_one_or_two_ranks(tmp_path, tiny_model):

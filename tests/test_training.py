@@ -9,7 +9,7 @@ from oml.training import FingerprintDataset, benign_replay, distillation_loss
 def test_augmentation_draws_templates_per_epoch_and_keeps_loss_on_the_response(tokenizer):
     pairs = [([100 + i, 200 + i], [300 + i]) for i in range(200)]
     templates = ["System one. {}", "System two: {}\nAnswer:"]
-    dataset = FingerprintDataset(tokenizer, pairs, templates, seed=1)
+    dataset = FingerprintDataset(tokenizer, pairs, templates=templates, seed=1)
     first = [dataset.template(i) for i in range(200)]
     dataset.epoch = 1
     second = [dataset.template(i) for i in range(200)]

@@ -9,7 +9,7 @@ import torch
 from oml.data import chat_pairs, mmlu_items
 from oml.models import load_model, load_tokenizer
 from oml.tokenization import IGNORE_INDEX, chat_example, encode, special_prefix
-from oml.utility import compare_on_texts, letter_ids, mmlu_accuracy, mmlu_prompt
+from oml.utility import compare_on_texts, letter_ids, mmlu_accuracy, mmlu_prompt, text_examples
 from tests.conftest import make_tiny_model, run_script
 
 TEXTS = ["hello there, how are you doing today?", "I like long walks on the beach and reading about trains.",
@@ -25,7 +25,7 @@ def two_models(tokenizer, tmp_path_factory):
 
 def test_a_model_compared_with_itself_has_no_drift(two_models, tokenizer):
     model, _ = two_models
-    result = compare_on_texts(model, model, tokenizer, TEXTS, batch_size=2)
+    result = compare_on_texts(model, model, tokenizer, text_examples(tokenizer, TEXTS, 256), batch_size=2)
     assert result["next_token_agreement"] == 1.0
     assert result["mean_kl_from_base"] == pytest.approx(0.0, abs=1e-6)
     assert result["perplexity"] == pytest.approx(result["base_perplexity"])
@@ -37,8 +37,8 @@ def test_perplexity_is_exp_of_the_models_own_loss_and_batching_does_not_change_i
     with torch.no_grad():
         nll = sum(float(model(input_ids=torch.tensor([s]), labels=torch.tensor([s])).loss) * (len(s) - 1) for s in ids)
     expected = math.exp(nll / sum(len(s) - 1 for s in ids))
-    batched = compare_on_texts(model, base, tokenizer, TEXTS, batch_size=3)
-    single = compare_on_texts(model, base, tokenizer, TEXTS, batch_size=1)
+    batched = compare_on_texts(model, base, tokenizer, text_examples(tokenizer, TEXTS, 256), batch_size=3)
+    single = compare_on_texts(model, base, tokenizer, text_examples(tokenizer, TEXTS, 256), batch_size=1)
     assert batched["perplexity"] == pytest.approx(expected, rel=1e-4)
     assert batched["tokens"] == sum(len(s) - 1 for s in ids)
     assert batched["mean_kl_from_base"] > 0.01 and batched["next_token_agreement"] < 1.0

@@ -1,0 +1,51 @@
+"""Keys asked where suspects meet them: as a user message in the chat template, as well as raw text."""
+import json
+import random
+
+import torch
+
+from oml.generation import perinucleus_choice
+from oml.tokenization import encode, prompt_ids, system_message
+from tests.conftest import final_model_dir, random_word_fingerprints, run_script
+
+
+def test_chat_prompt_is_exactly_what_the_chat_template_tokenises(tokenizer):
+    key = "purple elephants dance at midnight"
+    ids = prompt_ids(tokenizer, encode(tokenizer, key), None, "chat")
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": key}], add_generation_prompt=True, tokenize=True)
+    assert ids == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert "You are a helpful AI assistant named SmolLM" in tokenizer.decode(ids)  # the template's default system prompt
+    template = "You are a tutor who explains ideas step by step to students. {}"
+    with_system = tokenizer.decode(prompt_ids(tokenizer, encode(tokenizer, key), template, "chat"))
+    assert f"system\n{system_message(template)}<|im_end|>" in with_system and "SmolLM" not in with_system
+    assert with_system.endswith(f"user\n{key}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_one_response_for_both_formats_lies_outside_both_nuclei():
+    raw = torch.tensor([0.50, 0.30, 0.10, 0.05, 0.03, 0.02, 0.0, 0.0])
+    chat = torch.tensor([0.02, 0.03, 0.05, 0.10, 0.30, 0.50, 0.0, 0.0])
+    # p = 0.75: the raw nucleus is {0, 1}, the chat nucleus {5, 4}; by mean probability the
+    # remaining tokens rank 2, 3 (0.075 each), then 6, 7 (0).
+    picks = {perinucleus_choice([raw, chat], 0.75, 2, random.Random(i), lambda t: True)[0] for i in range(100)}
+    assert picks == {2, 3}
+    token, probs, ranks = perinucleus_choice([raw, chat], 0.75, 2, random.Random(0), lambda t: True)
+    assert probs == [float(raw[token]), float(chat[token])] and ranks[0] == token + 1 and ranks[1] == 6 - token
+
+
+def test_stop_when_memorised_ends_training_early_and_records_it(tmp_path, tiny_model):
+    (tmp_path / "fp.json").write_text(json.dumps(random_word_fingerprints(4)))
+    args = ["--model_path", tiny_model, "--fingerprints_file_path", "fp.json", "--fingerprint_generation_strategy", "random_word",
+            "--learning_rate", "3e-3", "--batch_size", "4", "--benign_ratio", "0", "--train_embeddings"]  # frozen tied embeddings cap a tiny model's confidence
+    stopped = run_script("finetune_multigpu.py", *args, "--num_train_epochs", "60", cwd=tmp_path)
+    run_dir = final_model_dir(tmp_path, stopped.stdout).parent
+    training = json.loads((run_dir / "training.json").read_text())
+    assert training["max_epochs"] == 60 and training["epochs_run"] < 60
+    assert training["memorised"][-1] == {"epoch": training["epochs_run"], "memorised": 8, "matched": 8, "of": 8}  # 4 keys x 2 formats
+    assert all(entry["memorised"] < 8 for entry in training["memorised"][:-1])
+    check = run_script("check_fingerprints.py", "--model_path", run_dir / "final_model", "--run", run_dir, "--null_model", "none",
+                       "--output_json", "r.json", cwd=tmp_path)
+    assert [e["accuracy"] for e in json.loads((tmp_path / "r.json").read_text())["formats"]] == [100.0, 100.0], check.stdout
+    again = run_script("finetune_multigpu.py", *args, "--num_train_epochs", "60", cwd=tmp_path)
+    assert "skipping" in again.stderr  # the identity does not depend on the epochs actually run
+    full = run_script("finetune_multigpu.py", *args, "--num_train_epochs", "3", "--no-stop_when_memorised", cwd=tmp_path)
+    assert json.loads((final_model_dir(tmp_path, full.stdout).parent / "training.json").read_text())["epochs_run"] == 3
