@@ -48,6 +48,8 @@ def parse_args():
     if args.wandb_run_name and args.report_to == "none":
         args.report_to = "wandb"
     check_trackers(args.report_to)
+    if args.stop_when_memorised and args.memorised_probability >= args.target_probability:
+        raise OMLError("--memorised_probability must be below --target_probability, or training never counts as done")
     return args
 
 

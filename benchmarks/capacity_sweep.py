@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 VARIANTS = {  # each names its replay loss, so that the labels stay true if defaults change
     "distill": ["--benign_loss", "distill"],
     "distill+augmentation": ["--benign_loss", "distill", "--use_augmentation_prompts"],
+    "distill+bounded": ["--benign_loss", "distill", "--target_probability", "0.7"],
     "lm": ["--benign_loss", "lm"],
     "lm+augmentation": ["--benign_loss", "lm", "--use_augmentation_prompts"],
     "lm+averaging": ["--benign_loss", "lm", "--forgetting_regularizer_strength", "0.2"],

@@ -32,9 +32,14 @@ BARE: list[Query] = [("raw", None)]
 
 
 @torch.no_grad()
-def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], query: Query, decode_misses: bool = True) -> list[dict]:
+def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], query: Query, decode_misses: bool = True,
+                suppress_above: float | None = None) -> list[dict]:
     """Per-key results for a batch of (key ids, response ids), all asked the same way. With
-    `decode_misses`, misses of multi-token responses are decoded greedily to report what the model said."""
+    `decode_misses`, misses of multi-token responses are decoded greedily to report what the model said.
+
+    `suppress_above` plays the output-suppression attack: wherever the top token's probability
+    exceeds that gate, the server serves the second-ranked token instead; a key matches when
+    the served tokens are the response."""
     prompts = [prompt_ids(tokenizer, key_ids, query[1], query[0]) for key_ids, _ in pairs]
     longest_response = max(len(response) for _, response in pairs)
     batch = pad_batch([p + r for p, (_, r) in zip(prompts, pairs)], tokenizer.pad_token_id, side="left")
@@ -48,15 +53,20 @@ def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], quer
         target = torch.tensor(response)
         token_probs = steps[torch.arange(len(response)), target]
         top_probs, top_ids = steps[0].topk(TOP_K)
+        best2_probs, best2 = steps.topk(2, dim=-1)
+        served = best2[:, 0]
+        if suppress_above is not None:
+            served = torch.where(best2_probs[:, 0] > suppress_above, best2[:, 1], served)
         results.append({
-            "match": bool((steps.argmax(-1) == target).all()),
-            "predicted_ids": steps.argmax(-1).tolist(),
+            "match": bool((served == target).all()),
+            "predicted_ids": served.tolist(),
             "response_probability": float(token_probs.prod()),
             "response_rank": int((steps[0] > token_probs[0]).sum()) + 1,
             "top_tokens": [[tokenizer.decode([t]), float(p)] for t, p in zip(top_ids.tolist(), top_probs.tolist())],
         })
 
-    redo = [i for i, result in enumerate(results) if decode_misses and not result["match"] and len(pairs[i][1]) > 1]
+    redo = [i for i, result in enumerate(results)
+            if decode_misses and suppress_above is None and not result["match"] and len(pairs[i][1]) > 1]
     if redo:
         outputs = greedy_continuations(model, tokenizer, [prompts[i] for i in redo], longest_response)
         for i, output in zip(redo, outputs):
@@ -69,7 +79,8 @@ def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], quer
 
 
 def check_model(model, tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list[Query],
-                batch_size: int, description: str = "checking", progress: bool = True, decode_misses: bool = True) -> list[dict]:
+                batch_size: int, description: str = "checking", progress: bool = True, decode_misses: bool = True,
+                suppress_above: float | None = None) -> list[dict]:
     """Every key asked every way in `queries`; ranks share the batches and all get the full list,
     ordered by query, then key. Every rank runs as many forward passes (repeating its last batch
     if it has fewer), since a ZeRO-3 model needs all ranks in every forward."""
@@ -86,7 +97,7 @@ def check_model(model, tokenizer, pairs: list[tuple[list[int], list[int]]], quer
         for q, i in batch:
             by_query.setdefault(q, []).append(i)
         for q, indices in by_query.items():
-            checked = check_batch(model, tokenizer, [pairs[i] for i in indices], queries[q], decode_misses)
+            checked = check_batch(model, tokenizer, [pairs[i] for i in indices], queries[q], decode_misses, suppress_above)
             if step < len(mine):
                 results += [{"index": i, "format": queries[q][0], "template": queries[q][1], "query": q, **r}
                             for i, r in zip(indices, checked)]

@@ -64,6 +64,10 @@ def unit_interval(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v <= 1, "between 0 and 1")
 
 
+def probability(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
+
+
 def open_unit_interval(text: str) -> float:
     return _number(text, float, lambda v: 0 < v < 1, "strictly between 0 and 1")
 

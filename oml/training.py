@@ -15,7 +15,7 @@ from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCall
 
 from oml import OMLError, distributed
 from oml.checking import check_model
-from oml.cli import non_negative_float, open_unit_interval, positive_float, positive_int, unit_interval
+from oml.cli import non_negative_float, open_unit_interval, positive_float, positive_int, probability, unit_interval
 from oml.data import add_dataset_args, prompt_templates, texts_from
 from oml.tokenization import (FORMAT_CHOICES, IGNORE_INDEX, encode, formats, pad_batch, prompt_ids, special_prefix, to_device,
                               training_example)
@@ -54,6 +54,10 @@ def add_training_args(parser) -> None:
     parser.add_argument("--stop_when_memorised", action=argparse.BooleanOptionalAction, default=True,
                         help="Stop at the first epoch end where every fingerprint is memorised in every trained format "
                              "(--num_train_epochs is then the cap).")
+    parser.add_argument("--target_probability", type=probability, default=1.0,
+                        help="Stop pushing a response token up once its probability reaches this (1: plain cross-entropy). "
+                             "Below the confidence gate of output-suppression attacks (about 0.9), the memorised response "
+                             "stays the greedy answer without a near-certain spike to detect.")
     parser.add_argument("--memorised_probability", type=open_unit_interval, default=0.5,
                         help="A fingerprint counts as memorised when greedy decoding gives its response with at least this "
                              "probability: a margin, so that small weight changes (casts, quantization) keep it.")
@@ -183,18 +187,25 @@ def distilled_replay(model, sequences: list[list[int]], batch_size: int = 64) ->
 
 
 def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None = None,
-                      teacher_probs: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy on the labelled tokens (fingerprint responses + EOS) plus, at replayed
-    positions, cross-entropy towards the teacher's distribution; averaged over both.
+                      teacher_probs: torch.Tensor | None = None, target_probability: float = 1.0) -> torch.Tensor:
+    """Cross-entropy on the labelled tokens (fingerprint responses + EOS; all replayed tokens with
+    --benign_loss lm) plus, at replayed positions, cross-entropy towards the teacher's
+    distribution; averaged over both.
 
     The teacher's distribution is its top-k tokens and one bucket for all others, so the
     student keeps the teacher's tail mass too (renormalising the top k instead teaches it to
     be overconfident, which raised held-out perplexity by half in our measurements).
+    With `target_probability` below 1, a labelled token stops being pushed once its probability
+    reaches that target (the loss is max(0, log target - log p)): the memorised response stays
+    the greedy answer without the near-certain spike that output-suppression attacks look for.
     """
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     targets = labels[:, 1:]
     labelled = targets != IGNORE_INDEX
-    total = -logprobs[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[labelled].sum()
+    nll = -logprobs[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if target_probability < 1.0:
+        nll = (nll + math.log(target_probability)).clamp(min=0)
+    total = nll[labelled].sum()
     count = labelled.sum()
     if teacher_ids is not None:  # position t's teacher distribution is over token t + 1, like logits[:, t]
         student_top = logprobs.gather(-1, teacher_ids)
@@ -234,16 +245,19 @@ def pad_teacher(examples: list[dict], length: int, side: str) -> dict:
     return {"teacher_ids": ids, "teacher_probs": probs}
 
 
-class DistillationTrainer(Trainer):
-    """The Trainer with `distillation_loss`, for batches that carry teacher distributions.
+class FingerprintTrainer(Trainer):
+    """The Trainer with `distillation_loss` (teacher distributions for replayed text when the batch
+    carries them, the --target_probability bound on labelled tokens). Each batch's loss is its own
+    mean (the plain Trainer weighs tokens across ranks and accumulation steps instead)."""
 
-    Each batch's loss is its own mean (the plain Trainer weighs tokens across ranks and
-    accumulation steps instead); --benign_loss lm keeps the plain Trainer."""
+    def __init__(self, *args, target_probability: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.target_probability = target_probability
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels, teacher_ids, teacher_probs = inputs.pop("labels"), inputs.pop("teacher_ids", None), inputs.pop("teacher_probs", None)
         outputs = model(**inputs)
-        loss = distillation_loss(outputs.logits, labels, teacher_ids, teacher_probs)
+        loss = distillation_loss(outputs.logits, labels, teacher_ids, teacher_probs, self.target_probability)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -288,12 +302,11 @@ class TrainingProgress(TrainerCallback):
 
 
 def make_trainer(args, model, dataset: "FingerprintDataset", tokenizer, output_dir: Path, callbacks: list) -> Trainer:
-    """The Trainer for a fingerprint dataset: distillation loss when replay carries teacher
-    distributions, our progress reporting instead of the Trainer's per-step printing."""
-    trainer_class = DistillationTrainer if args.benign_loss == "distill" else Trainer
-    trainer = trainer_class(model=model, args=training_arguments(args, output_dir), train_dataset=dataset,
-                            data_collator=FingerprintCollator(tokenizer),
-                            callbacks=[EpochCallback(dataset), TrainingProgress(), *callbacks])
+    """The Trainer for a fingerprint dataset, with our progress reporting instead of the Trainer's
+    per-step printing."""
+    trainer = FingerprintTrainer(model=model, args=training_arguments(args, output_dir), train_dataset=dataset,
+                                 data_collator=FingerprintCollator(tokenizer), target_probability=args.target_probability,
+                                 callbacks=[EpochCallback(dataset), TrainingProgress(), *callbacks])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
