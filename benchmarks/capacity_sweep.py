@@ -172,6 +172,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--variants", nargs="+", default=["distill", "distill+augmentation"], choices=sorted(VARIANTS))
     parser.add_argument("--model_path", default=None, help="Model to fingerprint (default: the embedded one).")
+    parser.add_argument("--num_generated", type=int, default=None,
+                        help="Fingerprints to generate once for all points (default: the largest size); a point of size N "
+                             "uses the first N.")
     parser.set_defaults(results_dir=ROOT / "results" / "capacity")
     args = parser.parse_args()
     utility_args = []
@@ -180,7 +183,7 @@ def main() -> None:
         utility_args = ["--num_texts", "4", "--num_mmlu", "8"]
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprints = fingerprint_file(out, max(args.sizes), args.model_path)
+    fingerprints = fingerprint_file(out, max(args.sizes + [args.num_generated or 0]), args.model_path)
     if len(json.loads(fingerprints.read_text())) < max(args.sizes):
         sys.exit(f"{fingerprints} holds fewer than {max(args.sizes)} fingerprints; delete it to regenerate")
     for variant in args.variants:
