@@ -10,19 +10,17 @@ models on the same keys, the p-value and a MATCH / NO MATCH verdict, and last
 `Fingerprint accuracy: <percent>`. With --system_prompts it also asks every key inside
 each system-prompt template (chat: as the system message) and prints a table.
 """
-import gc
 import logging
-import math
 
 from oml import OMLError, cli, distributed
-from oml.checking import accuracy, check_model
+from oml.checking import accuracy, check_named_model
 from oml.data import prompt_templates
 from oml.fingerprints import add_query_format_arg, add_selection_args, selected_fingerprints
 from oml.fingerprints import query_formats as query_formats_of
-from oml.models import EMBEDDED_MODEL, load, load_tokenizer, resolve_model
+from oml.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
 from oml.runs import add_run_arg, load_run
-from oml.stats import DEFAULT_MIN_CHANCE_RATE, chance_rate, format_p_value, keys_needed, log10_p_value, verdict
-from oml.tokenization import fingerprint_pairs, has_chat_template, system_message
+from oml.stats import DEFAULT_MIN_CHANCE_RATE, evidence, format_p_value, keys_needed
+from oml.tokenization import fingerprint_pairs, system_message
 
 logger = logging.getLogger("check_fingerprints")
 
@@ -87,22 +85,6 @@ def queries_for(query_formats: tuple[str, ...], templates: list[str | None]) -> 
     return [(key_format, template) for key_format in query_formats for template in templates]
 
 
-def run_checks(name: str, args, fingerprints: list[dict], queries: list[tuple[str, str | None]], suspect: bool) -> list[dict]:
-    """Load one model, ask every key every way, and free the model again. A null model without a
-    chat template is only asked in raw format (the suspect must support every format asked)."""
-    model, tokenizer = load(name, args.trust_remote_code)
-    if not has_chat_template(tokenizer) and any(f == "chat" for f, _ in queries):
-        if suspect:
-            raise OMLError(f"{name} has no chat template: use --query_format raw")
-        logger.warning("null model %s has no chat template; it is checked in raw format only", name)
-        queries = [q for q in queries if q[0] == "raw"]
-    pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
-    results = check_model(model, tokenizer, pairs, queries, args.batch_size, description=f"checking {name}")
-    del model
-    gc.collect()
-    return results
-
-
 def api_checks(args, fingerprints: list[dict], queries: list[tuple[str, str | None]]) -> list[dict]:
     """Ask a suspect behind an OpenAI-compatible API; keys are cut with the owner's tokenizer."""
     from oml.api import ApiQuery, check_over_api  # imported on use: the HTTP client is not needed for local checks
@@ -122,41 +104,17 @@ def api_checks(args, fingerprints: list[dict], queries: list[tuple[str, str | No
             for where, answer in zip(asked, answers)]
 
 
-def format_evidence(args, key_format: str, bare: list[dict], null_bare: dict[str, list[dict]]) -> dict:
-    """Accuracy, null-model matches, chance rate and p-value of one key format (bare keys)."""
-    answered = [r for r in bare if r.get("error") is None]
-    exact, fractional = accuracy(answered)
-    matches, n = sum(bool(r["match"]) for r in answered), len(answered)
-    nulls = [{"model": name, "matches": sum(r["match"] for r in results), "of": len(results), "accuracy": accuracy(results)[0]}
-             for name, results in null_bare.items() if results]
-    rate = chance_rate([(entry["matches"], entry["of"]) for entry in nulls], args.min_chance_rate)
-    return {"format": key_format, "accuracy": exact, "fractional_accuracy": fractional, "matches": matches,
-            "num_fingerprints": n, "errors": len(bare) - n, "null_models": nulls, "chance_rate": rate,
-            "log10_p_value": log10_p_value(matches, n, rate)}
-
-
 def build_report(args, fingerprints, query_formats, templates, suspect: list[dict], nulls: dict[str, list[dict]]) -> dict:
-    """Evidence per format; the verdict rests on the format with the smallest p-value, corrected for
-    having looked at several (Bonferroni: the p-value times the number of formats)."""
-    per_format = [format_evidence(args, f, [r for r in suspect if r["format"] == f and r["template"] is None],
-                                  {name: [r for r in results if r["format"] == f] for name, results in nulls.items()})
-                  for f in query_formats]
-    best = min(per_format, key=lambda e: e["log10_p_value"])
-    log10_p = min(0.0, best["log10_p_value"] + math.log10(len(per_format)))
-    report = {
+    return {
         "model": args.model_path or f"{args.api_base} ({args.api_model})", "fingerprints_file": args.fingerprints_file_path,
-        **{k: best[k] for k in ("format", "num_fingerprints", "accuracy", "fractional_accuracy", "matches", "null_models", "chance_rate")},
-        "formats": per_format,
+        **evidence(suspect, nulls, query_formats, args.min_chance_rate, args.alpha),
         "system_prompts": [{"format": f, "template": t,
                             "accuracy": accuracy([r for r in suspect if r["format"] == f and r["template"] == t and r.get("error") is None])[0]}
                            for f in query_formats for t in templates],
         "min_chance_rate": args.min_chance_rate, "alpha": args.alpha,
         "keys_needed": keys_needed(args.alpha, args.min_chance_rate, len(nulls)),
-        "log10_p_value": log10_p, "p_value": 10 ** log10_p,  # 0.0 below the float range; the log stays exact
-        "verdict": verdict(log10_p, args.alpha),
         "keys": [{**fingerprints[r["index"]], **r} for r in suspect],
     }
-    return report
 
 
 def print_report(report: dict, verbose: bool) -> None:
@@ -212,8 +170,8 @@ def main() -> None:
     if args.api_base:
         suspect = api_checks(args, fingerprints, queries_for(query_formats, templates))
     else:
-        suspect = run_checks(args.model_path, args, fingerprints, queries_for(query_formats, templates), suspect=True)
-    nulls = {name: run_checks(name, args, fingerprints, queries_for(query_formats, [None]), suspect=False)
+        suspect = check_named_model(args.model_path, args, fingerprints, queries_for(query_formats, templates), suspect=True)
+    nulls = {name: check_named_model(name, args, fingerprints, queries_for(query_formats, [None]), suspect=False)
              for name in args.null_model}
     if distributed.is_main_process():
         report = build_report(args, fingerprints, query_formats, templates, suspect, nulls)

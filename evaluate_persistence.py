@@ -10,11 +10,8 @@ model's chat template, loss on the replies), and re-checks the fingerprints afte
 extra training and still match. Nothing is saved but the report (--output_json).
 """
 import logging
-import math
-import random
 
 import torch
-from tqdm import tqdm
 
 from oml import OMLError, cli
 from oml.checking import accuracy, check_model
@@ -22,8 +19,8 @@ from oml.data import add_dataset_args, instruction_pairs
 from oml.fingerprints import add_query_format_arg, add_selection_args, query_formats, selected_fingerprints
 from oml.models import load
 from oml.runs import add_run_arg, load_run
-from oml.tokenization import chat_example, fingerprint_pairs, to_device
-from oml.training import FingerprintCollator
+from oml.attacks import benign_finetune, chat_examples_for
+from oml.tokenization import fingerprint_pairs
 
 logger = logging.getLogger("evaluate_persistence")
 
@@ -57,16 +54,6 @@ def parse_args():
     return args
 
 
-def batches(examples: list[dict], batch_size: int, steps: int, seed: int):
-    """`steps` batches drawn from a seeded shuffle of the examples, reshuffled at every pass."""
-    rng, order = random.Random(seed), []
-    for _ in range(steps):
-        while len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        yield [examples[i] for i in order[:batch_size]]
-        order = order[batch_size:]
-
-
 def retention_row(step: int, results: list[dict], matched_before: set[tuple], loss: float | None) -> dict:
     """Accuracy (over every key in every format, and per format) and the share of the
     (format, key) pairs that matched before the extra training and still match."""
@@ -80,34 +67,23 @@ def retention_row(step: int, results: list[dict], matched_before: set[tuple], lo
 def train_and_recheck(model, tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list, examples: list[dict],
                       args) -> list[dict]:
     """Further fine-tuning (plain AdamW, as a user would), re-checking after every chunk of steps."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    collate = FingerprintCollator(tokenizer)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available())
-    torch.manual_seed(args.seed)
-
     def check(step: int) -> list[dict]:
         return check_model(model, tokenizer, pairs, queries, args.check_batch_size, description=f"checking at step {step}")
 
-    model.train()
     before = check(0)
     matched_before = {(r["format"], r["index"]) for r in before if r["match"]}
     rows = [retention_row(0, before, matched_before, None)]
     logger.info("Before further training: %.2f%% of %d fingerprints match", rows[0]["accuracy"], len(pairs))
     losses = []
-    for step, batch in enumerate(tqdm(batches(examples, args.batch_size, args.steps, args.seed),
-                                      total=args.steps, desc="further fine-tuning"), start=1):
-        with autocast:
-            loss = model(**to_device(collate(batch), model.device)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(loss.item()):
-            raise OMLError(f"the training loss became {loss.item()} at step {step}; lower --learning_rate")
-        losses.append(loss.item())
+
+    def recheck(step: int, loss: float) -> None:
+        losses.append(loss)
         if step % args.eval_every == 0 or step == args.steps:
             rows.append(retention_row(step, check(step), matched_before, sum(losses) / len(losses)))
-            losses = []
+            losses.clear()
             logger.info("Step %d: accuracy %.2f%%, retained %.2f%%", step, rows[-1]["accuracy"], rows[-1]["retained"])
+
+    benign_finetune(model, tokenizer, examples, args.steps, args.learning_rate, args.batch_size, args.seed, on_step=recheck)
     return rows
 
 
@@ -128,7 +104,7 @@ def main() -> None:
                                    args.steps * args.batch_size)
     model, tokenizer = load(args.model_path, args.trust_remote_code, dtype=torch.float32)
     pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
-    examples = [chat_example(tokenizer, prompt, reply, args.max_length) for prompt, reply in pairs_text]
+    examples = chat_examples_for(tokenizer, pairs_text, args.max_length)
     queries = [(key_format, None) for key_format in query_formats(args, fingerprints, tokenizer)]
     rows = train_and_recheck(model, tokenizer, pairs, queries, examples, args)
     print_rows(rows, args.steps)

@@ -9,7 +9,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from oml import OMLError
 
@@ -77,22 +77,21 @@ def _umask() -> int:
     return mask
 
 
-def write_text_atomic(path: str | Path, text: str, overwrite: bool = True) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see a partial file.
-
-    Without `overwrite` the rename is exclusive (a hard link, which fails if the name exists):
-    two runs writing the same report cannot silently replace each other's.
-    """
+def write_atomically(path: str | Path, write: Callable[[str], None], overwrite: bool = True) -> None:
+    """`write(tmp)` writes the whole file at a temporary path in the same folder, which is then
+    renamed into place, so readers never see a partial file. Without `overwrite` the rename is
+    exclusive (a hard link, which fails if the name exists): two runs writing the same report
+    cannot silently replace each other's."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
     except OSError as error:
         raise OMLError(f"cannot write {path}: {error.strerror or error}") from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; give the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        write(tmp)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -104,6 +103,10 @@ def write_text_atomic(path: str | Path, text: str, overwrite: bool = True) -> No
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_text_atomic(path: str | Path, text: str, overwrite: bool = True) -> None:
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite)
 
 
 def strict_json(obj: Any) -> Any:

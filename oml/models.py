@@ -219,7 +219,7 @@ def save_random_model(directory: Path, tokenizer, body: dict, seed: int = 0, pad
     the tokenizer: real code paths at any size, without downloading weights."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **body)
+                         pad_token_id=tokenizer.pad_token_id, **{"tie_word_embeddings": True, **body})
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     if padding_side:

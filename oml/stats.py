@@ -73,3 +73,34 @@ def keys_needed(alpha: float, floor: float, num_null_models: int, limit: int = 1
         if verdict(log10_p_value(n, n, rate), alpha) == "MATCH":
             return n
     return None
+
+
+def format_evidence(key_format: str, bare: list[dict], null_bare: dict[str, list[dict]], floor: float) -> dict:
+    """Accuracy, null-model matches, chance rate and p-value of one key format, from per-key check
+    results of bare keys (results with an `error`, such as failed API requests, are not counted)."""
+    from oml.checking import accuracy
+
+    answered = [r for r in bare if r.get("error") is None]
+    exact, fractional = accuracy(answered)
+    matches, n = sum(bool(r["match"]) for r in answered), len(answered)
+    nulls = [{"model": name, "matches": sum(r["match"] for r in results), "of": len(results), "accuracy": accuracy(results)[0]}
+             for name, results in null_bare.items() if results]
+    rate = chance_rate([(entry["matches"], entry["of"]) for entry in nulls], floor)
+    return {"format": key_format, "accuracy": exact, "fractional_accuracy": fractional, "matches": matches,
+            "num_fingerprints": n, "errors": len(bare) - n, "null_models": nulls, "chance_rate": rate,
+            "log10_p_value": log10_p_value(matches, n, rate)}
+
+
+def evidence(results: list[dict], nulls: dict[str, list[dict]], key_formats: tuple[str, ...], floor: float,
+             alpha: float) -> dict:
+    """The evidence of a check: per format (bare keys), and the verdict. It rests on the format with
+    the smallest p-value, corrected for having looked at several (Bonferroni: times the number of formats)."""
+    per_format = [format_evidence(f, [r for r in results if r["format"] == f and r["template"] is None],
+                                  {name: [r for r in null if r["format"] == f and r["template"] is None] for name, null in nulls.items()},
+                                  floor)
+                  for f in key_formats]
+    best = min(per_format, key=lambda e: e["log10_p_value"])
+    log10_p = min(0.0, best["log10_p_value"] + math.log10(len(per_format)))
+    return {**{k: best[k] for k in ("format", "num_fingerprints", "accuracy", "fractional_accuracy", "matches", "null_models",
+                                     "chance_rate")},
+            "formats": per_format, "log10_p_value": log10_p, "p_value": 10 ** log10_p, "verdict": verdict(log10_p, alpha)}

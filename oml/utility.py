@@ -65,6 +65,21 @@ def compare_on_texts(model, base, tokenizer, examples: list[dict], batch_size: i
     }
 
 
+@torch.no_grad()
+def suppressed_share(model, tokenizer, examples: list[dict], gate: float, batch_size: int = 8) -> float:
+    """The share of scored positions of benign text where the output-suppression attack would serve
+    another token than greedy decoding (the top token's probability exceeds `gate`): its utility cost."""
+    changed = positions = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = pad_batch([e["input_ids"] for e in chunk], tokenizer.pad_token_id, side="right", labels=[e["labels"] for e in chunk])
+        real = batch.pop("labels")[:, 1:] != IGNORE_INDEX
+        top = next_token_logprobs(model, batch).max(-1).values.exp()
+        changed += int((top > gate)[real].sum())
+        positions += int(real.sum())
+    return changed / positions
+
+
 def mmlu_prompt(item: dict) -> str:
     """A zero-shot multiple-choice prompt that ends where the answer letter goes."""
     subject = item.get("topic", "general knowledge")

@@ -1,0 +1,205 @@
+"""What fingerprints survive: the checker's accuracy and verdict after what deployers and thieves do.
+
+    python evaluate_robustness.py --run results/saved_models/<hash> --output_json robustness.json --plot robustness.png
+
+One row per transformation of the fingerprinted model: bf16 and fp16 casts; GGUF quantization
+round trips (Q8_0, Q5_0, Q4_0, with the `gguf` package's quantizers); sampling instead of
+greedy decoding; the 10 unseen system prompts (chat: as the system message); linear merges
+with an innocent derivative of the base model; full and LoRA fine-tuning on benign chat; and
+the output-suppression attack (serve the second token whenever the top one is more likely
+than a gate). Each row gives the accuracy per key format, the verdict (null model: the base,
+under the same decoding) and what the transformation cost: KL from the base on held-out chat
+for weight changes, the share of benign tokens it alters for suppression.
+"""
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from oml import OMLError, cli
+from oml.attacks import (GGUF_TYPES, benign_finetune, chat_examples_for, innocent_derivative, lora_finetune, merge_into,
+                         quantize_round_trip)
+from oml.checking import GREEDY, Decoding, check_model
+from oml.data import chat_pairs, prompt_templates, texts_from
+from oml.files import check_writable, write_atomically
+from oml.fingerprints import add_query_format_arg, add_selection_args, query_formats, selected_fingerprints
+from oml.models import EMBEDDED_MODEL, load
+from oml.runs import add_run_arg, load_run
+from oml.stats import DEFAULT_MIN_CHANCE_RATE, evidence, format_p_value
+from oml.tokenization import fingerprint_pairs
+from oml.utility import compare_on_texts, suppressed_share, text_examples
+
+logger = logging.getLogger("evaluate_robustness")
+
+
+@dataclass
+class Attack:
+    """A transformation: of the weights (`transform` returns the changed model), of decoding, or of the prompt."""
+    name: str
+    transform: Callable | None = None
+    decoding: Decoding = GREEDY
+    system_prompts: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def parse_args():
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--model_path", default=None, help="The fingerprinted model (default: the --run's final model).")
+    add_run_arg(parser)
+    parser.add_argument("--fingerprints_file_path", default=None, help="Default: the --run's fingerprints.")
+    add_selection_args(parser, "check")
+    add_query_format_arg(parser)
+    parser.add_argument("--base_model", default=None,
+                        help="The model before fingerprinting: the null model and the parent of the merge partner "
+                             "(default: the --run's base model, else the embedded model).")
+    parser.add_argument("--attacks", nargs="+", default=None, help="Only these rows (names as printed); default: all.")
+    parser.add_argument("--merge_weights", type=cli.unit_interval, nargs="+", default=[0.9, 0.7, 0.5],
+                        help="Weight of the fingerprinted model in linear merges with an innocent derivative of the base.")
+    parser.add_argument("--temperatures", type=cli.positive_float, nargs="+", default=[0.7, 1.0])
+    parser.add_argument("--finetune_learning_rates", type=cli.positive_float, nargs="+", default=[1e-5, 1e-4])
+    parser.add_argument("--finetune_steps", type=cli.positive_int, default=200)
+    parser.add_argument("--finetune_batch_size", type=cli.positive_int, default=8)
+    parser.add_argument("--suppression_gate", type=cli.open_unit_interval, nargs="+", default=[0.9])
+    parser.add_argument("--num_texts", type=cli.positive_int, default=16, help="Held-out chat texts for the utility column.")
+    parser.add_argument("--max_length", type=cli.at_least(2), default=128)
+    parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
+    parser.add_argument("--min_chance_rate", type=cli.unit_interval, default=DEFAULT_MIN_CHANCE_RATE)
+    parser.add_argument("--alpha", type=cli.open_unit_interval, default=1e-6)
+    parser.add_argument("--seed", type=int, default=0)
+    cli.add_output_args(parser, "the rows")
+    parser.add_argument("--plot", default=None, help="Also draw the rows as a PNG bar chart.")
+    cli.add_common_args(parser)
+    args = parser.parse_args()
+    cli.single_process("evaluate_robustness.py")
+    args.run = load_run(args.run) if args.run else None
+    if args.model_path is None:
+        if args.run is None:
+            raise OMLError("name the fingerprinted model: --model_path MODEL or --run DIR")
+        args.model_path = str(args.run.final_model)
+    args.base_model = args.base_model or (args.run.base_model if args.run else EMBEDDED_MODEL)
+    cli.check_output(args)
+    if args.plot:
+        check_writable(args.plot, args.overwrite)
+    return args
+
+
+def attacks(args) -> list[Attack]:
+    """Every row, in order; fine-tuning data and the merge partner are made only when a row needs them."""
+    def finetune(lr: float, lora: bool) -> Callable:
+        def run(model, tokenizer):
+            pairs = chat_pairs("train", args.finetune_steps * args.finetune_batch_size)
+            examples = chat_examples_for(tokenizer, pairs, args.max_length)
+            train = lora_finetune if lora else benign_finetune
+            changed = train(model, tokenizer, examples, args.finetune_steps, lr, args.finetune_batch_size, args.seed)
+            return changed if lora else model
+        return run
+
+    def merge(weight: float) -> Callable:
+        def run(model, tokenizer):
+            partner, _ = load(innocent_derivative(args.base_model, seed=0), dtype=torch.float32)
+            merge_into(model, partner, weight)
+            return model
+        return run
+
+    def quantize(qtype: str) -> Callable:
+        return lambda model, tokenizer: (quantize_round_trip(model, qtype), model)[1]
+
+    def cast(dtype: torch.dtype) -> Callable:
+        return lambda model, tokenizer: model.to(dtype)
+
+    rows = [Attack("none"), Attack("10 unseen system prompts", system_prompts=True),
+            Attack("bf16", cast(torch.bfloat16)), Attack("fp16", cast(torch.float16))]
+    rows += [Attack(f"GGUF {qtype}", quantize(qtype)) for qtype in GGUF_TYPES]
+    rows += [Attack(f"sampling T={t:g}", decoding=Decoding(temperature=t, seed=args.seed)) for t in args.temperatures]
+    rows += [Attack(f"merge {w:g} with a derivative", merge(w)) for w in args.merge_weights]
+    rows += [Attack(f"{'LoRA' if lora else 'full'} fine-tune lr {lr:g}", finetune(lr, lora))
+             for lora in (False, True) for lr in args.finetune_learning_rates]
+    rows += [Attack(f"output suppression gate {g:g}", decoding=Decoding(suppress_above=g)) for g in args.suppression_gate]
+    return [row for row in rows if not args.attacks or row.name in args.attacks]
+
+
+def row_evidence(results: list[dict], base: list[dict], key_formats, args, system_prompts: bool) -> dict:
+    """Verdict and accuracies of one row. Under system prompts each template is a deployment of its
+    own: accuracy is the mean over them, the verdict the weakest one's."""
+    if not system_prompts:
+        return evidence(results, {args.base_model: base}, key_formats, args.min_chance_rate, args.alpha)
+    templates = sorted({r["template"] for r in results if r["template"] is not None})
+    per_template = [evidence([{**r, "template": None} for r in results if r["template"] == t], {args.base_model: base},
+                             key_formats, args.min_chance_rate, args.alpha) for t in templates]
+    weakest = max(per_template, key=lambda e: e["log10_p_value"])
+    formats = [{"format": f, "accuracy": sum(e["formats"][i]["accuracy"] for e in per_template) / len(per_template)}
+               for i, f in enumerate(key_formats)]
+    return {**weakest, "formats": formats}
+
+
+def main() -> None:
+    args = parse_args()
+    fingerprints = selected_fingerprints(args)
+    base, tokenizer = load(args.base_model, args.trust_remote_code, dtype=torch.float32)
+    key_formats = query_formats(args, fingerprints, tokenizer)
+    bare = [(f, None) for f in key_formats]
+    pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
+    texts = text_examples(tokenizer, texts_from("chitchat", "train", "text", "eval", args.num_texts), args.max_length)
+    base_results: dict[Decoding, list[dict]] = {}
+    rows = []
+    for attack in attacks(args):
+        logger.info("Attack: %s", attack.name)
+        model, _ = load(args.model_path, args.trust_remote_code, dtype=torch.float32)
+        if attack.transform:
+            model = attack.transform(model, tokenizer)
+        queries = bare + ([(f, t) for f in key_formats for t in prompt_templates("test")] if attack.system_prompts else [])
+        results = check_model(model, tokenizer, pairs, queries, args.batch_size, description=attack.name, decoding=attack.decoding)
+        if attack.decoding not in base_results:
+            base_results[attack.decoding] = check_model(base, tokenizer, pairs, bare, args.batch_size, description="base",
+                                                        decoding=attack.decoding)
+        found = row_evidence(results, base_results[attack.decoding], key_formats, args, attack.system_prompts)
+        cost = (compare_on_texts(model.float(), base, tokenizer, texts)["mean_kl_from_base"] if attack.decoding == GREEDY
+                else suppressed_share(model, tokenizer, texts, attack.decoding.suppress_above) if attack.decoding.suppress_above
+                else None)
+        rows.append({"attack": attack.name, **{f"accuracy_{e['format']}": e["accuracy"] for e in found["formats"]},
+                     "verdict": found["verdict"], "log10_p_value": found["log10_p_value"],
+                     "expected_rate": (100 * sum(r["response_probability"] for r in results if r["template"] is None)
+                                       / len([r for r in results if r["template"] is None])) if attack.decoding.temperature else None,
+                     "cost": cost, "cost_measure": ("KL from base" if attack.decoding == GREEDY else
+                                                    "benign tokens altered" if attack.decoding.suppress_above else None)})
+        del model
+    print_rows(rows, key_formats)
+    cli.write_output(args, {"model": args.model_path, "fingerprints_file": args.fingerprints_file_path,
+                            "num_fingerprints": len(pairs), "rows": rows})
+    if args.plot:
+        plot(rows, key_formats, args.plot, args.overwrite)
+
+
+def print_rows(rows: list[dict], key_formats) -> None:
+    print(f"{'attack':<34} " + " ".join(f"{f:>8}" for f in key_formats) + f" {'p-value':>10} {'verdict':>9} {'cost':>22}")
+    for row in rows:
+        cost = "" if row["cost"] is None else f"{row['cost']:.4f} {row['cost_measure']}"
+        print(f"{row['attack']:<34} " + " ".join(f"{row['accuracy_' + f]:7.2f}%" for f in key_formats)
+              + f" {format_p_value(row['log10_p_value']):>10} {row['verdict']:>9} {cost:>22}")
+    survived = sum(row["verdict"] == "MATCH" for row in rows)
+    print(f"Verdict MATCH after {survived} of {len(rows)} attacks", flush=True)
+
+
+def plot(rows: list[dict], key_formats, path: str, overwrite: bool) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 0.35 * len(rows) + 1.2))
+    height = 0.8 / len(key_formats)
+    for i, f in enumerate(key_formats):
+        ax.barh([y + i * height for y in range(len(rows))], [row["accuracy_" + f] for row in rows], height=height, label=f"{f} keys")
+    for y, row in enumerate(rows):
+        ax.text(101, y + 0.2, row["verdict"], fontsize=7, va="center", color="green" if row["verdict"] == "MATCH" else "red")
+    ax.set_yticks([y + 0.4 - height / 2 for y in range(len(rows))], [row["attack"] for row in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 115), xlabel="fingerprints matched (%)", title="Fingerprints after each attack")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), overwrite)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    cli.run(main)
