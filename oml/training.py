@@ -323,6 +323,7 @@ def training_arguments(args, output_dir: Path) -> TrainingArguments:
         save_strategy="no",
         logging_steps=1,
         logging_nan_inf_filter=False,  # a NaN loss must reach TrainingProgress, not be hidden by an average
+        include_num_input_tokens_seen="non_padding",  # for tokens/s and model FLOP utilisation
         disable_tqdm=True,
         report_to=getattr(args, "report_to", "none"),
         run_name=getattr(args, "wandb_run_name", None),
