@@ -96,7 +96,6 @@ def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str 
         "perplexity_change": 100 * (utility["perplexity"] / utility["base_perplexity"] - 1),
         "next_token_agreement": utility["next_token_agreement"], "mean_kl_from_base": utility["mean_kl_from_base"],
         "chat_reply_kl": chat.get("mean_kl_from_base"), "chat_reply_agreement": chat.get("next_token_agreement"),
-        "mmlu_accuracy": utility["mmlu_accuracy"], "base_mmlu_accuracy": utility["base_mmlu_accuracy"],
     }
 
 
@@ -177,10 +176,10 @@ def main() -> None:
                              "uses the first N.")
     parser.set_defaults(results_dir=ROOT / "results" / "capacity")
     args = parser.parse_args()
-    utility_args = []
+    utility_args = ["--num_mmlu", "0"]  # the embedded model answers MMLU at chance: nothing to see there
     if args.smoke:
         args.sizes, args.variants, args.model_path = [4], ["distill"], tiny_model()
-        utility_args = ["--num_texts", "4", "--num_mmlu", "8"]
+        utility_args += ["--num_texts", "4"]
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprints = fingerprint_file(out, max(args.sizes + [args.num_generated or 0]), args.model_path)
