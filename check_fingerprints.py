@@ -18,7 +18,7 @@ from oml.data import prompt_templates
 from oml.fingerprints import add_query_format_arg, add_selection_args, selected_fingerprints
 from oml.fingerprints import query_formats as query_formats_of
 from oml.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
-from oml.runs import add_run_arg, load_run
+from oml.runs import add_run_arg, apply_run
 from oml.stats import DEFAULT_MIN_CHANCE_RATE, evidence, format_p_value, keys_needed
 from oml.tokenization import fingerprint_pairs, system_message
 
@@ -63,7 +63,7 @@ def parse_args():
         raise OMLError("--api_base needs --api_model (the model name the server serves)")
     if args.api_base and distributed.world_size() > 1:
         raise OMLError("API checks run in one process: start check_fingerprints.py with python")
-    args.run = load_run(args.run) if args.run else None
+    apply_run(args)
     args.null_model = null_models(args.null_model, args.run)
     if args.wandb_run_name:
         cli.require_module("wandb", "--wandb_run_name", "pip install wandb")

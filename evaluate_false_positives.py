@@ -16,8 +16,8 @@ from oml import OMLError, cli
 from oml.attacks import innocent_derivative
 from oml.checking import check_named_model
 from oml.fingerprints import add_query_format_arg, add_selection_args, query_formats, selected_fingerprints
-from oml.models import EMBEDDED_MODEL, load_tokenizer, resolve_model
-from oml.runs import add_run_arg, load_run
+from oml.models import load_tokenizer, resolve_model
+from oml.runs import add_run_arg, apply_run
 from oml.stats import DEFAULT_MIN_CHANCE_RATE, evidence, format_p_value
 
 logger = logging.getLogger("evaluate_false_positives")
@@ -44,8 +44,7 @@ def parse_args():
     cli.add_common_args(parser)
     args = parser.parse_args()
     cli.single_process("evaluate_false_positives.py")
-    args.run = load_run(args.run) if args.run else None
-    args.base_model = args.base_model or (args.run.base_model if args.run else EMBEDDED_MODEL)
+    apply_run(args)
     if not args.models and not args.innocent_derivatives:
         raise OMLError("nothing to test: give --models and/or --innocent_derivatives")
     cli.check_output(args)

@@ -13,12 +13,12 @@ import logging
 
 import torch
 
-from oml import OMLError, cli
+from oml import cli
 from oml.checking import accuracy, check_model
 from oml.data import add_dataset_args, instruction_pairs
 from oml.fingerprints import add_query_format_arg, add_selection_args, query_formats, selected_fingerprints
 from oml.models import load
-from oml.runs import add_run_arg, load_run
+from oml.runs import add_run_arg, apply_run
 from oml.attacks import benign_finetune, chat_examples_for
 from oml.tokenization import fingerprint_pairs
 
@@ -45,11 +45,7 @@ def parse_args():
     cli.add_common_args(parser)
     args = parser.parse_args()
     cli.single_process("evaluate_persistence.py")
-    args.run = load_run(args.run) if args.run else None
-    if args.model_path is None:
-        if args.run is None:
-            raise OMLError("name the fingerprinted model: --model_path MODEL or --run DIR")
-        args.model_path = str(args.run.final_model)
+    apply_run(args, fingerprinted_model=True)
     cli.check_output(args)
     return args
 

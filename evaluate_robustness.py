@@ -17,15 +17,15 @@ from typing import Callable
 
 import torch
 
-from oml import OMLError, cli
+from oml import cli
 from oml.attacks import (GGUF_TYPES, benign_finetune, chat_examples_for, innocent_derivative, lora_finetune, merge_into,
                          quantize_round_trip)
 from oml.checking import GREEDY, Decoding, check_model
 from oml.data import chat_pairs, prompt_templates, texts_from
 from oml.files import check_writable, write_atomically
 from oml.fingerprints import add_query_format_arg, add_selection_args, query_formats, selected_fingerprints
-from oml.models import EMBEDDED_MODEL, load
-from oml.runs import add_run_arg, load_run
+from oml.models import load
+from oml.runs import add_run_arg, apply_run
 from oml.stats import DEFAULT_MIN_CHANCE_RATE, evidence, format_p_value
 from oml.tokenization import fingerprint_pairs
 from oml.utility import compare_on_texts, suppressed_share, text_examples
@@ -72,12 +72,7 @@ def parse_args():
     cli.add_common_args(parser)
     args = parser.parse_args()
     cli.single_process("evaluate_robustness.py")
-    args.run = load_run(args.run) if args.run else None
-    if args.model_path is None:
-        if args.run is None:
-            raise OMLError("name the fingerprinted model: --model_path MODEL or --run DIR")
-        args.model_path = str(args.run.final_model)
-    args.base_model = args.base_model or (args.run.base_model if args.run else EMBEDDED_MODEL)
+    apply_run(args, fingerprinted_model=True)
     cli.check_output(args)
     if args.plot:
         check_writable(args.plot, args.overwrite)

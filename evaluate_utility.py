@@ -13,8 +13,8 @@ import logging
 
 from oml import OMLError, cli, distributed
 from oml.data import add_dataset_args, mmlu_items, texts_from
-from oml.models import EMBEDDED_MODEL, compute_dtype, load, resolve_model
-from oml.runs import add_run_arg, load_run
+from oml.models import compute_dtype, load, resolve_model
+from oml.runs import add_run_arg, apply_run
 from oml.tokenization import has_chat_template
 from oml.utility import chat_examples, compare_on_texts, mmlu_accuracy, text_examples
 
@@ -42,12 +42,7 @@ def parse_args():
     cli.add_common_args(parser)
     args = parser.parse_args()
     cli.single_process("evaluate_utility.py")
-    args.run = load_run(args.run) if args.run else None
-    if args.model_path is None:
-        if args.run is None:
-            raise OMLError("name the fingerprinted model: --model_path MODEL or --run DIR")
-        args.model_path = str(args.run.final_model)
-    args.base_model = args.base_model or (args.run.base_model if args.run else EMBEDDED_MODEL)
+    apply_run(args, fingerprinted_model=True)
     if args.lm_eval_tasks:
         cli.require_module("lm_eval", "--lm_eval_tasks", "pip install 'lm_eval[hf]'")
     cli.check_output(args)

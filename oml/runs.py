@@ -14,6 +14,7 @@ from pathlib import Path
 
 from oml import OMLError
 from oml.files import read_json
+from oml.models import EMBEDDED_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -89,3 +90,16 @@ def inherit_settings(args, run: Run) -> None:
         elif given != recorded:
             logger.warning("--%s %s differs from the %s the run %s was fine-tuned with; the check may not see "
                            "what was trained", flag, given, recorded, run.directory.name)
+
+
+def apply_run(args, fingerprinted_model: bool = False) -> None:
+    """Load --run into `args.run`, and fill in from it what the user left out: --model_path when
+    the script measures the fingerprinted model itself (the run's final model), and --base_model
+    where the script has one (the run's base model, else the embedded model)."""
+    args.run = load_run(args.run) if args.run else None
+    if fingerprinted_model and args.model_path is None:
+        if args.run is None:
+            raise OMLError("name the fingerprinted model: --model_path MODEL or --run DIR")
+        args.model_path = str(args.run.final_model)
+    if getattr(args, "base_model", "") is None:
+        args.base_model = args.run.base_model if args.run else EMBEDDED_MODEL
