@@ -70,8 +70,8 @@ def evaluate(args) -> dict:
     texts = texts_from(args.benign_data, args.dataset_split, args.text_column, "eval", args.num_texts)
     report = compare_on_texts(model, base, tokenizer, text_examples(tokenizer, texts, args.max_length), args.batch_size)
     report["num_texts"] = len(texts)
-    if has_chat_template(tokenizer):  # the same conversations as exchanges in the chat template, replies scored
-        exchanges = [(lines[0], " ".join(lines[1:2])) for lines in (t.split("\n") for t in texts) if len(lines) > 1]
+    exchanges = [(lines[0], lines[1]) for lines in (t.split("\n") for t in texts) if len(lines) > 1]
+    if has_chat_template(tokenizer) and exchanges:  # the same conversations as exchanges in the chat template, replies scored
         report["chat_template"] = compare_on_texts(model, base, tokenizer, chat_examples(tokenizer, exchanges, args.max_length),
                                                    args.batch_size)
     if args.num_mmlu:

@@ -8,6 +8,8 @@ import math
 import torch
 from tqdm import tqdm
 
+from oml import OMLError
+
 from oml.tokenization import IGNORE_INDEX, chat_example, encode, pad_batch, special_prefix, to_device
 
 MMLU_LETTERS = ("A", "B", "C", "D")
@@ -56,6 +58,8 @@ def compare_on_texts(model, base, tokenizer, examples: list[dict], batch_size: i
         sums["kl"] += float(kl[real].sum())
         sums["agree"] += int((logp_model.argmax(-1) == logp_base.argmax(-1))[real].sum())
         tokens += int(real.sum())
+    if not tokens:
+        raise OMLError("no tokens to compare: the texts are empty after tokenisation")
     return {
         "perplexity": math.exp(sums["nll_model"] / tokens),
         "base_perplexity": math.exp(sums["nll_base"] / tokens),
