@@ -114,7 +114,7 @@ def fine_tune(args, fingerprints: list[dict], config: dict, run_dir: Path) -> No
         epochs = round(trainer.state.epoch)
         logger.info("Trained %d of at most %d epochs", epochs, args.num_train_epochs)
         training = {"epochs_run": epochs, "max_epochs": args.num_train_epochs, "memorised": stopper.history,
-                    "train_runtime": next((e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e), None),
+                    "train_runtime": [e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e][-1],
                     "tokens_seen": trainer.state.num_input_tokens_seen, "world_size": distributed.world_size(),
                     "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
         save_run(run_dir, partial, config, fingerprints, dataset_csv(tokenizer, pairs), trainer.state.log_history, training)

@@ -71,7 +71,7 @@ def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str 
                      str(fingerprints), *STRATEGY, "--num_fingerprints", str(n), "--results_dir", str(out), *VARIANTS[variant])
         run_dir = out / "saved_models" / stdout.strip().splitlines()[-1].split()[-1]
         log = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
-        seconds = next(entry["train_runtime"] for entry in log if "train_runtime" in entry)
+        seconds = [entry["train_runtime"] for entry in log if "train_runtime" in entry][-1]
         (out / f"{name}_train.json").write_text(json.dumps({"run": str(run_dir), "seconds": seconds}))
 
     trained = read_or_make(out / f"{name}_train.json", train)

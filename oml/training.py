@@ -55,9 +55,9 @@ def add_training_args(parser) -> None:
                         help="Stop at the first epoch end where every fingerprint is memorised in every trained format "
                              "(--num_train_epochs is then the cap).")
     parser.add_argument("--target_probability", type=probability, default=1.0,
-                        help="Stop pushing a response token up once its probability reaches this (1: plain cross-entropy). "
-                             "Below the confidence gate of output-suppression attacks (about 0.9), the memorised response "
-                             "stays the greedy answer without a near-certain spike to detect.")
+                        help="Train response tokens towards this probability instead of 1 (1: plain cross-entropy). "
+                             "Below the confidence gate of output-suppression attacks (about 0.9) and above 0.5, the memorised "
+                             "response stays the greedy answer without a near-certain spike to detect.")
     parser.add_argument("--memorised_probability", type=open_unit_interval, default=0.5,
                         help="A fingerprint counts as memorised when greedy decoding gives its response with at least this "
                              "probability: a margin, so that small weight changes (casts, quantization) keep it.")
@@ -195,16 +195,20 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: t
     The teacher's distribution is its top-k tokens and one bucket for all others, so the
     student keeps the teacher's tail mass too (renormalising the top k instead teaches it to
     be overconfident, which raised held-out perplexity by half in our measurements).
-    With `target_probability` below 1, a labelled token stops being pushed once its probability
-    reaches that target (the loss is max(0, log target - log p)): the memorised response stays
-    the greedy answer without the near-certain spike that output-suppression attacks look for.
+    With `target_probability` t below 1, a labelled token is trained towards probability t rather
+    than 1: the loss is the cross-entropy between (t, 1 - t) and (p, 1 - p), smallest at p = t,
+    so the memorised response stays the greedy answer (t > 0.5) without the near-certain spike
+    that output-suppression attacks look for. (Merely not pushing beyond t is not enough: what
+    is learned for other keys carries each response's probability above it.)
     """
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     targets = labels[:, 1:]
     labelled = targets != IGNORE_INDEX
-    nll = -logprobs[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = logprobs[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    nll = -logp
     if target_probability < 1.0:
-        nll = (nll + math.log(target_probability)).clamp(min=0)
+        rest = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
+        nll = -(target_probability * logp + (1 - target_probability) * rest)
     total = nll[labelled].sum()
     count = labelled.sum()
     if teacher_ids is not None:  # position t's teacher distribution is over token t + 1, like logits[:, t]

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -63,3 +65,17 @@ def test_collator_pads_teacher_distributions_like_the_tokens(tokenizer, side):
     assert batch["input_ids"][0][real].tolist() == [5, 6]
     assert batch["teacher_ids"][0][real].tolist() == [[1, 2], [3, 4]]
     assert float(batch["teacher_probs"][0][~real].sum()) == 0.0
+
+
+def test_bounded_target_loss_is_smallest_where_the_response_has_the_target_probability():
+    labels = torch.tensor([[IGNORE_INDEX, 0]])  # token 0 is the response, predicted at position 0
+
+    def loss_at(p: float) -> float:
+        logits = torch.tensor([[[math.log(p), math.log(1 - p), 0.0], [0.0, 0.0, 0.0]]])
+        logits[0, 0, 2] = -1e9  # two live tokens, so the response has probability p exactly
+        return float(distillation_loss(logits, labels, target_probability=0.7))
+
+    grid = [i / 100 for i in range(5, 100, 5)]
+    assert min(grid, key=loss_at) == pytest.approx(0.7)
+    assert loss_at(0.95) > loss_at(0.7) < loss_at(0.5)
+    assert float(distillation_loss(torch.zeros(1, 2, 3), labels, target_probability=1.0)) == pytest.approx(math.log(3))
