@@ -29,6 +29,7 @@ VARIANTS = {  # each names its replay loss, so that the labels stay true if defa
     "distill": ["--benign_loss", "distill"],
     "distill+augmentation": ["--benign_loss", "distill", "--use_augmentation_prompts"],
     "distill+bounded": ["--benign_loss", "distill", "--target_probability", "0.7"],
+    "distill+ungrouped": ["--benign_loss", "distill", "--no-group_by_length"],
     "lm": ["--benign_loss", "lm"],
     "lm+augmentation": ["--benign_loss", "lm", "--use_augmentation_prompts"],
     "lm+averaging": ["--benign_loss", "lm", "--forgetting_regularizer_strength", "0.2"],

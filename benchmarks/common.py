@@ -41,6 +41,51 @@ def benchmark_model(smoke: bool) -> str:
     return tiny_model() if smoke else resolve_model(None)
 
 
+def measured_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's matrix-product rate now (fp32 on CPU, bf16 on GPU), measured in the same run as
+    the benchmark so that both see the same load: the best of a few large products."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def matmul_parameters(model) -> tuple[int, int]:
+    """(parameters that take part in matrix products, those of them that are trained). The input
+    embedding is a lookup, not a product, unless it is tied to the output layer."""
+    embedding = model.get_input_embeddings().weight
+    tied = embedding is model.get_output_embeddings().weight
+    matmul = [p for p in model.parameters() if tied or p is not embedding]
+    return sum(p.numel() for p in matmul), sum(p.numel() for p in matmul if p.requires_grad)
+
+
+def forward_gflop(model, tokens: int) -> float:
+    """Model FLOPs of a forward pass over `tokens` real (not padding) tokens: 2 per matmul parameter."""
+    return 2 * matmul_parameters(model)[0] * tokens / 1e9
+
+
+def training_gflop(model, tokens: int) -> float:
+    """Model FLOPs of training on `tokens` real tokens: forward (2 per matmul parameter), gradients
+    of the activations (2 more) and of the trained weights (2 per trained matmul parameter)."""
+    matmul, trained = matmul_parameters(model)
+    return (4 * matmul + 2 * trained) * tokens / 1e9
+
+
+def utilisation(gflop: float, seconds: float, peak: float) -> dict:
+    """Achieved GFLOP/s and the fraction of the measured peak."""
+    rate = gflop / seconds
+    return {"gflop_per_s": rate, "fraction_of_peak": rate / peak}
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
