@@ -3,14 +3,18 @@
     python benchmarks/check_speed.py [--num_fingerprints 256] [--response_length 1] [--smoke]
 
 Both check the same fingerprints on the embedded model; half of the responses are the
-model's own greedy continuations, so matches and misses are both exercised.
+model's own greedy continuations, so matches and misses are both exercised. Each is also
+given as model GFLOP/s (real tokens only) and as a fraction of this machine's matrix-product
+peak, measured in the same run. `per_key_softmax` is the checker before this version (a full
+softmax and the evidence computed key by key after each batched forward pass), timed beside it.
 """
 import torch
-from common import benchmark_model, benchmark_parser, random_word_keys, save, timed
+from common import (benchmark_model, benchmark_parser, forward_gflop, measured_peak_gflops, random_word_keys, save, timed,
+                    utilisation)
 
 from oml.checking import BARE, check_model, greedy_continuations
 from oml.models import load
-from oml.tokenization import encode, prompt_ids
+from oml.tokenization import encode, pad_batch, prompt_ids
 
 
 def one_key_at_a_time(model, tokenizer, pairs) -> list[bool]:
@@ -21,6 +25,26 @@ def one_key_at_a_time(model, tokenizer, pairs) -> list[bool]:
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=len(response_ids),
                              pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
         matches.append(out[0, prompt.shape[1]:].tolist() == response_ids)
+    return matches
+
+
+@torch.no_grad()
+def per_key_softmax(model, tokenizer, pairs, batch_size: int) -> list[bool]:
+    """The previous checker: one forward pass per batch, then per key a softmax over the whole
+    vocabulary, top-10 tokens and the response's rank."""
+    matches = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        batch = pad_batch([prompt_ids(tokenizer, k) + r for k, r in chunk], tokenizer.pad_token_id, side="left")
+        longest = max(len(r) for _, r in chunk)
+        probs = torch.softmax(model(**batch, logits_to_keep=longest + 1).logits.float(), dim=-1)
+        for row, (_, response) in enumerate(chunk):
+            steps = probs[row, probs.shape[1] - len(response) - 1:probs.shape[1] - 1]
+            target = torch.tensor(response)
+            token_probs = steps[torch.arange(len(response)), target]
+            steps[0].topk(10)
+            int((steps[0] > token_probs[0]).sum())
+            matches.append(bool((steps.argmax(-1) == target).all()))
     return matches
 
 
@@ -39,13 +63,18 @@ def main() -> None:
              for i, (k, o) in enumerate(zip(keys, own))]
 
     check_model(model, tokenizer, pairs[:args.batch_size], BARE, args.batch_size)  # warm-up
+    peak = measured_peak_gflops()
     batched, batched_s = timed(check_model, model, tokenizer, pairs, BARE, args.batch_size)
+    before, before_s = timed(per_key_softmax, model, tokenizer, pairs, args.batch_size)
     single, single_s = timed(one_key_at_a_time, model, tokenizer, pairs)
-    identical = sum(r["match"] == m for r, m in zip(batched, single))
+    identical = sum(r["match"] == m == b for r, m, b in zip(batched, single, before))
+    gflop = forward_gflop(model, sum(len(prompt_ids(tokenizer, k)) + len(r) for k, r in pairs))
     save(args.results_dir, f"check_speed_r{args.response_length}", {
         "num_fingerprints": len(pairs), "response_length": args.response_length, "batch_size": args.batch_size,
-        "batched_s": batched_s, "one_at_a_time_s": single_s, "speedup": single_s / batched_s,
-        "identical_per_key_results": identical, "matches": sum(single)})
+        "batched_s": batched_s, "per_key_softmax_s": before_s, "one_at_a_time_s": single_s, "speedup": single_s / batched_s,
+        "identical_per_key_results": identical, "matches": sum(single), "model_gflop": gflop, "peak_gflop_per_s": peak,
+        "batched": utilisation(gflop, batched_s, peak), "per_key_softmax": utilisation(gflop, before_s, peak),
+        "one_at_a_time": utilisation(gflop, single_s, peak)})
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ class FingerprintDataset(torch.utils.data.Dataset):
         return random.Random(f"{self.seed}:{self.epoch}:{index}").choice(self.choices)
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)  # also ends iteration (the Trainer's length-grouped sampler iterates)
         fingerprints = len(self.pairs) * len(self.key_formats)
         if index >= fingerprints:
             return self.benign[(self.epoch * self.benign_per_epoch + index - fingerprints) % len(self.benign)]
@@ -181,11 +183,13 @@ def distilled_replay(model, sequences: list[list[int]], batch_size: int = 64) ->
     for start in tqdm(range(0, len(sequences), batch_size), desc="teacher distributions", leave=False,
                       disable=not distributed.is_main_process()):
         chunk = sequences[start:start + batch_size]
-        logits = model(**to_device(pad_batch(chunk, 0, side="right"), model.device)).logits
-        probs, ids = torch.softmax(logits.float(), dim=-1).topk(TEACHER_TOP_K)
-        for row, ids_row, probs_row in zip(chunk, ids.cpu(), probs.cpu()):
-            examples.append({"input_ids": row, "labels": [IGNORE_INDEX] * len(row),
-                             "teacher_ids": ids_row[:len(row)], "teacher_probs": probs_row[:len(row)]})
+        batch = to_device(pad_batch(chunk, 0, side="right"), model.device)
+        real = batch["attention_mask"].bool()
+        logits = model(**batch).logits[real].float()  # padding positions are never taught: not computed further
+        top_logits, ids = logits.topk(TEACHER_TOP_K, dim=-1)
+        probs = torch.exp(top_logits - torch.logsumexp(logits, dim=-1, keepdim=True))  # no full softmax
+        for row, ids_row, probs_row in zip(chunk, ids.cpu().split([len(r) for r in chunk]), probs.cpu().split([len(r) for r in chunk])):
+            examples.append({"input_ids": row, "labels": [IGNORE_INDEX] * len(row), "teacher_ids": ids_row, "teacher_probs": probs_row})
     return examples
 
 
