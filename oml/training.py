@@ -30,7 +30,8 @@ REPLAY_LENGTH = 32  # tokens per replayed benign sequence
 def add_training_args(parser) -> None:
     """The fine-tuning hyperparameters (finetune_multigpu.py's flags; benchmarks parse them too)."""
     parser.add_argument("--learning_rate", type=positive_float, default=1e-4)
-    parser.add_argument("--num_train_epochs", type=positive_int, default=10)
+    parser.add_argument("--num_train_epochs", type=positive_int, default=20,
+                        help="The cap: with --stop_when_memorised training usually ends earlier.")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="Fingerprints per step on each rank.")
     parser.add_argument("--weight_decay", type=non_negative_float, default=1e-4)
     parser.add_argument("--forgetting_regularizer_strength", type=unit_interval, default=0.0,
