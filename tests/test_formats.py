@@ -6,7 +6,7 @@ import torch
 
 from oml.generation import perinucleus_choice
 from oml.tokenization import encode, prompt_ids, system_message
-from tests.conftest import final_model_dir, random_word_fingerprints, run_script
+from tests.conftest import ROOT, final_model_dir, random_word_fingerprints, run_script
 
 
 def test_chat_prompt_is_exactly_what_the_chat_template_tokenises(tokenizer):
@@ -49,3 +49,15 @@ def test_stop_when_memorised_ends_training_early_and_records_it(tmp_path, tiny_m
     assert "skipping" in again.stderr  # the identity does not depend on the epochs actually run
     full = run_script("finetune_multigpu.py", *args, "--num_train_epochs", "3", "--no-stop_when_memorised", cwd=tmp_path)
     assert json.loads((final_model_dir(tmp_path, full.stdout).parent / "training.json").read_text())["epochs_run"] == 3
+
+
+def test_a_gguf_suspect_gives_the_same_per_key_results_as_its_converted_checkpoint(tmp_path, embedded_model):
+    from oml.models import embedded_gguf
+    (tmp_path / "fp.json").write_text(json.dumps(json.loads((ROOT / "generated_data" / "example_fingerprints.json").read_text())[:16]))
+    reports = []
+    for name, model in (("gguf", embedded_gguf()), ("converted", embedded_model)):
+        run_script("check_fingerprints.py", "--model_path", model, "--fingerprints_file_path", "fp.json", "--null_model", "none",
+                   "--query_format", "both", "--output_json", f"{name}.json", cwd=tmp_path)
+        reports.append(json.loads((tmp_path / f"{name}.json").read_text()))
+    gguf, converted = ([(k["index"], k["format"], k["match"], k["predicted"], k["response_rank"]) for k in r["keys"]] for r in reports)
+    assert gguf == converted and len(gguf) == 32
