@@ -17,14 +17,13 @@ from oml import OMLError, distributed
 from oml.checking import check_model
 from oml.cli import non_negative_float, open_unit_interval, positive_float, positive_int, probability, unit_interval
 from oml.data import add_dataset_args, prompt_templates, texts_from
-from oml.tokenization import (FORMAT_CHOICES, IGNORE_INDEX, encode, formats, pad_batch, prompt_ids, special_prefix, to_device,
+from oml.tokenization import (FORMAT_CHOICES, IGNORE_INDEX, encode, formats, pad_batch, prompt_ids, to_device,
                               training_example)
 
 logger = logging.getLogger(__name__)
 
 TEACHER_TOP_K = 16  # next-token probabilities kept per position for distillation replay
 MAX_REPLAY_POOL = 4096  # distinct benign replay sequences (reused cyclically beyond this)
-REPLAY_LENGTH = 32  # tokens per replayed benign sequence
 
 
 def add_training_args(parser) -> None:
@@ -109,53 +108,45 @@ class FingerprintDataset(torch.utils.data.Dataset):
         return training_example(self.tokenizer, key_ids, response_ids, self.template(index), key_format)
 
 
-def benign_sequences(args, tokenizer, count: int, length: int = REPLAY_LENGTH) -> list[list[int]]:
-    """`count` benign texts of `length` tokens: --benign_data (the shipped chat's training split by
-    default, disjoint from the one utility is measured on)."""
+def replay_sequences(args, tokenizer, count: int, key_format: str) -> list[list[int]]:
+    """`count` benign sequences shaped like the fingerprint examples of `key_format`: a stretch of
+    --max_key_length tokens of benign text asked the way keys are (raw text, or the user message of
+    the chat template), then the --max_response_length + 1 tokens that follow it (chat: the start of
+    the next line, as the reply). Of the same length as the fingerprints beside them, they share
+    their length-grouped batches, so every step is regularised and nothing is padded; and they keep
+    ordinary continuations, chat replies' first tokens above all, where the untouched model had them.
+    From --benign_data: the shipped chat's training split by default, disjoint from what utility is measured on."""
+    key_length, tail = args.max_key_length, args.max_response_length + 1
     sequences = []
     for text in texts_from(args.benign_data, args.dataset_split, args.text_column, "train"):
-        ids = (special_prefix(tokenizer) + encode(tokenizer, text[:8 * length]))[:length]  # 8 characters a token is plenty
-        if len(ids) == length:
-            sequences.append(ids)
+        if key_format == "raw":
+            ids = encode(tokenizer, text[:8 * (key_length + tail)])  # 8 characters a token is plenty
+            pieces = [(ids[:key_length], ids[key_length:key_length + tail])]
+        else:  # consecutive lines as message and reply; a text of one line is split after the key's length
+            lines = [encode(tokenizer, line) for line in text.split("\n") if line.strip()]
+            pairs = zip(lines, lines[1:]) if len(lines) > 1 else [(ids, ids[key_length:]) for ids in lines]
+            pieces = [(message[:key_length], reply[:tail]) for message, reply in pairs]
+        for key_ids, following in pieces:
+            if len(key_ids) == key_length and len(following) == tail and len(sequences) < count:
+                sequences.append(prompt_ids(tokenizer, key_ids, None, key_format) + following)
         if len(sequences) == count:
-            break
+            return sequences
     if not sequences:
-        raise OMLError(f"--benign_data {args.benign_data} has no text of {length} tokens or more")
-    return sequences
-
-
-def chat_replay_sequences(args, tokenizer, count: int, message_length: int = 24, length: int = 2 * REPLAY_LENGTH) -> list[list[int]]:
-    """`count` benign exchanges in the model's chat template (a message as the user turn, the next
-    line of the text as the start of the reply): replayed so that chat-format fingerprints leave
-    the model's ordinary replies, above all their first tokens, where they were."""
-    sequences = []
-    for text in texts_from(args.benign_data, args.dataset_split, args.text_column, "train"):
-        lines = [line for line in text.split("\n") if line.strip()]
-        message_ids = encode(tokenizer, lines[0])[:message_length] if lines else []
-        if message_ids:
-            reply = encode(tokenizer, " ".join(lines[1:2]))
-            sequences.append((prompt_ids(tokenizer, message_ids, None, "chat") + reply)[:length])
-        if len(sequences) == count:
-            break
+        raise OMLError(f"--benign_data {args.benign_data} has no text of {key_length + tail} tokens or more to replay")
     return sequences
 
 
 def build_dataset(args, tokenizer, pairs: list[tuple[list[int], list[int]]], model) -> "FingerprintDataset":
-    """Fingerprints in each trained format (in augmentation templates if asked) plus benign replay
-    (labelled by `model` itself, before any training, with --benign_loss distill); with the chat
-    format, half of the replay is chat exchanges."""
+    """Fingerprints in each trained format (in augmentation templates if asked) plus benign replay in
+    the same formats (labelled by `model` itself, before any training, with --benign_loss distill)."""
     key_formats = formats(args.key_format)
     templates = prompt_templates("train") if args.use_augmentation_prompts else None
     benign_per_epoch = round(args.benign_ratio * len(pairs))
     benign = None
     if benign_per_epoch:
         total = min(benign_per_epoch * args.num_train_epochs, MAX_REPLAY_POOL)
-        if "chat" in key_formats:
-            chat = chat_replay_sequences(args, tokenizer, total // 2)
-            raw = benign_sequences(args, tokenizer, total - len(chat))
-            pool = [seq for pair in zip(raw, chat) for seq in pair] + raw[len(chat):]  # both kinds in every epoch's slice
-        else:
-            pool = benign_sequences(args, tokenizer, total)
+        kinds = [replay_sequences(args, tokenizer, -(-total // len(key_formats)), f) for f in key_formats]
+        pool = [seq for group in zip(*kinds) for seq in group]  # every format in every epoch's slice
         benign = distilled_replay(model, pool) if args.benign_loss == "distill" else benign_replay(pool)
     return FingerprintDataset(tokenizer, pairs, key_formats, templates, args.seed, benign, benign_per_epoch)
 
