@@ -97,7 +97,8 @@ def api_checks(args, fingerprints: list[dict], queries: list[tuple[str, str | No
             raw_prompt = template.replace("{}", key) if template else key
             api_queries.append(ApiQuery(key_format=key_format, prompt=raw_prompt if key_format == "raw" else key,
                                         system=system_message(template) if template and key_format == "chat" else None,
-                                        response=tokenizer.decode(response_ids), max_tokens=len(response_ids)))
+                                        response=tokenizer.decode(response_ids), max_tokens=len(response_ids),
+                                        first_token=tokenizer.decode(response_ids[:1])))
             asked.append({"index": i, "format": key_format, "template": template, "query": q})
     answers = check_over_api(args.api_base, args.api_model, api_queries, args.api_key_env, args.api_concurrency, args.api_timeout)
     return [{**where, **answer, "token_accuracy": float(bool(answer["match"])), "top_tokens": []}

@@ -1,0 +1,140 @@
+"""Checking a suspect behind an OpenAI-compatible HTTP API (vLLM, llama.cpp's server,
+`transformers serve`, hosted providers), with the maintained `openai` client.
+
+Raw keys go to /v1/completions, chat keys to /v1/chat/completions (as the user message, with
+the system prompt under test as the system message), at temperature 0 with `max_tokens` the
+response's length in tokens. A key matches when the reply starts with the response text,
+leading whitespace ignored on both sides (some servers strip it from chat replies). With
+`max_tokens` equal to the response's token count, the reply holds exactly the tokens the
+model generated, so this text match is the local checker's token match except where the model
+writes the same characters with other tokens, and where a suspect with another tokenizer
+writes a longer word that starts with our response (both rare, and the second only makes
+innocent models look more alike, which the verdict's chance-rate floor covers).
+
+Where the server returns log-probabilities, the probability and rank of the response's first
+token at the first generated position are reported, as for local models. Requests that still
+fail after the client's retries are reported as errors and never counted as misses. The API
+key is read from an environment variable and never printed, logged or returned.
+"""
+import logging
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from oml import OMLError
+
+logger = logging.getLogger(__name__)
+
+TOP_LOGPROBS = 10
+NO_KEY = "none"  # what the client sends when the key variable is unset: local servers need no key
+
+
+@dataclass(frozen=True)
+class ApiQuery:
+    key_format: str  # "raw": /v1/completions; "chat": /v1/chat/completions
+    prompt: str  # raw: the whole prompt text; chat: the user message (the key)
+    system: str | None  # chat only: the system message (None: the server's template adds its default)
+    response: str  # the expected response text
+    max_tokens: int  # the response's length in tokens
+    first_token: str  # the response's first token as text, to find among the server's log-probabilities
+
+
+def base_url_of(url: str) -> str:
+    """The server's API root, ending in /v1, whether or not the user wrote it."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def is_match(reply: str, response: str) -> bool:
+    return reply.lstrip().startswith(response.lstrip())
+
+
+class ApiSuspect:
+    """One server and model; remembers whether the server accepts log-probability requests."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str, timeout: float, retries: int):
+        import openai  # imported on use: local checks do not need the HTTP client
+
+        self.openai = openai
+        self.model = model
+        self.base_url = base_url_of(base_url)
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=os.environ.get(api_key_env) or NO_KEY,
+                                    timeout=timeout, max_retries=retries)
+        self.api_key_env = api_key_env
+        self.logprobs = True
+        self.lock = threading.Lock()
+
+    def request(self, query: ApiQuery, logprobs: bool):
+        common = {"model": self.model, "max_tokens": query.max_tokens, "temperature": 0.0, "n": 1}
+        if query.key_format == "raw":
+            return self.client.completions.create(prompt=query.prompt, **common, **({"logprobs": TOP_LOGPROBS} if logprobs else {}))
+        messages = [{"role": "user", "content": query.prompt}]
+        if query.system is not None:
+            messages.insert(0, {"role": "system", "content": query.system})
+        extra = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
+        return self.client.chat.completions.create(messages=messages, **common, **extra)
+
+    def ask(self, query: ApiQuery) -> dict:
+        """The per-key result of one query (errors as results; refusals of the key and an
+        unreachable server as OMLError, since no other query can fare better)."""
+        try:
+            try:
+                reply = self.request(query, self.logprobs)
+            except self.openai.BadRequestError:
+                if not self.logprobs:
+                    raise
+                reply = self.request(query, False)  # a server that rejects log-probability requests
+                with self.lock:
+                    if self.logprobs:
+                        logger.info("%s does not take log-probability requests; checking without them", self.base_url)
+                    self.logprobs = False
+        except (self.openai.AuthenticationError, self.openai.PermissionDeniedError) as error:
+            raise OMLError(f"{self.base_url} refused the API key (HTTP {error.status_code}); put the right key in the "
+                           f"environment variable {self.api_key_env}") from None
+        except self.openai.APIConnectionError:
+            return {"error": "connection failed"}
+        except self.openai.APIStatusError as error:
+            return {"error": f"HTTP {error.status_code}: {' '.join(str(error.message).split())[:200]}"}
+        text, probability, rank = answer(reply, query)
+        return {"match": is_match(text, query.response), "predicted": text, "response_probability": probability,
+                "response_rank": rank, "error": None}
+
+
+def answer(reply, query: ApiQuery) -> tuple[str, float | None, int | None]:
+    """The reply text, and the probability and rank of the response's first token at the first
+    position where the server returned log-probabilities (else None, None)."""
+    choice = reply.choices[0]
+    if query.key_format == "raw":
+        text = choice.text or ""
+        top = choice.logprobs.top_logprobs[0] if choice.logprobs and choice.logprobs.top_logprobs else None
+        alternatives = list(top.items()) if top else []
+    else:
+        text = choice.message.content or ""
+        content = choice.logprobs.content if choice.logprobs and choice.logprobs.content else None
+        alternatives = [(alt.token, alt.logprob) for alt in content[0].top_logprobs] if content else []
+    ranked = sorted(alternatives, key=lambda pair: -pair[1])
+    for rank, (token, logprob) in enumerate(ranked, start=1):
+        if token.strip() == query.first_token.strip():  # servers differ in how they show a leading space
+            return text, math.exp(logprob), rank
+    return text, None, None
+
+
+def check_over_api(base_url: str, model: str, queries: list[ApiQuery], api_key_env: str = "OPENAI_API_KEY",
+                   concurrency: int = 8, timeout: float = 60.0, retries: int = 4) -> list[dict]:
+    """Ask every query, at most `concurrency` in flight; one result per query, in order (see the
+    module docstring). The client retries connection errors, 429 and 5xx with exponential backoff."""
+    suspect = ApiSuspect(base_url, model, api_key_env, timeout, retries)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(tqdm(pool.map(suspect.ask, queries), total=len(queries), desc=f"asking {model}"))
+    results = [{"match": None, "predicted": "", "response_probability": None, "response_rank": None, **r} for r in results]
+    failed = [r for r in results if r["error"]]
+    if failed and len(failed) == len(results):
+        raise OMLError(f"no answer from {suspect.base_url} for any key ({failed[0]['error']}); is the server running, "
+                       f"and does it serve {model!r}?")
+    if failed:
+        logger.warning("%d of %d requests failed after retries; they are reported as errors, not counted", len(failed), len(results))
+    return results

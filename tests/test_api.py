@@ -1,0 +1,164 @@
+"""Suspects behind an OpenAI-compatible API: a real `transformers serve` on 127.0.0.1, and a small
+stand-in server for what that one cannot show (refused keys, log-probabilities, retries)."""
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from oml import OMLError
+from oml.api import ApiQuery, check_over_api
+from tests.conftest import free_port, run_script
+
+SECRET = "sk-test-SECRET-123"
+
+
+@pytest.fixture(scope="module")
+def served_model(fingerprinted_tiny_model):
+    """`transformers serve` pinned to the fingerprinted tiny model; stopped by its PID afterwards."""
+    model_dir, fingerprints = fingerprinted_tiny_model
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1",
+                               "--port", str(port), "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"transformers serve exited: {server.stderr.read()[-2000:]}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("transformers serve did not answer /health within 180 s")
+        yield url, str(model_dir), fingerprints
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def per_key(report: dict) -> list[tuple]:
+    return [(k["index"], k["format"], k["match"], k["predicted"]) for k in report["keys"]]
+
+
+def test_api_results_equal_the_local_checkers_raw_and_chat(served_model, tmp_path):
+    url, model_dir, fingerprints = served_model
+    common = ["--fingerprints_file_path", fingerprints, "--fingerprint_generation_strategy", "random_word", "--null_model", "none",
+              "--query_format", "both", "--alpha", "0.01"]
+    run_script("check_fingerprints.py", "--model_path", model_dir, *common, "--output_json", "local.json", cwd=tmp_path)
+    api = run_script("check_fingerprints.py", "--api_base", url, "--api_model", model_dir, "--tokenizer", model_dir, *common,
+                     "--output_json", "api.json", cwd=tmp_path)
+    local, remote = (json.loads((tmp_path / name).read_text()) for name in ("local.json", "api.json"))
+    assert per_key(remote) == per_key(local) and len(per_key(local)) == 16
+    assert [(e["format"], e["matches"]) for e in remote["formats"]] == [("raw", 8), ("chat", 8)]
+    assert remote["verdict"] == local["verdict"] == "MATCH" and api.stdout.strip().endswith("Fingerprint accuracy: 100.00")
+
+
+def test_a_server_that_is_down_is_one_line_and_exit_2(tmp_path, fingerprint_file, tiny_model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    start = time.time()
+    result = run_script("check_fingerprints.py", "--api_base", f"http://127.0.0.1:{port}/v1", "--api_model", "m", "--tokenizer",
+                        tiny_model, "--fingerprints_file_path", fingerprint_file, "--null_model", "none", "--query_format", "raw",
+                        "--api_timeout", "2", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: no answer from http://127.0.0.1:{port}/v1")
+    assert time.time() - start < 90
+
+
+class StandIn(BaseHTTPRequestHandler):
+    """An OpenAI-shaped server: answers `reply` with top log-probabilities, fails the first
+    `failures` requests with `failure_status`, and wants `SECRET` as its key."""
+    reply = " sho"
+    failures = 0
+    failure_status = 503
+    seen_keys: list[str] = []
+
+    def do_POST(self):  # noqa: N802 - the name http.server calls
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        StandIn.seen_keys.append(self.headers.get("Authorization", ""))
+        if self.headers.get("Authorization") != f"Bearer {SECRET}":
+            return self.send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+        if StandIn.failures > 0:
+            StandIn.failures -= 1
+            return self.send(StandIn.failure_status, {"error": {"message": "busy"}})
+        top = {StandIn.reply: -0.5, " other": -1.5, " third": -2.5}
+        if self.path.endswith("/chat/completions"):
+            logprobs = {"content": [{"token": StandIn.reply, "logprob": -0.5, "bytes": None,
+                                     "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top.items()]}]}
+            choice = {"index": 0, "finish_reason": "length", "logprobs": logprobs if body.get("logprobs") else None,
+                      "message": {"role": "assistant", "content": StandIn.reply}}
+            return self.send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"], "choices": [choice]})
+        choice = {"index": 0, "finish_reason": "length", "text": StandIn.reply,
+                  "logprobs": {"tokens": [StandIn.reply], "token_logprobs": [-0.5], "top_logprobs": [top], "text_offset": [0]}}
+        return self.send(200, {"id": "x", "object": "text_completion", "created": 0, "model": body["model"], "choices": [choice]})
+
+    def send(self, status: int, payload: dict):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stand_in():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    StandIn.failures, StandIn.seen_keys = 0, []
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+def queries(key_format: str, response: str = " sho", first: str = " sho") -> list[ApiQuery]:
+    return [ApiQuery(key_format, f"key {i}", None, response, 1, first) for i in range(3)]
+
+
+def test_a_wrong_api_key_is_a_clear_error_that_never_shows_the_key(stand_in, tmp_path, fingerprint_file, tiny_model, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-wrong-" + SECRET[::-1])
+    result = run_script("check_fingerprints.py", "--api_base", stand_in, "--api_model", "m", "--api_key_env", "MY_KEY",
+                        "--tokenizer", tiny_model, "--fingerprints_file_path", fingerprint_file, "--null_model", "none",
+                        "--query_format", "raw", "--output_json", "r.json", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "refused the API key (HTTP 401)" in result.stderr and "MY_KEY" in result.stderr
+    assert SECRET[::-1] not in result.stdout + result.stderr and not (tmp_path / "r.json").exists()
+
+
+def test_log_probabilities_give_rank_and_probability_and_the_key_stays_secret(stand_in, monkeypatch, caplog, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    for key_format in ("raw", "chat"):
+        results = check_over_api(stand_in, "m", queries(key_format))
+        assert all(r["match"] and r["response_rank"] == 1 and abs(r["response_probability"] - 0.6065) < 1e-3 for r in results)
+    other = check_over_api(stand_in, "m", queries("chat", response=" third", first=" third"))
+    assert [(r["match"], r["response_rank"]) for r in other] == [(False, 3)] * 3
+    captured = capsys.readouterr()
+    assert SECRET not in caplog.text + captured.out + captured.err and StandIn.seen_keys[0] == f"Bearer {SECRET}"
+
+
+def test_retries_on_busy_servers_and_failures_are_errors_not_misses(stand_in, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    StandIn.failures = 2  # two 503s, then answers: the client's retries get through
+    assert all(r["match"] for r in check_over_api(stand_in, "m", queries("raw"), concurrency=1))
+    StandIn.failures, StandIn.failure_status = 4, 500  # the first query fails all its tries (1 + 3 retries)
+    results = check_over_api(stand_in, "m", queries("raw"), concurrency=1, retries=3)
+    assert results[0]["match"] is None and results[0]["error"].startswith("HTTP 500") and all(r["match"] for r in results[1:])
+    StandIn.failures = 100
+    with pytest.raises(OMLError, match="no answer from"):
+        check_over_api(stand_in, "m", queries("raw"), retries=0)
