@@ -1,0 +1,265 @@
+"""The GPU path end to end, measured: bf16 + DeepSpeed fingerprinting, checking and generation.
+
+    bash benchmarks/gpu_check.sh                      # on one GPU: under 8 minutes
+    python benchmarks/gpu_check.py --smoke            # the same stages on a CPU, tiny model, seconds
+
+With a random-weight model of a real architecture built from its config (Llama-3.2-1B's shape,
+with the embedded model's 49,152-token vocabulary: no download, no large file to carry), it runs:
+1. perinucleus responses for 1,024 random-word keys (raw and chat), batched against one key at a time;
+2. fine-tuning 1,024 random-word fingerprints through `finetune_multigpu.py` under
+   `deepspeed --num_gpus 1`, ZeRO-2 and ZeRO-3, weight averaging on, a fixed number of epochs;
+3. the same fine-tuning as a bare PyTorch loop (fp32 master weights, bf16 autocast, fused AdamW)
+   on the same dataset, batches and loss, for the Trainer's overhead;
+4. checking the fine-tuned model, batched against one `generate` per key;
+5. if time is left, ZeRO-2 at batch 64, for the utilisation a larger batch reaches.
+
+Model FLOPs count real (not padding) tokens: a forward pass costs 2 FLOPs per parameter in a
+matrix product (the input embedding is a lookup; tied to the output layer it counts once),
+training adds 2 for the activation gradients and 2 per trained parameter for the weight
+gradients (`benchmarks.common.training_gflop`). Utilisation is against the bf16 matrix-product
+rate measured in the same run and against the datasheet peak (989 TFLOP/s for an H100/H200 SXM).
+Every stage is guarded: one that fails is reported with its error and the others still run.
+Writes gpu_check.json (and the log) to --results_dir.
+"""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from common import (ROOT, benchmark_parser, forward_gflop, measured_peak_gflops, random_word_keys, save, training_gflop,
+                    utilisation)
+
+from oml.checking import check_model
+from oml.generation import perinucleus_responses, random_words, rng_for
+from oml.models import LLAMA_3_2_1B, TINY_LLAMA, load, load_tokenizer, resolve_model, save_random_model
+from oml.tokenization import KEY_FORMATS, encode, fingerprint_pairs, prompt_ids
+from oml.training import freeze_embeddings
+
+DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16
+STARTED = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, *args, **kwargs):
+    synchronize()
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    synchronize()
+    return result, time.perf_counter() - start
+
+
+def stage(results: dict, name: str, fn, *args) -> None:
+    """Run one stage; its result, or its error, goes into `results`."""
+    log(f"stage {name}")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        results[name] = fn(*args)
+        if torch.cuda.is_available():
+            results[name].setdefault("peak_gpu_memory_gib", torch.cuda.max_memory_allocated() / 2**30)
+    except Exception as error:  # noqa: BLE001 - a failed stage is a finding to report, not a reason to stop
+        results[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
+        log(f"stage {name} failed: {error}")
+
+
+def fingerprint_records(count: int) -> list[dict]:
+    return [{"key": key, "response": " " + random_words(rng_for(1, i, "response"), 1)}
+            for i, key in enumerate(random_word_keys(count))]
+
+
+def perinucleus_stage(model_path: str, keys: list[str], peak: float) -> dict:
+    model, tokenizer = load(model_path)
+
+    def run(batch_size: int) -> list[dict]:
+        out = []
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start:start + batch_size]
+            out += perinucleus_responses(model, tokenizer, chunk, list(range(start, start + len(chunk))), 16, 0.8, 3, 42, KEY_FORMATS)
+        return out
+
+    run(128)  # warm-up
+    batched, batched_s = timed(run, 128)
+    single, single_s = timed(run, 1)
+    tokens = sum(len(prompt_ids(tokenizer, encode(tokenizer, k)[:16], None, f)) for k in keys for f in KEY_FORMATS)
+    gflop = forward_gflop(model, tokens)
+    return {"keys": len(keys), "batched_s": batched_s, "one_at_a_time_s": single_s, "speedup": single_s / batched_s,
+            "identical_responses": sum(a["response"] == b["response"] for a, b in zip(batched, single)),
+            "model_gflop": gflop, "batched": utilisation(gflop, batched_s, peak), "one_at_a_time": utilisation(gflop, single_s, peak)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finetune_stage(model_path: str, fingerprints: Path, work: Path, stage_args: list[str], peak: float, gflop_per_token: float) -> dict:
+    """finetune_multigpu.py under `deepspeed --num_gpus 1`, as users launch it; numbers from its training.json."""
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port())]
+    command = [*launcher, str(ROOT / "finetune_multigpu.py"), "--model_path", model_path, "--fingerprints_file_path", str(fingerprints),
+               "--fingerprint_generation_strategy", "random_word", "--forgetting_regularizer_strength", "0.5",
+               "--no-stop_when_memorised", "--results_dir", str(work / "results"), *stage_args]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"finetune_multigpu.py exit {result.returncode}: {result.stderr[-2000:]}")
+    run_dir = work / "results" / "saved_models" / re.search(r"Config hash of the final model: (\w+)", result.stdout).group(1)
+    training = json.loads((run_dir / "training.json").read_text())
+    gflop = gflop_per_token * training["tokens_seen"]
+    return {"args": stage_args, "wall_s": wall, "train_runtime_s": training["train_runtime"], "epochs": training["epochs_run"],
+            "tokens": training["tokens_seen"], "tokens_per_s": training["tokens_seen"] / training["train_runtime"],
+            "model_gflop": gflop, **utilisation(gflop, training["train_runtime"], peak),
+            "peak_gpu_memory_gib": training["peak_gpu_memory_gib"], "run": str(run_dir)}
+
+
+def bare_loop_stage(model_path: str, fingerprints: list[dict], epochs: int, batch_size: int, peak: float, gflop_per_token: float) -> dict:
+    """The same dataset, batches and loss as the Trainer, in a plain loop: the floor for its overhead."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from oml import cli
+    from oml.training import FingerprintCollator, add_training_args, build_dataset, distillation_loss
+
+    parser = cli.ArgumentParser()
+    add_training_args(parser)
+    settings = parser.parse_args(["--num_train_epochs", str(epochs), "--batch_size", str(batch_size), "--key_format", "both"])
+    settings.max_key_length, settings.max_response_length = 16, 1
+    model, tokenizer = load(model_path, dtype=torch.float32)
+    pairs = fingerprint_pairs(tokenizer, fingerprints, 16, 1)
+    dataset = build_dataset(settings, tokenizer, pairs, model)
+    freeze_embeddings(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=torch.cuda.is_available())
+    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=LengthGroupedSampler(batch_size, lengths=lengths),
+                                         collate_fn=FingerprintCollator(tokenizer))
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available())
+    times = []
+    for epoch in range(epochs):
+        dataset.epoch = epoch
+        synchronize()
+        start = time.perf_counter()
+        for batch in loader:
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            labels, teacher_ids, teacher_probs = batch.pop("labels"), batch.pop("teacher_ids", None), batch.pop("teacher_probs", None)
+            with autocast:
+                logits = model(**batch).logits
+            distillation_loss(logits, labels, teacher_ids, teacher_probs).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    gflop = gflop_per_token * sum(lengths) * epochs
+    return {"epoch_s": times, "total_s": sum(times), "tokens_per_s": sum(lengths) * epochs / sum(times),
+            **utilisation(gflop, sum(times), peak)}
+
+
+def checker_stage(model_path: str, fingerprints: list[dict]) -> dict:
+    model, tokenizer = load(model_path)
+    pairs = fingerprint_pairs(tokenizer, fingerprints, 16, 1)
+    queries = [(f, None) for f in KEY_FORMATS]
+    check_model(model, tokenizer, pairs[:64], queries, 64, progress=False)  # warm-up
+    batched, batched_s = timed(check_model, model, tokenizer, pairs, queries, 64, progress=False)
+
+    @torch.no_grad()
+    def one_generate_per_key() -> list[bool]:
+        matches = []
+        for key_format, _ in queries:
+            for key_ids, response_ids in pairs:
+                prompt = torch.tensor([prompt_ids(tokenizer, key_ids, None, key_format)], device=model.device)
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=len(response_ids),
+                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+                matches.append(out[0, prompt.shape[1]:].tolist() == response_ids)
+        return matches
+
+    single, single_s = timed(one_generate_per_key)
+    return {"queries": len(batched), "batched_s": batched_s, "one_generate_per_key_s": single_s, "speedup": single_s / batched_s,
+            "identical_per_key_results": sum(r["match"] == m for r, m in zip(batched, single)),
+            "accuracy": {f: 100.0 * sum(r["match"] for r in batched if r["format"] == f) / len(pairs) for f in KEY_FORMATS}}
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: the embedded model's).")
+    parser.add_argument("--num_keys", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--time_budget", type=float, default=390.0, help="Seconds after which optional stages are skipped.")
+    args = parser.parse_args()
+    if args.smoke:
+        args.num_keys, args.epochs = 8, 1
+    gpu = torch.cuda.is_available()
+    tokenizer = load_tokenizer(args.tokenizer or resolve_model(None))
+    work = Path(tempfile.mkdtemp(prefix="oml-gpu-check-"))
+    body = TINY_LLAMA if args.smoke else LLAMA_3_2_1B
+    log(f"building a random {'tiny' if args.smoke else 'Llama-3.2-1B-shaped'} model on {'GPU' if gpu else 'CPU'}")
+    model_path = str(save_random_model(work / "model", tokenizer, body))
+    fingerprints = fingerprint_records(args.num_keys)
+    (work / "fingerprints.json").write_text(json.dumps(fingerprints))
+    peak = measured_peak_gflops(size=8192 if gpu else 2048)
+    base, _ = load(model_path, device=None)
+    freeze_embeddings(base)  # as finetune_multigpu.py trains it
+    gflop_per_token = training_gflop(base, 1)
+    del base
+    results = {"gpu": torch.cuda.get_device_name() if gpu else None, "versions": versions(), "keys": args.num_keys,
+               "epochs": args.epochs, "measured_peak_gflop_per_s": peak,
+               "datasheet_peak_gflop_per_s": DATASHEET_BF16_TFLOPS * 1e3 if gpu else None, "model_body": body}
+
+    stage(results, "perinucleus", perinucleus_stage, model_path, random_word_keys(args.num_keys), peak)
+    common = ["--num_train_epochs", str(args.epochs), "--batch_size", "8"]
+    tune = (model_path, work / "fingerprints.json", work)
+    stage(results, "finetune_zero2", finetune_stage, *tune, [*common, "--deepspeed_stage", "2"], peak, gflop_per_token)
+    stage(results, "bare_loop", bare_loop_stage, model_path, fingerprints, args.epochs, 8, peak, gflop_per_token)
+    stage(results, "finetune_zero3", finetune_stage, *tune, [*common, "--deepspeed_stage", "3"], peak, gflop_per_token)
+    trained = results["finetune_zero2"].get("run")
+    if trained:
+        stage(results, "checker", checker_stage, str(Path(trained) / "final_model"), fingerprints)
+    if time.perf_counter() - STARTED < args.time_budget:
+        larger = ["--num_train_epochs", str(args.epochs), "--batch_size", "64", "--deepspeed_stage", "2"]
+        stage(results, "finetune_zero2_batch64", finetune_stage, *tune, larger, peak, gflop_per_token)
+    summarise(results)
+    save(args.results_dir, "gpu_check", results)
+    log("done")
+
+
+def summarise(results: dict) -> None:
+    """The ratios the goals are stated in, beside the stage results."""
+    zero2, bare = results.get("finetune_zero2", {}), results.get("bare_loop", {})
+    if "train_runtime_s" in zero2 and "total_s" in bare:
+        results["trainer_over_bare_loop"] = zero2["train_runtime_s"] / bare["total_s"]
+    if results["datasheet_peak_gflop_per_s"]:
+        for name in ("finetune_zero2", "finetune_zero3", "finetune_zero2_batch64", "bare_loop"):
+            if "gflop_per_s" in results.get(name, {}):
+                results[name]["fraction_of_datasheet_peak"] = results[name]["gflop_per_s"] / results["datasheet_peak_gflop_per_s"]
+
+
+def versions() -> dict:
+    import transformers
+    found = {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
+    try:
+        import deepspeed
+        found["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        found["deepspeed"] = None
+    found["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return found
+
+
+if __name__ == "__main__":
+    main()
