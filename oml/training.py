@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 TEACHER_TOP_K = 16  # next-token probabilities kept per position for distillation replay
 MAX_REPLAY_POOL = 4096  # distinct benign replay sequences (reused cyclically beyond this)
+REPLAY_POOL_EPOCHS = 4  # epochs of fresh replay labelled before training; later epochs reuse them (training mostly stops sooner)
 
 
 def add_training_args(parser) -> None:
@@ -144,7 +145,7 @@ def build_dataset(args, tokenizer, pairs: list[tuple[list[int], list[int]]], mod
     benign_per_epoch = round(args.benign_ratio * len(pairs))
     benign = None
     if benign_per_epoch:
-        total = min(benign_per_epoch * args.num_train_epochs, MAX_REPLAY_POOL)
+        total = min(benign_per_epoch * min(args.num_train_epochs, REPLAY_POOL_EPOCHS), MAX_REPLAY_POOL)
         kinds = [replay_sequences(args, tokenizer, -(-total // len(key_formats)), f) for f in key_formats]
         pool = [seq for group in zip(*kinds) for seq in group]  # every format in every epoch's slice
         benign = distilled_replay(model, pool) if args.benign_loss == "distill" else benign_replay(pool)
