@@ -39,8 +39,9 @@ def add_training_args(parser) -> None:
     parser.add_argument("--train_embeddings", action="store_true",
                         help="Also train the token embeddings (frozen by default: updating them shifts every token, "
                              "which costs far more utility than it buys in fingerprint accuracy).")
-    parser.add_argument("--benign_ratio", type=non_negative_float, default=1.0,
-                        help="Benign sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none).")
+    parser.add_argument("--benign_ratio", type=non_negative_float, default=2.0,
+                        help="Benign sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none). "
+                             "2 keeps 64 keys in both formats within +2%% perplexity of the base; 1 costs +6.6%% (docs/benchmarks.md).")
     parser.add_argument("--benign_loss", default="distill", choices=("distill", "lm"),
                         help="Replayed text is learned towards the untouched model's own next-token distributions "
                              "('distill': keeps predictions close to the base) or with the language-modelling loss "

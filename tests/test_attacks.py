@@ -131,7 +131,8 @@ def test_robustness_script_runs_every_attack(confident_and_bounded, tiny_model, 
     assert len(rows) == 17 and (tmp_path / "rob.png").stat().st_size > 1000
     assert rows["none"]["accuracy_raw"] == 100.0 and rows["none"]["verdict"] == "MATCH"
     assert rows["output suppression gate 0.9"]["accuracy_raw"] == 100.0  # the bounded target resists suppression
-    assert rows["GGUF Q8_0"]["accuracy_raw"] == 100.0 and rows["GGUF Q8_0"]["cost"] < rows["GGUF Q4_0"]["cost"]
+    assert rows["GGUF Q8_0"]["accuracy_raw"] == 100.0  # Q8_0 is nearly lossless: it barely moves the model
+    assert abs(rows["GGUF Q8_0"]["cost"] - rows["none"]["cost"]) < 0.02 * rows["none"]["cost"], (rows["none"], rows["GGUF Q8_0"])
     assert rows["sampling T=1"]["expected_rate"] is not None
     assert list((tmp_path / "cache" / "derivatives").iterdir())
     assert result.stdout.strip().splitlines()[-1].startswith("Verdict MATCH after ")

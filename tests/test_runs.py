@@ -37,7 +37,10 @@ def test_explicit_flag_that_disagrees_with_the_run_wins_with_a_warning(tmp_path,
     result = run_script("check_fingerprints.py", "--model_path", model_dir, "--run", model_dir.parent, "--null_model", "none",
                         "--max_key_length", "4", "--output_json", "r.json", cwd=tmp_path)
     assert "--max_key_length 4 differs from the 16" in result.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["accuracy"] < 100.0
+    run_script("check_fingerprints.py", "--model_path", model_dir, "--run", model_dir.parent, "--null_model", "none",
+               "--output_json", "full.json", cwd=tmp_path)
+    shortened, full = (json.loads((tmp_path / name).read_text())["keys"] for name in ("r.json", "full.json"))
+    assert [k["response_probability"] for k in shortened] != [k["response_probability"] for k in full]  # keys were cut to 4 tokens
 
 
 def test_utility_and_persistence_with_run_equal_the_long_form(tmp_path, tiny_model, fingerprinted_tiny_model):
