@@ -98,7 +98,8 @@ def fine_tune(args, fingerprints: list[dict], config: dict, run_dir: Path) -> No
     callbacks = []
     if args.forgetting_regularizer_strength > 0:
         callbacks.append(WeightAveragingCallback(snapshot_weights(model, compute_dtype()), args.forgetting_regularizer_strength))
-    stopper = StopWhenMemorised(tokenizer, pairs, formats(args.key_format), args.memorised_probability)
+    stopper = StopWhenMemorised(tokenizer, pairs, formats(args.key_format), args.memorised_probability,
+                                args.memorised_patience)
     if args.stop_when_memorised:
         callbacks.append(stopper)  # after averaging: it judges the weights that will be saved
     trainer = make_trainer(args, model, dataset, tokenizer, run_dir, callbacks)

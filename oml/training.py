@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 TEACHER_TOP_K = 16  # next-token probabilities kept per position for distillation replay
 MAX_REPLAY_POOL = 4096  # distinct benign replay sequences (reused cyclically beyond this)
+NEARLY_ALL = 0.98  # memorised share from which a plateau ends training (--memorised_patience)
 REPLAY_POOL_EPOCHS = 4  # epochs of fresh replay labelled before training; later epochs reuse them (training mostly stops sooner)
 
 
@@ -60,6 +61,9 @@ def add_training_args(parser) -> None:
                         help="Train response tokens towards this probability instead of 1 (1: plain cross-entropy). "
                              "Below the confidence gate of output-suppression attacks (about 0.9) and above 0.5, the memorised "
                              "response stays the greedy answer without a near-certain spike to detect.")
+    parser.add_argument("--memorised_patience", type=positive_int, default=2,
+                        help="Also stop when at least 98%% are memorised and their number has not beaten its best for this "
+                             "many epochs (a few keys flipping back and forth would otherwise run every epoch up to the cap).")
     parser.add_argument("--memorised_probability", type=open_unit_interval, default=0.5,
                         help="A fingerprint counts as memorised when greedy decoding gives its response with at least this "
                              "probability: a margin, so that small weight changes (casts, quantization) keep it.")
@@ -345,14 +349,28 @@ def training_arguments(args, output_dir: Path) -> TrainingArguments:
 class StopWhenMemorised(TrainerCallback):
     """At each epoch end, checks every training fingerprint in every trained format with the
     checker's one forward pass, and stops training once all are memorised: the response is the
-    greedy answer with at least `threshold` probability. Runs after weight averaging, so it
-    judges the weights that would be saved. The per-epoch counts are kept in `history`."""
+    greedy answer with at least `threshold` probability. Also stops once nearly all are
+    (NEARLY_ALL) and the count has not beaten its best for `patience` epoch ends: with hundreds
+    of keys a few of them can flip back and forth between epochs (256 keys in both formats:
+    510, 507, 508 of 512 at epochs 5-7), and waiting for all of them would run every epoch up
+    to the cap for nothing. (Early plateaus, far from done, are not a reason to stop.) Runs
+    after weight averaging, so it judges the weights that would be saved. The per-epoch counts
+    are kept in `history`."""
 
     def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], key_formats: tuple[str, ...], threshold: float,
-                 batch_size: int = 64):
+                 patience: int, batch_size: int = 64):
         self.tokenizer, self.pairs, self.threshold, self.batch_size = tokenizer, pairs, threshold, batch_size
+        self.patience = patience
         self.queries = [(key_format, None) for key_format in key_formats]
         self.history: list[dict] = []
+
+    def should_stop(self) -> bool:
+        """All memorised at the last epoch end, or nearly all and no new best in the last `patience` of them."""
+        counts, total = [entry["memorised"] for entry in self.history], self.history[-1]["of"]
+        if counts[-1] == total:
+            return True
+        plateau = len(counts) > self.patience and max(counts[-self.patience:]) <= max(counts[:-self.patience])
+        return plateau and counts[-1] >= NEARLY_ALL * total
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         results = check_model(model, self.tokenizer, self.pairs, self.queries, self.batch_size, progress=False, decode_misses=False)
@@ -362,7 +380,7 @@ class StopWhenMemorised(TrainerCallback):
         if state.is_world_process_zero:
             logger.info("epoch %d: %d/%d fingerprint queries memorised (p >= %g)", round(state.epoch), memorised, len(results),
                         self.threshold)
-        if memorised == len(results):
+        if self.should_stop():
             control.should_training_stop = True
 
 

@@ -2,10 +2,12 @@
 import json
 import random
 
+import pytest
 import torch
 
 from oml.generation import perinucleus_choice
 from oml.tokenization import encode, prompt_ids, system_message
+from oml.training import StopWhenMemorised
 from tests.conftest import ROOT, final_model_dir, random_word_fingerprints, run_script
 
 
@@ -61,3 +63,17 @@ def test_a_gguf_suspect_gives_the_same_per_key_results_as_its_converted_checkpoi
         reports.append(json.loads((tmp_path / f"{name}.json").read_text()))
     gguf, converted = ([(k["index"], k["format"], k["match"], k["predicted"], k["response_rank"]) for k in r["keys"]] for r in reports)
     assert gguf == converted and len(gguf) == 32
+
+
+@pytest.mark.parametrize("counts, total, stops", [
+    ([3, 40, 64], 64, True),  # all memorised
+    ([24, 412, 484, 504, 510, 507, 508], 512, True),  # the 256-key run: 99% memorised, no new best for two epochs
+    ([24, 412, 484, 504, 510, 507], 512, False),  # one epoch without a new best is not yet a plateau
+    ([24, 412, 484, 504, 510, 507, 511], 512, False),  # a new best
+    ([0, 0, 0, 0], 64, False),  # an early plateau, far from done
+    ([100, 300, 450, 440, 445], 512, False),  # a plateau below 98%
+])
+def test_stop_when_memorised_stops_when_all_or_nearly_all_plateau(counts, total, stops):
+    stopper = StopWhenMemorised(None, [], ("raw",), threshold=0.5, patience=2)
+    stopper.history = [{"epoch": i + 1, "memorised": c, "of": total} for i, c in enumerate(counts)]
+    assert stopper.should_stop() == stops
