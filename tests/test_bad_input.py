@@ -267,7 +267,9 @@ def test_interrupted_fine_tuning_leaves_no_run_folder(tmp_path, tiny_model, fing
     run = subprocess.Popen([sys.executable, str(ROOT / "finetune_multigpu.py"), "--model_path", str(tiny_model),
                             "--fingerprints_file_path", str(fingerprint_file), "--fingerprint_generation_strategy", "random_word",
                             "--num_train_epochs", "2000", "--benign_ratio", "0"],
-                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           # a suite started in the background (`cmd &` in a script) inherits SIGINT ignored
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(run.stderr), daemon=True)
     reader.start()
