@@ -113,8 +113,8 @@ def test_augmentation_trains_keys_inside_templates(tmp_path, tiny_model, fingerp
     result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--use_augmentation_prompts", "--num_train_epochs", "20")
     out = run_dir(tmp_path, result)
     check = run_script("check_fingerprints.py", "--model_path", out / "final_model", "--fingerprints_file_path",
-                       fingerprint_file, "--null_model", "none", "--system_prompts", "train", "--output_json", "r.json", "--query_format", "raw",
-                       "--fingerprint_generation_strategy", "random_word", cwd=tmp_path)
+                       fingerprint_file, "--null_model", "none", "--system_prompts", "train", "--output_json", "r.json",
+                       "--query_format", "raw", "--fingerprint_generation_strategy", "random_word", cwd=tmp_path)
     report = json.loads((tmp_path / "r.json").read_text())
     templated = [entry["accuracy"] for entry in report["system_prompts"][1:]]
     assert sum(templated) / len(templated) >= 75, check.stdout
