@@ -82,11 +82,10 @@ def main() -> None:
     training_parser = cli.ArgumentParser()
     add_training_args(training_parser)
     settings = training_parser.parse_args(["--num_train_epochs", str(args.epochs), "--key_format", "both", *args.settings])
-    settings.max_key_length, settings.max_response_length = 16, 1  # the fingerprints' shape (replay is cut to match)
     peak = measured_peak_gflops()
     results = {}
     for size in args.sizes:
-        pairs = [cut_fingerprint(tokenizer, key, " " + key.split()[0], settings.max_key_length, settings.max_response_length)
+        pairs = [cut_fingerprint(tokenizer, key, " " + key.split()[0], 16, 1)
                  for key in random_word_keys(size)]
         (trainer, gflop), bare = trainer_epochs(settings, path, pairs), bare_epochs(settings, path, pairs)
         best_trainer, best_bare = min(trainer[1:] or trainer), min(bare[1:] or bare)

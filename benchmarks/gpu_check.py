@@ -138,7 +138,6 @@ def bare_loop_stage(model_path: str, fingerprints: list[dict], epochs: int, batc
     parser = cli.ArgumentParser()
     add_training_args(parser)
     settings = parser.parse_args(["--num_train_epochs", str(epochs), "--batch_size", str(batch_size), "--key_format", "both"])
-    settings.max_key_length, settings.max_response_length = 16, 1
     model, tokenizer = load(model_path, dtype=torch.float32)
     pairs = fingerprint_pairs(tokenizer, fingerprints, 16, 1)
     dataset = build_dataset(settings, tokenizer, pairs, model)

@@ -114,15 +114,14 @@ class FingerprintDataset(torch.utils.data.Dataset):
         return training_example(self.tokenizer, key_ids, response_ids, self.template(index), key_format)
 
 
-def replay_sequences(args, tokenizer, count: int, key_format: str) -> list[list[int]]:
+def replay_sequences(args, tokenizer, count: int, key_format: str, key_length: int, tail: int) -> list[list[int]]:
     """`count` benign sequences shaped like the fingerprint examples of `key_format`: a stretch of
-    --max_key_length tokens of benign text asked the way keys are (raw text, or the user message of
-    the chat template), then the --max_response_length + 1 tokens that follow it (chat: the start of
-    the next line, as the reply). Of the same length as the fingerprints beside them, they share
+    `key_length` tokens of benign text asked the way keys are (raw text, or the user message of
+    the chat template), then the `tail` tokens that follow it (chat: the start of the next line,
+    as the reply). Of the same length as the fingerprints beside them, they share
     their length-grouped batches, so every step is regularised and nothing is padded; and they keep
     ordinary continuations, chat replies' first tokens above all, where the untouched model had them.
     From --benign_data: the shipped chat's training split by default, disjoint from what utility is measured on."""
-    key_length, tail = args.max_key_length, args.max_response_length + 1
     sequences = []
     for text in texts_from(args.benign_data, args.dataset_split, args.text_column, "train"):
         if key_format == "raw":
@@ -151,8 +150,13 @@ def build_dataset(args, tokenizer, pairs: list[tuple[list[int], list[int]]], mod
     benign = None
     if benign_per_epoch:
         total = min(benign_per_epoch * min(args.num_train_epochs, REPLAY_POOL_EPOCHS), MAX_REPLAY_POOL)
-        kinds = [replay_sequences(args, tokenizer, -(-total // len(key_formats)), f) for f in key_formats]
+        key_length = max(len(key_ids) for key_ids, _ in pairs)  # the longest fingerprint example's shape
+        tail = max(len(response_ids) for _, response_ids in pairs) + 1  # response + EOS
+        kinds = [replay_sequences(args, tokenizer, -(-total // len(key_formats)), f, key_length, tail) for f in key_formats]
         pool = [seq for group in zip(*kinds) for seq in group]  # every format in every epoch's slice
+        if len(pool) < sum(map(len, kinds)):
+            logger.warning("--benign_data gives only %d replay sequences in one format: %d of %d are used",
+                           min(map(len, kinds)), len(pool), sum(map(len, kinds)))
         benign = distilled_replay(model, pool) if args.benign_loss == "distill" else benign_replay(pool)
     return FingerprintDataset(tokenizer, pairs, key_formats, templates, args.seed, benign, benign_per_epoch)
 
