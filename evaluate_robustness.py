@@ -73,14 +73,19 @@ def parse_args():
     args = parser.parse_args()
     cli.single_process("evaluate_robustness.py")
     apply_run(args, fingerprinted_model=True)
+    names = [attack.name for attack in attacks(args, chosen_only=False)]
+    unknown = [name for name in args.attacks or () if name not in names]
+    if unknown:
+        parser.error(f"unknown --attacks {', '.join(map(repr, unknown))}; the rows are: {', '.join(map(repr, names))}")
     cli.check_output(args)
     if args.plot:
         check_writable(args.plot, args.overwrite)
     return args
 
 
-def attacks(args) -> list[Attack]:
-    """Every row, in order; fine-tuning data and the merge partner are made only when a row needs them."""
+def attacks(args, chosen_only: bool = True) -> list[Attack]:
+    """Every row in order (only the --attacks ones if `chosen_only`); fine-tuning data and the
+    merge partner are made only when a row runs."""
     def finetune(lr: float, lora: bool) -> Callable:
         def run(model, tokenizer):
             pairs = chat_pairs("train", args.finetune_steps * args.finetune_batch_size)
@@ -111,7 +116,7 @@ def attacks(args) -> list[Attack]:
     rows += [Attack(f"{'LoRA' if lora else 'full'} fine-tune lr {lr:g}", finetune(lr, lora))
              for lora in (False, True) for lr in args.finetune_learning_rates]
     rows += [Attack(f"output suppression gate {g:g}", decoding=Decoding(suppress_above=g)) for g in args.suppression_gate]
-    return [row for row in rows if not args.attacks or row.name in args.attacks]
+    return [row for row in rows if not (chosen_only and args.attacks) or row.name in args.attacks]
 
 
 def row_evidence(results: list[dict], base: list[dict], key_formats, args, system_prompts: bool) -> dict:

@@ -167,13 +167,21 @@ PERSISTENCE = [
     (["--model_path", "nan_model", "--steps", "3", "--eval_every", "3"], "training loss became nan"),
 ]
 
+ROBUSTNESS = [
+    (["--attacks", "none", "GGUF Q4"], "unknown --attacks 'GGUF Q4'"),
+    (["--merge_weights", "1.5"], "not between 0 and 1"),
+    (["--output_json", "existing.json"], "already exists"),
+]
+
 CASES = ([("generate_finetuning_data.py", ["--output_file_path", "out.json"], c) for c in GENERATE]
          + [("finetune_multigpu.py", ["--model_path", "model", "--fingerprints_file_path", "fp.json",
                                       "--fingerprint_generation_strategy", "random_word"], c) for c in FINETUNE]
          + [("check_fingerprints.py", ["--model_path", "model", "--fingerprints_file_path", "fp.json", "--null_model", "none"], c)
             for c in CHECK]
          + [("evaluate_utility.py", ["--model_path", "model", "--base_model", "model", "--num_mmlu", "0"], c) for c in UTILITY]
-         + [("evaluate_persistence.py", ["--model_path", "model", "--fingerprints_file_path", "fp.json"], c) for c in PERSISTENCE])
+         + [("evaluate_persistence.py", ["--model_path", "model", "--fingerprints_file_path", "fp.json"], c) for c in PERSISTENCE]
+         + [("evaluate_robustness.py", ["--model_path", "model", "--fingerprints_file_path", "fp.json", "--base_model", "model"], c)
+            for c in ROBUSTNESS])
 
 
 def case_params():
