@@ -195,7 +195,7 @@ def plot(rows: list[dict], key_formats, path: str, overwrite: bool) -> None:
     ax.set_yticks([y + 0.4 - height / 2 for y in range(len(rows))], [row["attack"] for row in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set(xlim=(0, 115), xlabel="fingerprints matched (%)", title="Fingerprints after each attack")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over a verdict
     fig.tight_layout()
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), overwrite)
     plt.close(fig)
