@@ -31,6 +31,7 @@ VARIANTS = {  # each names its replay loss, so that the labels stay true if defa
     "distill+bounded": ["--benign_loss", "distill", "--target_probability", "0.7"],
     "distill+ungrouped": ["--benign_loss", "distill", "--no-group_by_length"],
     "distill+replay1": ["--benign_loss", "distill", "--benign_ratio", "1"],
+    "distill+replay3": ["--benign_loss", "distill", "--benign_ratio", "3"],
     "lm": ["--benign_loss", "lm"],
     "lm+augmentation": ["--benign_loss", "lm", "--use_augmentation_prompts"],
     "lm+averaging": ["--benign_loss", "lm", "--forgetting_regularizer_strength", "0.2"],
