@@ -73,7 +73,7 @@ def parse_args():
     args = parser.parse_args()
     cli.single_process("evaluate_robustness.py")
     apply_run(args, fingerprinted_model=True)
-    names = [attack.name for attack in attacks(args, chosen_only=False)]
+    names = [attack.name for attack in attacks(args)]
     unknown = [name for name in args.attacks or () if name not in names]
     if unknown:
         parser.error(f"unknown --attacks {', '.join(map(repr, unknown))}; the rows are: {', '.join(map(repr, names))}")
@@ -83,9 +83,8 @@ def parse_args():
     return args
 
 
-def attacks(args, chosen_only: bool = True) -> list[Attack]:
-    """Every row in order (only the --attacks ones if `chosen_only`); fine-tuning data and the
-    merge partner are made only when a row runs."""
+def attacks(args) -> list[Attack]:
+    """Every row, in order; fine-tuning data and the merge partner are made only when a row runs."""
     def finetune(lr: float, lora: bool) -> Callable:
         def run(model, tokenizer):
             pairs = chat_pairs("train", args.finetune_steps * args.finetune_batch_size)
@@ -116,7 +115,7 @@ def attacks(args, chosen_only: bool = True) -> list[Attack]:
     rows += [Attack(f"{'LoRA' if lora else 'full'} fine-tune lr {lr:g}", finetune(lr, lora))
              for lora in (False, True) for lr in args.finetune_learning_rates]
     rows += [Attack(f"output suppression gate {g:g}", decoding=Decoding(suppress_above=g)) for g in args.suppression_gate]
-    return [row for row in rows if not (chosen_only and args.attacks) or row.name in args.attacks]
+    return rows
 
 
 def row_evidence(results: list[dict], base: list[dict], key_formats, args, system_prompts: bool) -> dict:
@@ -143,7 +142,7 @@ def main() -> None:
     texts = text_examples(tokenizer, texts_from("chitchat", "train", "text", "eval", args.num_texts), args.max_length)
     base_results: dict[Decoding, list[dict]] = {}
     rows = []
-    for attack in attacks(args):
+    for attack in [row for row in attacks(args) if not args.attacks or row.name in args.attacks]:
         logger.info("Attack: %s", attack.name)
         model, _ = load(args.model_path, args.trust_remote_code, dtype=torch.float32)
         if attack.transform:

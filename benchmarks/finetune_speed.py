@@ -85,8 +85,7 @@ def main() -> None:
     peak = measured_peak_gflops()
     results = {}
     for size in args.sizes:
-        pairs = [cut_fingerprint(tokenizer, key, " " + key.split()[0], 16, 1)
-                 for key in random_word_keys(size)]
+        pairs = [cut_fingerprint(tokenizer, key, " " + key.split()[0], 16, 1) for key in random_word_keys(size)]
         (trainer, gflop), bare = trainer_epochs(settings, path, pairs), bare_epochs(settings, path, pairs)
         best_trainer, best_bare = min(trainer[1:] or trainer), min(bare[1:] or bare)
         results[size] = {"trainer_epoch_s": trainer, "bare_loop_epoch_s": bare, "ratio_after_warmup": best_trainer / best_bare,
