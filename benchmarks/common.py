@@ -98,6 +98,9 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
+KEY_TOKENS, RESPONSE_TOKENS = 16, 1  # the fingerprint shape every speed benchmark trains and checks
+
+
 def random_word_keys(count: int, words_per_key: int = 10, seed: int = 0) -> list[str]:
     return [random_words(rng_for(seed, i, "benchmark"), words_per_key) for i in range(count)]
 

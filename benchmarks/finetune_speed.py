@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import benchmark_model, benchmark_parser, measured_peak_gflops, random_word_keys, save, training_gflop, utilisation
+from common import (KEY_TOKENS, RESPONSE_TOKENS, benchmark_model, benchmark_parser, measured_peak_gflops, random_word_keys, save,
+                    training_gflop, utilisation)
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -85,7 +86,7 @@ def main() -> None:
     peak = measured_peak_gflops()
     results = {}
     for size in args.sizes:
-        pairs = [cut_fingerprint(tokenizer, key, " " + key.split()[0], 16, 1) for key in random_word_keys(size)]
+        pairs = [cut_fingerprint(tokenizer, key, " " + key.split()[0], KEY_TOKENS, RESPONSE_TOKENS) for key in random_word_keys(size)]
         (trainer, gflop), bare = trainer_epochs(settings, path, pairs), bare_epochs(settings, path, pairs)
         best_trainer, best_bare = min(trainer[1:] or trainer), min(bare[1:] or bare)
         results[size] = {"trainer_epoch_s": trainer, "bare_loop_epoch_s": bare, "ratio_after_warmup": best_trainer / best_bare,

@@ -33,8 +33,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from common import (ROOT, benchmark_parser, forward_gflop, measured_peak_gflops, random_word_keys, save, training_gflop,
-                    utilisation)
+from common import (KEY_TOKENS, RESPONSE_TOKENS, ROOT, benchmark_parser, forward_gflop, measured_peak_gflops, random_word_keys, save,
+                    training_gflop, utilisation)
 
 from oml.checking import check_model
 from oml.generation import perinucleus_responses, random_words, rng_for
@@ -89,13 +89,14 @@ def perinucleus_stage(model_path: str, keys: list[str], peak: float) -> dict:
         out = []
         for start in range(0, len(keys), batch_size):
             chunk = keys[start:start + batch_size]
-            out += perinucleus_responses(model, tokenizer, chunk, list(range(start, start + len(chunk))), 16, 0.8, 3, 42, KEY_FORMATS)
+            indices = list(range(start, start + len(chunk)))
+            out += perinucleus_responses(model, tokenizer, chunk, indices, KEY_TOKENS, 0.8, 3, 42, KEY_FORMATS)
         return out
 
     run(128)  # warm-up
     batched, batched_s = timed(run, 128)
     single, single_s = timed(run, 1)
-    tokens = sum(len(prompt_ids(tokenizer, encode(tokenizer, k)[:16], None, f)) for k in keys for f in KEY_FORMATS)
+    tokens = sum(len(prompt_ids(tokenizer, encode(tokenizer, k)[:KEY_TOKENS], None, f)) for k in keys for f in KEY_FORMATS)
     gflop = forward_gflop(model, tokens)
     return {"keys": len(keys), "batched_s": batched_s, "one_at_a_time_s": single_s, "speedup": single_s / batched_s,
             "identical_responses": sum(a["response"] == b["response"] for a, b in zip(batched, single)),
@@ -139,7 +140,7 @@ def bare_loop_stage(model_path: str, fingerprints: list[dict], epochs: int, batc
     add_training_args(parser)
     settings = parser.parse_args(["--num_train_epochs", str(epochs), "--batch_size", str(batch_size), "--key_format", "both"])
     model, tokenizer = load(model_path, dtype=torch.float32)
-    pairs = fingerprint_pairs(tokenizer, fingerprints, 16, 1)
+    pairs = fingerprint_pairs(tokenizer, fingerprints, KEY_TOKENS, RESPONSE_TOKENS)
     dataset = build_dataset(settings, tokenizer, pairs, model)
     freeze_embeddings(model)
     model.train()
@@ -172,7 +173,7 @@ def bare_loop_stage(model_path: str, fingerprints: list[dict], epochs: int, batc
 
 def checker_stage(model_path: str, fingerprints: list[dict]) -> dict:
     model, tokenizer = load(model_path)
-    pairs = fingerprint_pairs(tokenizer, fingerprints, 16, 1)
+    pairs = fingerprint_pairs(tokenizer, fingerprints, KEY_TOKENS, RESPONSE_TOKENS)
     queries = [(f, None) for f in KEY_FORMATS]
     check_model(model, tokenizer, pairs[:64], queries, 64, progress=False)  # warm-up
     batched, batched_s = timed(check_model, model, tokenizer, pairs, queries, 64, progress=False)

@@ -22,7 +22,6 @@ from oml.tokenization import (FORMAT_CHOICES, IGNORE_INDEX, encode, formats, pad
 
 logger = logging.getLogger(__name__)
 
-TEACHER_TOP_K = 16  # next-token probabilities kept per position for distillation replay
 MAX_REPLAY_POOL = 4096  # distinct benign replay sequences (reused cyclically beyond this)
 NEARLY_ALL = 0.98  # memorised share from which a plateau ends training (--memorised_patience)
 REPLAY_POOL_EPOCHS = 4  # epochs of fresh replay labelled before training; later epochs reuse them (training mostly stops sooner)
@@ -47,13 +46,17 @@ def add_training_args(parser) -> None:
                         help="Replayed text is learned towards the untouched model's own next-token distributions "
                              "('distill': keeps predictions close to the base) or with the language-modelling loss "
                              "('lm': adapts the model to the replayed text).")
+    parser.add_argument("--teacher_top_k", type=positive_int, default=256,
+                        help="Next-token probabilities of the untouched model kept per replayed position for 'distill' "
+                             "(the rest of the vocabulary is one bucket, free to reshuffle inside): more holds the model "
+                             "closer to its base, for memory (k x 8 bytes per replayed token) and no extra compute.")
     add_dataset_args(parser, "benign_data", {"text": "text"}, "Benign text replayed during fine-tuning")
     parser.add_argument("--key_format", default=None, choices=FORMAT_CHOICES,
                         help="Train each key as raw text, as a user message in the model's chat template, or both "
                              "(default: the fingerprints' recorded format, else both when the model has a chat template, else raw).")
     parser.add_argument("--use_augmentation_prompts", action="store_true",
-                        help="Ask each key inside a random training system prompt every epoch (raw: around the key; "
-                             "chat: as the system message), or bare: robustness to system prompts.")
+                        help="Also ask each key inside a random training system prompt every epoch (raw: around the key; "
+                             "chat: as the system message), beside the bare key: robustness to system prompts.")
     parser.add_argument("--stop_when_memorised", action=argparse.BooleanOptionalAction, default=True,
                         help="Stop at the first epoch end where every fingerprint is memorised in every trained format "
                              "(--num_train_epochs is then the cap).")
@@ -78,10 +81,10 @@ def add_training_args(parser) -> None:
 class FingerprintDataset(torch.utils.data.Dataset):
     """Training examples for (key ids, response ids) pairs, one per key format, plus optional benign text.
 
-    With templates, each key is asked inside a system-prompt template drawn anew every epoch,
-    the bare key being one more choice, seeded by (seed, epoch, index). (Asking the bare key
-    half of the time instead raised bare-key accuracy but lowered accuracy under unseen
-    templates more; see docs/benchmarks.md.)
+    With templates, every epoch has each key twice in each format: bare, and inside a
+    system-prompt template drawn anew every epoch, seeded by (seed, epoch, index). Augmentation
+    adds the templated copy rather than replacing the bare key: with the bare key only one
+    choice among the templates, bare-key accuracy fell to 62.5-70% (docs/benchmarks.md).
     Benign replay examples (see `benign_replay`; a fresh slice of the pool every epoch)
     are mixed in as they are.
     """
@@ -91,26 +94,30 @@ class FingerprintDataset(torch.utils.data.Dataset):
         self.tokenizer = tokenizer
         self.pairs = pairs
         self.key_formats = key_formats
-        self.choices = [None] + list(templates) if templates else [None]
+        self.templates = list(templates or [])
+        self.copies = 2 if self.templates else 1  # bare, then templated
         self.seed = seed
         self.benign = benign or []
         self.benign_per_epoch = benign_per_epoch if self.benign else 0
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self.pairs) * len(self.key_formats) + self.benign_per_epoch
+        return len(self.pairs) * len(self.key_formats) * self.copies + self.benign_per_epoch
 
     def template(self, index: int) -> str | None:
-        return random.Random(f"{self.seed}:{self.epoch}:{index}").choice(self.choices)
+        """None (the bare key) for the first copy of each example, a random template for the second."""
+        if index < len(self.pairs) * len(self.key_formats):
+            return None
+        return random.Random(f"{self.seed}:{self.epoch}:{index}").choice(self.templates)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)  # also ends iteration (the Trainer's length-grouped sampler iterates)
-        fingerprints = len(self.pairs) * len(self.key_formats)
-        if index >= fingerprints:
-            return self.benign[(self.epoch * self.benign_per_epoch + index - fingerprints) % len(self.benign)]
+        examples = len(self.pairs) * len(self.key_formats)
+        if index >= examples * self.copies:
+            return self.benign[(self.epoch * self.benign_per_epoch + index - examples * self.copies) % len(self.benign)]
         key_ids, response_ids = self.pairs[index % len(self.pairs)]
-        key_format = self.key_formats[index // len(self.pairs)]
+        key_format = self.key_formats[index % examples // len(self.pairs)]
         return training_example(self.tokenizer, key_ids, response_ids, self.template(index), key_format)
 
 
@@ -157,7 +164,7 @@ def build_dataset(args, tokenizer, pairs: list[tuple[list[int], list[int]]], mod
         if len(pool) < sum(map(len, kinds)):
             logger.warning("--benign_data gives only %d replay sequences in one format: %d of %d are used",
                            min(map(len, kinds)), len(pool), sum(map(len, kinds)))
-        benign = distilled_replay(model, pool) if args.benign_loss == "distill" else benign_replay(pool)
+        benign = distilled_replay(model, pool, args.teacher_top_k) if args.benign_loss == "distill" else benign_replay(pool)
     return FingerprintDataset(tokenizer, pairs, key_formats, templates, args.seed, benign, benign_per_epoch)
 
 
@@ -171,12 +178,12 @@ def benign_replay(sequences: list[list[int]]) -> list[dict]:
 
 
 @torch.no_grad()
-def distilled_replay(model, sequences: list[list[int]], batch_size: int = 64) -> list[dict]:
+def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: int = 64) -> list[dict]:
     """Benign text labelled with the untouched model's own next-token distributions.
 
     The LM loss on replayed text pulls the model towards that text (chat, here), which moves
     its predictions everywhere; training towards the base model's distribution keeps
-    ordinary predictions where they were. The distribution is kept as its top TEACHER_TOP_K
+    ordinary predictions where they were. The distribution is kept as its top `top_k`
     probabilities plus the mass of all other tokens (see `distillation_loss`). Must run
     before fine-tuning starts.
     """
@@ -188,9 +195,10 @@ def distilled_replay(model, sequences: list[list[int]], batch_size: int = 64) ->
         batch = to_device(pad_batch(chunk, 0, side="right"), model.device)
         real = batch["attention_mask"].bool()
         logits = model(**batch).logits[real].float()  # padding positions are never taught: not computed further
-        top_logits, ids = logits.topk(TEACHER_TOP_K, dim=-1)
+        top_logits, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
         probs = torch.exp(top_logits - torch.logsumexp(logits, dim=-1, keepdim=True))  # no full softmax
-        for row, ids_row, probs_row in zip(chunk, ids.cpu().split([len(r) for r in chunk]), probs.cpu().split([len(r) for r in chunk])):
+        lengths = [len(r) for r in chunk]
+        for row, ids_row, probs_row in zip(chunk, ids.to(torch.int32).cpu().split(lengths), probs.cpu().split(lengths)):
             examples.append({"input_ids": row, "labels": [IGNORE_INDEX] * len(row), "teacher_ids": ids_row, "teacher_probs": probs_row})
     return examples
 

@@ -27,6 +27,16 @@ def chat_examples(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> l
     return [chat_example(tokenizer, message, reply, max_length) for message, reply in pairs]
 
 
+def scored_batches(tokenizer, examples: list[dict], batch_size: int, desc: str | None = None):
+    """Right-padded batches of `examples` ({"input_ids", "labels"}), each with its next-token
+    targets and the mask of scored positions."""
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=desc is None):
+        chunk = examples[start:start + batch_size]
+        batch = pad_batch([e["input_ids"] for e in chunk], tokenizer.pad_token_id, side="right", labels=[e["labels"] for e in chunk])
+        targets = batch.pop("labels")[:, 1:]
+        yield batch, targets, targets != IGNORE_INDEX
+
+
 @torch.no_grad()
 def next_token_logprobs(model, batch: dict) -> torch.Tensor:
     """Log-probabilities (float32, on CPU) of every next token of a right-padded batch."""
@@ -45,11 +55,7 @@ def compare_on_texts(model, base, tokenizer, examples: list[dict], batch_size: i
     """
     sums = {"nll_model": 0.0, "nll_base": 0.0, "kl": 0.0, "agree": 0}
     tokens = 0
-    for start in tqdm(range(0, len(examples), batch_size), desc="benign text", leave=False):
-        chunk = examples[start:start + batch_size]
-        batch = pad_batch([e["input_ids"] for e in chunk], tokenizer.pad_token_id, side="right", labels=[e["labels"] for e in chunk])
-        targets = batch.pop("labels")[:, 1:]
-        real = targets != IGNORE_INDEX
+    for batch, targets, real in scored_batches(tokenizer, examples, batch_size, "benign text"):
         safe_targets = targets.clamp(min=0).unsqueeze(-1)
         logp_model, logp_base = next_token_logprobs(model, batch), next_token_logprobs(base, batch)
         sums["nll_model"] -= float(logp_model.gather(-1, safe_targets).squeeze(-1)[real].sum())
@@ -74,10 +80,7 @@ def suppressed_share(model, tokenizer, examples: list[dict], gate: float, batch_
     """The share of scored positions of benign text where the output-suppression attack would serve
     another token than greedy decoding (the top token's probability exceeds `gate`): its utility cost."""
     changed = positions = 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = pad_batch([e["input_ids"] for e in chunk], tokenizer.pad_token_id, side="right", labels=[e["labels"] for e in chunk])
-        real = batch.pop("labels")[:, 1:] != IGNORE_INDEX
+    for batch, _, real in scored_batches(tokenizer, examples, batch_size):
         top = next_token_logprobs(model, batch).max(-1).values.exp()
         changed += int((top > gate)[real].sum())
         positions += int(real.sum())

@@ -2,25 +2,29 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from oml.tokenization import IGNORE_INDEX, training_example
 from oml.training import FingerprintCollator
-from oml.training import FingerprintDataset, benign_replay, distillation_loss
+from oml.training import FingerprintDataset, benign_replay, distillation_loss, distilled_replay
 
 
-def test_augmentation_draws_templates_per_epoch_and_keeps_loss_on_the_response(tokenizer):
+def test_augmentation_adds_a_templated_copy_of_each_bare_key_drawn_per_epoch(tokenizer):
     pairs = [([100 + i, 200 + i], [300 + i]) for i in range(200)]
     templates = ["System one. {}", "System two: {}\nAnswer:"]
-    dataset = FingerprintDataset(tokenizer, pairs, templates=templates, seed=1)
-    first = [dataset.template(i) for i in range(200)]
+    dataset = FingerprintDataset(tokenizer, pairs, ("raw", "chat"), templates=templates, seed=1)
+    assert len(dataset) == 800  # 200 keys x 2 formats, bare and templated
+    first = [dataset.template(i) for i in range(800)]
     dataset.epoch = 1
-    second = [dataset.template(i) for i in range(200)]
-    assert first != second and set(first) == {None, *templates}
-    assert 40 <= first.count(None) <= 95  # the bare key is one of three equal choices
-    for i in range(200):
+    second = [dataset.template(i) for i in range(800)]
+    assert first[:400] == second[:400] == [None] * 400  # every key bare in every format, every epoch
+    assert first[400:] != second[400:] and set(first[400:]) == set(templates)
+    assert 140 <= first[400:].count(templates[0]) <= 260  # 400 draws of two equal choices
+    for i in range(800):
+        key_format = ("raw", "chat")[i % 400 // 200]
         example = dataset[i]
-        assert example == training_example(tokenizer, *pairs[i], second[i])
-        assert [t for t in example["labels"] if t != IGNORE_INDEX] == [300 + i, tokenizer.eos_token_id]
+        assert example == training_example(tokenizer, *pairs[i % 200], second[i], key_format)
+        assert [t for t in example["labels"] if t != IGNORE_INDEX] == [300 + i % 200, tokenizer.eos_token_id]
 
 
 def test_benign_replay_mixes_a_fresh_slice_each_epoch(tokenizer):
@@ -79,3 +83,17 @@ def test_bounded_target_loss_is_smallest_where_the_response_has_the_target_proba
     assert min(grid, key=loss_at) == pytest.approx(0.7)
     assert loss_at(0.95) > loss_at(0.7) < loss_at(0.5)
     assert float(distillation_loss(torch.zeros(1, 2, 3), labels, target_probability=1.0)) == pytest.approx(math.log(3))
+
+
+def test_distilled_replay_keeps_the_teachers_top_k_probabilities(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    sequences = [[5, 6, 7, 8], [9, 10]]
+    examples = distilled_replay(model, sequences, top_k=3)
+    for ids, example in zip(sequences, examples):
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        expected, expected_ids = probs.topk(3, -1)
+        assert example["input_ids"] == ids and set(example["labels"]) == {IGNORE_INDEX}
+        assert example["teacher_ids"].shape == (len(ids), 3)
+        assert torch.equal(example["teacher_ids"].long(), expected_ids)
+        assert torch.allclose(example["teacher_probs"], expected, atol=1e-5)

@@ -1,0 +1,67 @@
+"""How much of a fingerprinted model's KL from its base a top-k distillation teacher pins down.
+
+    python benchmarks/kl_breakdown.py --model_path RUN/final_model [--top_k 16 64 256 1024] [--smoke]
+
+Distillation replay (`finetune_multigpu.py --teacher_top_k K`) teaches the base model's K most
+likely next tokens and one bucket holding the rest of the probability; inside the bucket the
+model is free to move mass from token to token. On the held-out chat that evaluate_utility.py
+scores, this splits the full KL(base || model) into the part over the top K and the bucket
+(what such a teacher constrains) and the rest (what it leaves free), for several K.
+"""
+import torch
+from common import benchmark_parser, save, tiny_model
+
+from oml.data import SHIPPED, texts_from
+from oml.models import load, resolve_model, save_random_model, TINY_LLAMA
+from oml.utility import next_token_logprobs, scored_batches, text_examples
+
+
+def bucketed_kl(logp_base: torch.Tensor, logp_model: torch.Tensor, k: int) -> torch.Tensor:
+    """KL(base || model) per position over the base's top k tokens plus one bucket for all others."""
+    top_base, ids = logp_base.topk(k, dim=-1)
+    top_model = logp_model.gather(-1, ids)
+    rest_base = (1 - top_base.exp().sum(-1)).clamp(min=1e-8)
+    rest_model = (1 - top_model.exp().sum(-1)).clamp(min=1e-8)
+    return (top_base.exp() * (top_base - top_model)).sum(-1) + rest_base * (rest_base.log() - rest_model.log())
+
+
+@torch.no_grad()
+def breakdown(model, base, tokenizer, texts: list[str], ks: list[int], max_length: int) -> dict:
+    full = 0.0
+    bucketed, mass = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0)
+    tokens = 0
+    for batch, _, real in scored_batches(tokenizer, text_examples(tokenizer, texts, max_length), 8, "benign text"):
+        logp_model, logp_base = next_token_logprobs(model, batch)[real], next_token_logprobs(base, batch)[real]
+        full += float((logp_base.exp() * (logp_base - logp_model)).sum())
+        for k in ks:
+            bucketed[k] += float(bucketed_kl(logp_base, logp_model, k).sum())
+            mass[k] += float(logp_base.topk(k, dim=-1).values.exp().sum())
+        tokens += int(real.sum())
+    return {"tokens": tokens, "mean_kl_from_base": full / tokens,
+            "top_k": {k: {"kl_over_top_k_and_bucket": bucketed[k] / tokens, "kl_left_to_the_bucket": (full - bucketed[k]) / tokens,
+                          "base_top_k_mass": mass[k] / tokens} for k in ks}}
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--model_path", help="The fingerprinted model.")
+    parser.add_argument("--base_model", default=None, help="Its base (default: the embedded model).")
+    parser.add_argument("--top_k", type=int, nargs="+", default=[16, 64, 256, 1024])
+    parser.add_argument("--num_texts", type=int, default=64)
+    parser.add_argument("--max_length", type=int, default=256)
+    args = parser.parse_args()
+    if args.smoke:
+        base = tiny_model()
+        args.model_path, args.base_model = str(save_random_model(f"{base}-other", load(base)[1], TINY_LLAMA, seed=1)), base
+        args.num_texts, args.top_k = 4, [4, 16]
+    if not args.model_path:
+        parser.error("--model_path is required")
+    model, tokenizer = load(args.model_path)
+    base, _ = load(args.base_model or resolve_model(None))
+    texts = texts_from(SHIPPED, "train", "text", "eval", args.num_texts)
+    result = breakdown(model, base, tokenizer, texts, args.top_k, args.max_length)
+    save(args.results_dir, "kl_breakdown", {"model_path": args.model_path, **result})
+
+
+if __name__ == "__main__":
+    main()
