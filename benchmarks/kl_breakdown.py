@@ -13,13 +13,12 @@ from common import benchmark_parser, save, tiny_model
 
 from oml.data import SHIPPED, texts_from
 from oml.models import load, resolve_model, save_random_model, TINY_LLAMA
-from oml.utility import next_token_logprobs, scored_batches, text_examples
+from oml.utility import kl_per_position, next_token_logprobs, scored_batches, text_examples
 
 
-def bucketed_kl(logp_base: torch.Tensor, logp_model: torch.Tensor, k: int) -> torch.Tensor:
-    """KL(base || model) per position over the base's top k tokens plus one bucket for all others."""
-    top_base, ids = logp_base.topk(k, dim=-1)
-    top_model = logp_model.gather(-1, ids)
+def bucketed_kl(top_base: torch.Tensor, top_model: torch.Tensor) -> torch.Tensor:
+    """KL(base || model) per position over the base's top tokens (log-probabilities of both
+    models on them) plus one bucket for all others."""
     rest_base = (1 - top_base.exp().sum(-1)).clamp(min=1e-8)
     rest_model = (1 - top_model.exp().sum(-1)).clamp(min=1e-8)
     return (top_base.exp() * (top_base - top_model)).sum(-1) + rest_base * (rest_base.log() - rest_model.log())
@@ -32,10 +31,12 @@ def breakdown(model, base, tokenizer, texts: list[str], ks: list[int], max_lengt
     tokens = 0
     for batch, _, real in scored_batches(tokenizer, text_examples(tokenizer, texts, max_length), 8, "benign text"):
         logp_model, logp_base = next_token_logprobs(model, batch)[real], next_token_logprobs(base, batch)[real]
-        full += float((logp_base.exp() * (logp_base - logp_model)).sum())
+        full += float(kl_per_position(logp_base, logp_model).sum())
+        top_base, ids = logp_base.topk(max(ks), dim=-1)  # sorted: each smaller k is a prefix
+        top_model = logp_model.gather(-1, ids)
         for k in ks:
-            bucketed[k] += float(bucketed_kl(logp_base, logp_model, k).sum())
-            mass[k] += float(logp_base.topk(k, dim=-1).values.exp().sum())
+            bucketed[k] += float(bucketed_kl(top_base[:, :k], top_model[:, :k]).sum())
+            mass[k] += float(top_base[:, :k].exp().sum())
         tokens += int(real.sum())
     return {"tokens": tokens, "mean_kl_from_base": full / tokens,
             "top_k": {k: {"kl_over_top_k_and_bucket": bucketed[k] / tokens, "kl_left_to_the_bucket": (full - bucketed[k]) / tokens,

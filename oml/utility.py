@@ -44,6 +44,11 @@ def next_token_logprobs(model, batch: dict) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
+def kl_per_position(logp_base: torch.Tensor, logp_model: torch.Tensor) -> torch.Tensor:
+    """KL(base || model) at each position, from both models' next-token log-probabilities."""
+    return (logp_base.exp() * (logp_base - logp_model)).sum(-1)
+
+
 @torch.no_grad()
 def compare_on_texts(model, base, tokenizer, examples: list[dict], batch_size: int = 8) -> dict:
     """Perplexity of both models, greedy next-token agreement and mean KL(base || model) per token,
@@ -60,8 +65,7 @@ def compare_on_texts(model, base, tokenizer, examples: list[dict], batch_size: i
         logp_model, logp_base = next_token_logprobs(model, batch), next_token_logprobs(base, batch)
         sums["nll_model"] -= float(logp_model.gather(-1, safe_targets).squeeze(-1)[real].sum())
         sums["nll_base"] -= float(logp_base.gather(-1, safe_targets).squeeze(-1)[real].sum())
-        kl = (logp_base.exp() * (logp_base - logp_model)).sum(-1)
-        sums["kl"] += float(kl[real].sum())
+        sums["kl"] += float(kl_per_position(logp_base, logp_model)[real].sum())
         sums["agree"] += int((logp_model.argmax(-1) == logp_base.argmax(-1))[real].sum())
         tokens += int(real.sum())
     if not tokens:
