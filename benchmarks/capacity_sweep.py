@@ -31,10 +31,13 @@ VARIANTS = {  # each names its replay loss, so that the labels stay true if defa
     "distill+bounded": ["--benign_loss", "distill", "--target_probability", "0.7"],
     "distill+replay3": ["--benign_loss", "distill", "--benign_ratio", "3"],
     "distill+ungrouped": ["--benign_loss", "distill", "--no-group_by_length"],
-    "distill+top16": ["--benign_loss", "distill", "--teacher_top_k", "16"],  # the teacher of the points before 256 was the default
-    "distill+top16+bounded": ["--benign_loss", "distill", "--teacher_top_k", "16", "--target_probability", "0.7"],
-    "distill+top16+replay1": ["--benign_loss", "distill", "--teacher_top_k", "16", "--benign_ratio", "1"],
-    "distill+top16+replay3": ["--benign_loss", "distill", "--teacher_top_k", "16", "--benign_ratio", "3"],
+    # points measured before the weight change was shrunk by default, and before the top 256 became the teacher
+    "distill+noshrink": ["--benign_loss", "distill", "--no-shrink_weight_change"],
+    "distill+augmentation+noshrink": ["--benign_loss", "distill", "--use_augmentation_prompts", "--no-shrink_weight_change"],
+    "distill+top16": ["--benign_loss", "distill", "--teacher_top_k", "16", "--no-shrink_weight_change"],
+    "distill+top16+bounded": ["--benign_loss", "distill", "--teacher_top_k", "16", "--target_probability", "0.7", "--no-shrink_weight_change"],
+    "distill+top16+replay1": ["--benign_loss", "distill", "--teacher_top_k", "16", "--benign_ratio", "1", "--no-shrink_weight_change"],
+    "distill+top16+replay3": ["--benign_loss", "distill", "--teacher_top_k", "16", "--benign_ratio", "3", "--no-shrink_weight_change"],
     "lm": ["--benign_loss", "lm"],
     "lm+augmentation": ["--benign_loss", "lm", "--use_augmentation_prompts"],
     "lm+averaging": ["--benign_loss", "lm", "--forgetting_regularizer_strength", "0.2"],

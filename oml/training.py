@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 MAX_REPLAY_POOL = 4096  # distinct benign replay sequences (reused cyclically beyond this)
 NEARLY_ALL = 0.98  # memorised share from which a plateau ends training (--memorised_patience)
 REPLAY_POOL_EPOCHS = 4  # epochs of fresh replay labelled before training; later epochs reuse them (training mostly stops sooner)
+SHRINK_SCALES = tuple(round(1 - 0.05 * i, 2) for i in range(1, 11))  # 0.95 down to 0.5: --shrink_weight_change tries these in turn
 
 
 def add_training_args(parser) -> None:
@@ -70,6 +71,11 @@ def add_training_args(parser) -> None:
     parser.add_argument("--memorised_probability", type=open_unit_interval, default=0.5,
                         help="A fingerprint counts as memorised when greedy decoding gives its response with at least this "
                              "probability: a margin, so that small weight changes (casts, quantization) keep it.")
+    parser.add_argument("--shrink_weight_change", action=argparse.BooleanOptionalAction, default=True,
+                        help="After training, scale the weight change down (weights = original + s x change, s from 0.95 "
+                             "to 0.5 in steps of 0.05) as far as 98%% of the memorised fingerprint queries stay memorised: "
+                             "the margin that cross-entropy piles onto early-learned keys moves ordinary predictions too "
+                             "(256 keys: KL from the base 0.127 -> 0.088 at s = 0.8). Keeps a CPU copy of the trainable weights.")
     parser.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                         help="Batch examples of similar length together (raw keys, chat keys and replayed text differ "
                              "by up to 4x): far less padding computed.")
@@ -385,15 +391,63 @@ class StopWhenMemorised(TrainerCallback):
         return plateau and counts[-1] >= NEARLY_ALL * total
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        results = check_model(model, self.tokenizer, self.pairs, self.queries, self.batch_size, progress=False, decode_misses=False)
-        memorised = sum(r["match"] and r["response_probability"] >= self.threshold for r in results)
-        self.history.append({"epoch": round(state.epoch), "memorised": memorised, "matched": sum(r["match"] for r in results),
-                             "of": len(results)})
+        counts = memorisation(model, self.tokenizer, self.pairs, self.queries, self.threshold, self.batch_size)
+        self.history.append({"epoch": round(state.epoch), **counts})
         if state.is_world_process_zero:
-            logger.info("epoch %d: %d/%d fingerprint queries memorised (p >= %g)", round(state.epoch), memorised, len(results),
-                        self.threshold)
+            logger.info("epoch %d: %d/%d fingerprint queries memorised (p >= %g)", round(state.epoch), counts["memorised"],
+                        counts["of"], self.threshold)
         if self.should_stop():
             control.should_training_stop = True
+
+
+def memorisation(model, tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list, threshold: float,
+                 batch_size: int = 64) -> dict:
+    """How many fingerprint queries the model answers with the response (matched), and with at
+    least `threshold` probability (memorised), of how many."""
+    results = check_model(model, tokenizer, pairs, queries, batch_size, progress=False, decode_misses=False)
+    return {"memorised": sum(r["match"] and r["response_probability"] >= threshold for r in results),
+            "matched": sum(r["match"] for r in results), "of": len(results)}
+
+
+class ShrinkWeightChange(TrainerCallback):
+    """When training ends, weights <- original + s * (trained - original) for the smallest s in
+    SHRINK_SCALES (tried in turn) at which at least 98% (NEARLY_ALL) of the queries memorised at
+    the end of training still are; `scale` is the s kept and `history` the counts at each s tried.
+
+    Cross-entropy keeps pushing early-learned responses towards certainty while the last keys are
+    learned, and that surplus margin is weight change that moves ordinary predictions as well. The
+    change is scaled as a whole (an interpolation towards the original weights, as WiSE-FT does for
+    robustness), so nothing but its size changes, and the memorisation threshold (a margin for
+    casts and quantization) is the same one training stops on. Embedded model, 256 keys in both
+    formats: s = 0.8 kept 509 of 512 queries memorised (all 512 still matched) and lowered the KL
+    from the base on held-out chat from 0.127 to 0.088 nats/token; 0.7 kept only 469."""
+
+    def __init__(self, original: dict[str, torch.Tensor], tokenizer, pairs: list[tuple[list[int], list[int]]],
+                 key_formats: tuple[str, ...], threshold: float):
+        self.original, self.tokenizer, self.pairs, self.threshold = original, tokenizer, pairs, threshold
+        self.queries = [(key_format, None) for key_format in key_formats]
+        self.scale = 1.0
+        self.history: list[dict] = []
+
+    def counts(self, model, scale: float) -> dict:
+        """Rescale the weight change from `self.scale` to `scale`, then count what is memorised."""
+        average_with_original(model, self.original, 1 - scale / self.scale)
+        self.scale = scale
+        self.history.append({"scale": scale, **memorisation(model, self.tokenizer, self.pairs, self.queries, self.threshold)})
+        return self.history[-1]
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        needed = math.ceil(NEARLY_ALL * self.counts(model, 1.0)["memorised"])
+        kept = 1.0
+        for scale in SHRINK_SCALES:
+            if not needed or self.counts(model, scale)["memorised"] < needed:
+                break
+            kept = scale
+        if kept != self.scale:
+            self.counts(model, kept)  # back to the last scale that kept them
+        if state.is_world_process_zero:
+            logger.info("weight change scaled by %.2f: %d/%d queries memorised (%d before)", self.scale,
+                        self.history[-1]["memorised"], self.history[-1]["of"], self.history[0]["memorised"])
 
 
 def freeze_embeddings(model) -> None:

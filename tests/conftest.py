@@ -57,7 +57,8 @@ def fingerprinted_tiny_model(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
     fingerprints.write_text(json.dumps(random_word_fingerprints(8)))
     tune = run_script("finetune_multigpu.py", "--model_path", tiny_model, "--fingerprints_file_path", fingerprints,
                       "--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4",
-                      "--benign_ratio", "0", "--fingerprint_generation_strategy", "random_word", cwd=work)
+                      "--benign_ratio", "0", "--no-shrink_weight_change", "--fingerprint_generation_strategy", "random_word",
+                      cwd=work)
     return final_model_dir(work, tune.stdout), fingerprints
 
 

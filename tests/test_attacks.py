@@ -89,7 +89,8 @@ def confident_and_bounded(tiny_model, tmp_path_factory):
     (work / "fp.json").write_text(json.dumps(random_word_fingerprints(8, seed=3)))
     common = ["--model_path", tiny_model, "--fingerprints_file_path", "fp.json", "--fingerprint_generation_strategy", "random_word",
               "--learning_rate", "3e-3", "--batch_size", "4", "--benign_ratio", "0", "--train_embeddings", "--key_format", "raw"]
-    confident = run_script("finetune_multigpu.py", *common, "--num_train_epochs", "80", "--no-stop_when_memorised", cwd=work)
+    confident = run_script("finetune_multigpu.py", *common, "--num_train_epochs", "80", "--no-stop_when_memorised",
+                           "--no-shrink_weight_change", cwd=work)
     bounded = run_script("finetune_multigpu.py", *common, "--num_train_epochs", "150", "--target_probability", "0.7", cwd=work)
     return work, final_model_dir(work, confident.stdout), final_model_dir(work, bounded.stdout)
 

@@ -13,7 +13,7 @@ from tests.conftest import final_model_dir, make_tiny_model, run_script
 
 FAST = ["--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4", "--forgetting_regularizer_strength", "0",
         "--benign_ratio", "0", "--key_format", "raw", "--no-stop_when_memorised",
-        "--fingerprint_generation_strategy", "random_word"]
+        "--no-shrink_weight_change", "--fingerprint_generation_strategy", "random_word"]
 
 
 def finetune(cwd: Path, model: Path, fingerprints: Path, *args, ranks: int = 0, check: bool = True):
@@ -80,6 +80,26 @@ def test_averaging_with_half_strength_gives_the_midpoint(tmp_path, tiny_model, f
         torch.testing.assert_close(averaged[name], (base[name] + trained[name]) / 2, rtol=1e-5, atol=1e-6)
 
 
+def test_shrinking_scales_the_weight_change_and_keeps_what_was_memorised(tmp_path, tiny_model, fingerprint_file):
+    """The same training with and without --shrink_weight_change: the shrunk model is the
+    original plus the recorded scale times the full change, and still answers every key."""
+    args = [*(arg for arg in FAST if arg != "--no-shrink_weight_change"), "--train_embeddings", "--num_train_epochs", "60"]
+    full = finetune(tmp_path, tiny_model, fingerprint_file, *args, "--no-shrink_weight_change")
+    shrunk = finetune(tmp_path, tiny_model, fingerprint_file, *args)
+    training = json.loads((run_dir(tmp_path, shrunk) / "training.json").read_text())
+    scale, history = training["weight_change_scale"], training["shrink"]
+    assert history[0]["scale"] == 1.0 and history[0]["memorised"] == 8  # trained hard: every key memorised
+    assert scale < 1.0 and history[-1] == next(h for h in history[1:] if h["scale"] == scale)  # ends on the scale kept
+    assert all(h["memorised"] == 8 for h in history if h["scale"] >= scale)
+    assert scale == 0.5 or history[-2]["memorised"] < 8  # stopped at the floor or at the first scale that lost a key
+    base, trained, saved = weights(tiny_model), weights(run_dir(tmp_path, full) / "final_model"), weights(run_dir(tmp_path, shrunk) / "final_model")
+    for name in base:
+        torch.testing.assert_close(saved[name], base[name] + scale * (trained[name] - base[name]), rtol=1e-4, atol=1e-5)
+    check = run_script("check_fingerprints.py", "--model_path", run_dir(tmp_path, shrunk) / "final_model", "--fingerprints_file_path",
+                       fingerprint_file, "--null_model", "none", "--fingerprint_generation_strategy", "random_word", cwd=tmp_path)
+    assert check.stdout.strip().splitlines()[-1] == "Fingerprint accuracy: 100.00"
+
+
 def test_deepspeed_averaging_reaches_the_fp32_master_weights(tmp_path, tiny_model, fingerprint_file):
     """Two ZeRO-2 ranks of 4 and one plain process of 8 take the same full-batch steps, so with
     averaging between epochs they end equal only if DeepSpeed's master copy was averaged too
@@ -93,6 +113,23 @@ def test_deepspeed_averaging_reaches_the_fp32_master_weights(tmp_path, tiny_mode
     assert any(not torch.allclose(base[n], got[n]) for n in base)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_deepspeed_shrinking_gives_the_single_process_weights(tmp_path, tiny_model, fingerprint_file):
+    """Shrinking after training rescales DeepSpeed's fp32 master weights and the module alike:
+    two ZeRO-2 ranks end on the weights of one process taking the same full-batch steps."""
+    args = [*(arg for arg in FAST if arg != "--no-shrink_weight_change"), "--train_embeddings", "--num_train_epochs", "60"]
+    single = finetune(tmp_path, tiny_model, fingerprint_file, *args, "--batch_size", "8")
+    (tmp_path / "ds").mkdir()
+    sharded = finetune(tmp_path / "ds", tiny_model, fingerprint_file, *args, "--batch_size", "4", ranks=2)
+    runs = [run_dir(tmp_path, single), run_dir(tmp_path / "ds", sharded)]
+    scales = [json.loads((run / "training.json").read_text())["weight_change_scale"] for run in runs]
+    assert scales[0] == scales[1] < 1.0
+    expected, got = (weights(run / "final_model") for run in runs)
+    base = weights(tiny_model)
+    for name in expected:  # 60 epochs of sums in another order: ~1e-4 apart, far below the (1 - scale) of the change shrinking moves
+        assert (expected[name] - base[name]).abs().max() > 0.01
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-3)
 
 
 def test_two_rank_deepspeed_run_writes_one_set_of_files_and_learns(tmp_path, tiny_model, fingerprint_file):
