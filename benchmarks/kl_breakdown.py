@@ -6,7 +6,9 @@ Distillation replay (`finetune_multigpu.py --teacher_top_k K`) teaches the base 
 likely next tokens and one bucket holding the rest of the probability; inside the bucket the
 model is free to move mass from token to token. On the held-out chat that evaluate_utility.py
 scores, this splits the full KL(base || model) into the part over the top K and the bucket
-(what such a teacher constrains) and the rest (what it leaves free), for several K.
+(what such a teacher constrains) and the rest (what it leaves free), for several K; and
+gives the mean KL in spans of positions (replayed sequences are as long as the keys, so drift
+confined to later positions would show there).
 """
 import torch
 from common import benchmark_parser, save, tiny_model
@@ -24,14 +26,26 @@ def bucketed_kl(top_base: torch.Tensor, top_model: torch.Tensor) -> torch.Tensor
     return (top_base.exp() * (top_base - top_model)).sum(-1) + rest_base * (rest_base.log() - rest_model.log())
 
 
+POSITION_EDGES = (0, 4, 18, 32, 64, 128, 256)  # 18: a raw 16-token key with its response and EOS
+
+
 @torch.no_grad()
 def breakdown(model, base, tokenizer, texts: list[str], ks: list[int], max_length: int) -> dict:
     full = 0.0
     bucketed, mass = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0)
+    spans = list(zip(POSITION_EDGES, POSITION_EDGES[1:]))
+    span_kl, span_tokens = dict.fromkeys(spans, 0.0), dict.fromkeys(spans, 0)
     tokens = 0
     for batch, _, real in scored_batches(tokenizer, text_examples(tokenizer, texts, max_length), 8, "benign text"):
-        logp_model, logp_base = next_token_logprobs(model, batch)[real], next_token_logprobs(base, batch)[real]
-        full += float(kl_per_position(logp_base, logp_model).sum())
+        logp_model, logp_base = next_token_logprobs(model, batch), next_token_logprobs(base, batch)
+        kl = kl_per_position(logp_base, logp_model)
+        positions = torch.arange(kl.shape[1]).expand_as(kl)
+        for start, end in spans:
+            inside = real & (positions >= start) & (positions < end)
+            span_kl[start, end] += float(kl[inside].sum())
+            span_tokens[start, end] += int(inside.sum())
+        logp_model, logp_base = logp_model[real], logp_base[real]
+        full += float(kl[real].sum())
         top_base, ids = logp_base.topk(max(ks), dim=-1)  # sorted: each smaller k is a prefix
         top_model = logp_model.gather(-1, ids)
         for k in ks:
@@ -39,6 +53,8 @@ def breakdown(model, base, tokenizer, texts: list[str], ks: list[int], max_lengt
             mass[k] += float(top_base[:, :k].exp().sum())
         tokens += int(real.sum())
     return {"tokens": tokens, "mean_kl_from_base": full / tokens,
+            "by_position": [{"from": a, "to": b, "tokens": span_tokens[a, b], "mean_kl": span_kl[a, b] / span_tokens[a, b]}
+                            for a, b in spans if span_tokens[a, b]],
             "top_k": {k: {"kl_over_top_k_and_bucket": bucketed[k] / tokens, "kl_left_to_the_bucket": (full - bucketed[k]) / tokens,
                           "base_top_k_mass": mass[k] / tokens} for k in ks}}
 
