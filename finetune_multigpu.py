@@ -24,8 +24,8 @@ from oml.fingerprints import add_selection_args, recorded, selected_fingerprints
 from oml.models import MODEL_FAMILIES, compute_dtype, load, load_tokenizer, model_name, resolve_model
 from oml.runs import config_hash, run_config
 from oml.tokenization import default_format, fingerprint_pairs, formats
-from oml.training import (ShrinkWeightChange, StopWhenMemorised, WeightAveragingCallback, add_training_args, build_dataset, freeze_embeddings,
-                          make_trainer, snapshot_weights)
+from oml.training import (ShrinkWeightChange, StopWhenMemorised, WeightAveragingCallback, add_training_args, build_dataset,
+                          freeze_embeddings, make_trainer, snapshot_weights)
 
 logger = logging.getLogger("finetune_multigpu")
 
@@ -96,15 +96,16 @@ def fine_tune(args, fingerprints: list[dict], config: dict, run_dir: Path) -> No
     if not args.train_embeddings:
         freeze_embeddings(model)
     callbacks = []
-    original = snapshot_weights(model, compute_dtype()) if args.forgetting_regularizer_strength > 0 or args.shrink_weight_change else {}
+    shrink = args.shrink_weight_change and args.target_probability == 1.0  # a bounded target piles up no surplus margin
+    original = snapshot_weights(model, compute_dtype()) if args.forgetting_regularizer_strength > 0 or shrink else {}
     if args.forgetting_regularizer_strength > 0:
         callbacks.append(WeightAveragingCallback(original, args.forgetting_regularizer_strength))
     stopper = StopWhenMemorised(tokenizer, pairs, formats(args.key_format), args.memorised_probability,
                                 args.memorised_patience)
     if args.stop_when_memorised:
-        callbacks.append(stopper)  # after averaging: it judges the weights that will be saved
+        callbacks.append(stopper)  # after averaging: it judges the weights training ends on
     shrinker = ShrinkWeightChange(original, tokenizer, pairs, formats(args.key_format), args.memorised_probability)
-    if args.shrink_weight_change:
+    if shrink:
         callbacks.append(shrinker)
     trainer = make_trainer(args, model, dataset, tokenizer, run_dir, callbacks)
     logger.info("Fine-tuning %d fingerprints into %s (run %s)", len(pairs), config["model_path"], run_dir.name)
@@ -119,7 +120,7 @@ def fine_tune(args, fingerprints: list[dict], config: dict, run_dir: Path) -> No
         epochs = round(trainer.state.epoch)
         logger.info("Trained %d of at most %d epochs", epochs, args.num_train_epochs)
         training = {"epochs_run": epochs, "max_epochs": args.num_train_epochs, "memorised": stopper.history,
-                    "weight_change_scale": shrinker.scale, "shrink": shrinker.history,
+                    "weight_change_scale": shrinker.scale, "shrink": shrinker.history, "shrink_seconds": shrinker.seconds,
                     "train_runtime": [e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e][-1],
                     "tokens_seen": trainer.state.num_input_tokens_seen, "world_size": distributed.world_size(),
                     "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}

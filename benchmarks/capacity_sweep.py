@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-VARIANTS = {  # each names its replay loss, so that the labels stay true if defaults change
+VARIANTS = {  # each names its replay loss; points measured under earlier defaults name what they lacked
     "distill": ["--benign_loss", "distill"],
     "distill+augmentation": ["--benign_loss", "distill", "--use_augmentation_prompts"],
     "distill+bounded": ["--benign_loss", "distill", "--target_probability", "0.7"],
@@ -96,7 +96,8 @@ def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str 
     training = json.loads((Path(trained["run"]) / "training.json").read_text())
     chat = utility.get("chat_template", {})
     return {
-        "variant": variant, "n": n, "train_seconds": trained["seconds"], "epochs": training["epochs_run"],
+        "variant": variant, "n": n, "train_seconds": trained["seconds"], "shrink_seconds": training.get("shrink_seconds"),
+        "epochs": training["epochs_run"],
         **{f"accuracy_{f}": e["accuracy"] for f, e in by_format.items()},
         **{f"test_prompts_{f}": sum(v) / len(v) for f, v in test_prompts.items()},
         "null_matches": max(n["matches"] for e in check["formats"] for n in e["null_models"]) if check["null_models"] else None,
@@ -118,6 +119,11 @@ def percent(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}%"
 
 
+def shrink_time(seconds: float | None) -> str:
+    """What shrinking the weight change added to the training time, where it ran and was recorded."""
+    return f" + {seconds / 60:.1f}" if seconds else ""
+
+
 def markdown_table(points: list[dict]) -> str:
     lines = ["| variant | N | raw | chat | test prompts raw | test prompts chat | base matches | p-value | chat ppl change "
              "| agreement | KL (nats) | chat-reply KL | epochs | train time |",
@@ -128,7 +134,7 @@ def markdown_table(points: list[dict]) -> str:
                      f"{percent(p.get('test_prompts_raw'))} | {percent(p.get('test_prompts_chat'))} | "
                      f"{p['null_matches']}/{p['n']} | {format_p_value(p['log10_p_value'])} | {p['perplexity_change']:+.1f}% | "
                      f"{p['next_token_agreement']:.3f} | {p['mean_kl_from_base']:.3f} | {chat_kl} | {p['epochs']} | "
-                     f"{p['train_seconds'] / 60:.1f} min |")
+                     f"{p['train_seconds'] / 60:.1f} min{shrink_time(p.get('shrink_seconds'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -26,14 +26,15 @@ def bucketed_kl(top_base: torch.Tensor, top_model: torch.Tensor) -> torch.Tensor
     return (top_base.exp() * (top_base - top_model)).sum(-1) + rest_base * (rest_base.log() - rest_model.log())
 
 
-POSITION_EDGES = (0, 4, 18, 32, 64, 128, 256)  # 18: a raw 16-token key with its response and EOS
+POSITION_EDGES = (0, 4, 18, 32, 64, 128, 256)  # replayed raw sequences are 18 tokens: 16 of text, 1 more, EOS
 
 
 @torch.no_grad()
 def breakdown(model, base, tokenizer, texts: list[str], ks: list[int], max_length: int) -> dict:
     full = 0.0
     bucketed, mass = dict.fromkeys(ks, 0.0), dict.fromkeys(ks, 0.0)
-    spans = list(zip(POSITION_EDGES, POSITION_EDGES[1:]))
+    edges = sorted({edge for edge in POSITION_EDGES if edge < max_length} | {max_length})
+    spans = list(zip(edges, edges[1:]))
     span_kl, span_tokens = dict.fromkeys(spans, 0.0), dict.fromkeys(spans, 0)
     tokens = 0
     for batch, _, real in scored_batches(tokenizer, text_examples(tokenizer, texts, max_length), 8, "benign text"):

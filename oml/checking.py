@@ -128,24 +128,21 @@ def check_model(model, tokenizer, pairs: list[tuple[list[int], list[int]]], quer
                 decoding: Decoding = GREEDY) -> list[dict]:
     """Every key asked every way in `queries`; ranks share the batches and all get the full list,
     ordered by query, then key. Every rank runs as many forward passes (repeating its last batch
-    if it has fewer), since a ZeRO-3 model needs all ranks in every forward."""
-    work = [(q, i) for q in range(len(queries)) for i in range(len(pairs))]
-    batches = [work[start:start + batch_size] for start in range(0, len(work), batch_size)]
+    if it has fewer), since a ZeRO-3 model needs all ranks in every forward: so a batch never
+    mixes two queries (it would take one forward pass per query, and ranks would differ)."""
+    batches = [(q, range(start, min(start + batch_size, len(pairs))))
+               for q in range(len(queries)) for start in range(0, len(pairs), batch_size)]
     per_rank = -(-len(batches) // distributed.world_size())
     mine = batches[distributed.rank()::distributed.world_size()]
     results = []
     was_training = model.training
     model.eval()
     for step in tqdm(range(per_rank), desc=description, disable=not (progress and distributed.is_main_process())):
-        batch = mine[min(step, len(mine) - 1)] if mine else batches[0]
-        by_query: dict[int, list[int]] = {}
-        for q, i in batch:
-            by_query.setdefault(q, []).append(i)
-        for q, indices in by_query.items():
-            checked = check_batch(model, tokenizer, [pairs[i] for i in indices], queries[q], decode_misses, decoding)
-            if step < len(mine):
-                results += [{"index": i, "format": queries[q][0], "template": queries[q][1], "query": q, **r}
-                            for i, r in zip(indices, checked)]
+        q, indices = mine[min(step, len(mine) - 1)] if mine else batches[0]
+        checked = check_batch(model, tokenizer, [pairs[i] for i in indices], queries[q], decode_misses, decoding)
+        if step < len(mine):
+            results += [{"index": i, "format": queries[q][0], "template": queries[q][1], "query": q, **r}
+                        for i, r in zip(indices, checked)]
     model.train(was_training)
     gathered = (r for part in distributed.gather(results) for r in part)
     return sorted(gathered, key=lambda r: (r["query"], r["index"]))

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -72,10 +73,11 @@ def add_training_args(parser) -> None:
                         help="A fingerprint counts as memorised when greedy decoding gives its response with at least this "
                              "probability: a margin, so that small weight changes (casts, quantization) keep it.")
     parser.add_argument("--shrink_weight_change", action=argparse.BooleanOptionalAction, default=True,
-                        help="After training, scale the weight change down (weights = original + s x change, s from 0.95 "
-                             "to 0.5 in steps of 0.05) as far as 98%% of the memorised fingerprint queries stay memorised: "
-                             "the margin that cross-entropy piles onto early-learned keys moves ordinary predictions too "
-                             "(256 keys: KL from the base 0.126 -> 0.087 at s = 0.8). Keeps a CPU copy of the trainable weights.")
+                        help="After training with nearly all keys memorised, scale the weight change down (weights = "
+                             "original + s x change, s from 0.95 to 0.5 in steps of 0.05) while 98%% of the memorised and "
+                             "of the matched queries stay so: the margin that cross-entropy piles onto early-learned keys "
+                             "moves ordinary predictions too (256 keys: KL from the base 0.126 -> 0.087 at s = 0.8). Not with "
+                             "--target_probability below 1 (no surplus margin). Keeps a CPU copy of the trainable weights.")
     parser.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                         help="Batch examples of similar length together (raw keys, chat keys and replayed text differ "
                              "by up to 4x): far less padding computed.")
@@ -372,7 +374,7 @@ class StopWhenMemorised(TrainerCallback):
     of keys a few of them can flip back and forth between epochs (256 keys in both formats:
     510, 507, 508 of 512 at epochs 5-7), and waiting for all of them would run every epoch up
     to the cap for nothing. (Early plateaus, far from done, are not a reason to stop.) Runs
-    after weight averaging, so it judges the weights that would be saved. The per-epoch counts
+    after weight averaging, so it judges the weights that training ends on (before any shrinking). The per-epoch counts
     are kept in `history`."""
 
     def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], key_formats: tuple[str, ...], threshold: float,
@@ -410,47 +412,59 @@ def memorisation(model, tokenizer, pairs: list[tuple[list[int], list[int]]], que
 
 
 class ShrinkWeightChange(TrainerCallback):
-    """When training ends, weights <- original + s * (trained - original) for the smallest s in
-    SHRINK_SCALES (tried in turn) at which at least 98% (NEARLY_ALL) of the queries memorised at
-    the end of training still are; `scale` is the s kept and `history` the counts at each s tried.
+    """When training ends with nearly all queries memorised, weights <- original + s * (trained -
+    original), s going down SHRINK_SCALES until the memorised or the matched count falls below 98%
+    (NEARLY_ALL) of its value at the end of training; the last s before that is kept. `scale` is
+    the s kept (None: not shrunk), `history` the counts at each s tried, `seconds` the time taken.
 
     Cross-entropy keeps pushing early-learned responses towards certainty while the last keys are
     learned, and that surplus margin is weight change that moves ordinary predictions as well. The
     change is scaled as a whole (an interpolation towards the original weights, as WiSE-FT does for
     robustness), so nothing but its size changes, and the memorisation threshold (a margin for
-    casts and quantization) is the same one training stops on. Embedded model, 256 keys in both
+    casts and quantization) is the one training stops on. Embedded model, 256 keys in both
     formats: s = 0.8 kept 509 of 512 queries memorised (all 512 still matched; 0.75 kept 496) and
-    lowered the KL from the base on held-out chat from 0.126 to 0.087 nats/token."""
+    lowered the KL from the base on held-out chat from 0.126 to 0.087 nats/token. Bare keys are
+    what is counted: keys inside system prompts lose more (docs/benchmarks.md)."""
 
     def __init__(self, original: dict[str, torch.Tensor], tokenizer, pairs: list[tuple[list[int], list[int]]],
                  key_formats: tuple[str, ...], threshold: float):
         self.original, self.tokenizer, self.pairs, self.threshold = original, tokenizer, pairs, threshold
         self.queries = [(key_format, None) for key_format in key_formats]
-        self.scale = 1.0
+        self.scale: float | None = None
+        self.current = 1.0  # the scale the model's weights are at
         self.history: list[dict] = []
+        self.seconds = 0.0
 
     def rescale(self, model, scale: float) -> None:
-        """Scale the weight change from `self.scale` to `scale` times the trained one."""
-        average_with_original(model, self.original, 1 - scale / self.scale)
-        self.scale = scale
+        """Scale the weight change from `self.current` to `scale` times the trained one."""
+        if scale != self.current:
+            average_with_original(model, self.original, 1 - scale / self.current)
+            self.current = scale
 
-    def memorised_at(self, model, scale: float) -> int:
+    def rescale_and_count(self, model, scale: float) -> dict:
         self.rescale(model, scale)
         self.history.append({"scale": scale, **memorisation(model, self.tokenizer, self.pairs, self.queries, self.threshold)})
-        return self.history[-1]["memorised"]
+        return self.history[-1]
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        needed = math.ceil(NEARLY_ALL * self.memorised_at(model, 1.0))
-        kept = 1.0
+        started = time.perf_counter()
+        trained = self.rescale_and_count(model, 1.0)
+        if trained["memorised"] < NEARLY_ALL * trained["of"]:
+            logger.info("weight change not shrunk: only %d/%d queries memorised", trained["memorised"], trained["of"])
+            return
+        needed = {count: math.ceil(NEARLY_ALL * trained[count]) for count in ("memorised", "matched")}
+        self.scale = 1.0
         for scale in SHRINK_SCALES:
-            if not needed or self.memorised_at(model, scale) < needed:
+            counts = self.rescale_and_count(model, scale)
+            if any(counts[count] < least for count, least in needed.items()):
                 break
-            kept = scale
-        self.rescale(model, kept)  # back from the first scale that lost too many, if any
+            self.scale = scale
+        self.rescale(model, self.scale)  # back from the first scale that lost too many, if any
+        self.seconds = time.perf_counter() - started
         if state.is_world_process_zero:
-            logger.info("weight change scaled by %.2f: %d/%d queries memorised (%d before)", kept,
-                        next(h["memorised"] for h in self.history if h["scale"] == kept), self.history[0]["of"],
-                        self.history[0]["memorised"])
+            kept = next(h for h in self.history if h["scale"] == self.scale)
+            logger.info("weight change scaled by %.2f: %d/%d queries memorised (%d before), %.0f s", self.scale,
+                        kept["memorised"], kept["of"], trained["memorised"], self.seconds)
 
 
 def freeze_embeddings(model) -> None:

@@ -1,11 +1,13 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from oml import training
 from oml.tokenization import IGNORE_INDEX, training_example
-from oml.training import FingerprintCollator
+from oml.training import SHRINK_SCALES, FingerprintCollator, ShrinkWeightChange
 from oml.training import FingerprintDataset, benign_replay, distillation_loss, distilled_replay
 
 
@@ -97,3 +99,29 @@ def test_distilled_replay_keeps_the_teachers_top_k_probabilities(tiny_model):
         assert example["teacher_ids"].shape == (len(ids), 3)
         assert torch.equal(example["teacher_ids"].long(), expected_ids)
         assert torch.allclose(example["teacher_probs"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("memorised, matched, kept, tried", [
+    (lambda s: 99 if s >= 0.9 else 97, lambda s: 100, 0.9, [1.0, 0.95, 0.9, 0.85]),  # memorised falls below 98 at 0.85
+    (lambda s: 100, lambda s: 100 if s > 0.7 else 90, 0.75, [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7]),  # matched falls at 0.7
+    (lambda s: 100, lambda s: 100, 0.5, [1.0, *SHRINK_SCALES]),  # never falls: the floor
+    (lambda s: 90, lambda s: 100, None, [1.0]),  # not nearly all memorised: not shrunk
+])
+def test_shrinking_keeps_the_last_scale_before_the_counts_fall(monkeypatch, memorised, matched, kept, tried):
+    """The scale search on a plain module, with memorisation counts given as functions of the scale."""
+    model = torch.nn.Linear(4, 4)
+    original = {name: param.detach().clone() for name, param in model.named_parameters()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)  # the trained change: 1 everywhere, so the scale can be read back from the weights
+
+    def counts(model, *args, **kwargs):
+        scale = round(float((model.weight - original["weight"]).mean()), 4)
+        return {"memorised": memorised(scale), "matched": matched(scale), "of": 100}
+
+    monkeypatch.setattr(training, "memorisation", counts)
+    shrinker = ShrinkWeightChange(original, None, [], ("raw",), 0.5)
+    shrinker.on_train_end(None, SimpleNamespace(is_world_process_zero=True), None, model=model)
+    assert shrinker.scale == kept and [h["scale"] for h in shrinker.history] == tried
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), original[name] + (kept or 1.0))
