@@ -74,14 +74,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(script: str, *args, cwd: Path, ranks: int = 0, check: bool = True) -> subprocess.CompletedProcess:
-    """Run one of the three scripts as users do: `python SCRIPT` or, with ranks, `deepspeed --num_gpus N SCRIPT`."""
+def run_script(script: str, *args, cwd: Path, ranks: int = 0, check: bool = True,
+               timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run one of the three scripts as users do: `python SCRIPT` or, with ranks, `deepspeed --num_gpus N SCRIPT`
+    (`timeout`: for runs that could hang, seconds before the test fails)."""
     if ranks:
         launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
     else:
         launcher = [sys.executable]
     command = launcher + [str(ROOT / script)] + [str(a) for a in args]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

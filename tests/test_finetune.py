@@ -9,7 +9,7 @@ from oml.data import benign_texts
 from oml.models import load_model
 from oml.tokenization import fingerprint_pairs
 from oml.utility import compare_on_texts, text_examples
-from tests.conftest import final_model_dir, make_tiny_model, run_script
+from tests.conftest import final_model_dir, make_tiny_model, random_word_fingerprints, run_script
 
 FAST = ["--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4", "--forgetting_regularizer_strength", "0",
         "--benign_ratio", "0", "--key_format", "raw", "--no-stop_when_memorised",
@@ -179,6 +179,18 @@ def test_zero3_two_ranks_matches_zero2(tmp_path, tiny_model, fingerprint_file):
     assert set(got) - {"lm_head.weight"} == set(expected) - {"lm_head.weight"}  # tied to the embeddings
     for name in got:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_zero3_memorisation_checks_with_an_uneven_number_of_keys_in_both_formats(tmp_path, tiny_model):
+    """33 keys in two formats are 66 queries: when a check batch mixed formats (one forward pass
+    per format), one rank ran two passes where the other ran one, and ZeRO-3 waited forever at the
+    first end-of-epoch check."""
+    (tmp_path / "fp.json").write_text(json.dumps(random_word_fingerprints(33)))
+    result = run_script("finetune_multigpu.py", "--model_path", tiny_model, "--fingerprints_file_path", "fp.json",
+                        "--fingerprint_generation_strategy", "random_word", "--learning_rate", "3e-3", "--num_train_epochs", "2",
+                        "--batch_size", "4", "--benign_ratio", "0", "--deepspeed_stage", "3", cwd=tmp_path, ranks=2, timeout=600)
+    training = json.loads((run_dir(tmp_path, result) / "training.json").read_text())
+    assert [entry["of"] for entry in training["memorised"]] == [66, 66]
 
 
 def test_distilled_replay_learns_fingerprints_and_stays_closer_to_the_base(tmp_path, tiny_model, fingerprint_file, tokenizer):
