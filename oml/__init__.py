@@ -1,12 +1,34 @@
-"""Shared building blocks of the OML fingerprinting scripts.
+"""OML fingerprinting: prove that a published language model is yours.
 
-Each module holds one concept: the fingerprint file format (`fingerprints`), model
-loading (`models`), tokenisation and loss masking (`tokenization`), fingerprint
-generation (`generation`), fine-tuning helpers (`training`), checking (`checking`),
-the statistics of a check (`stats`), benign evaluation data (`data`), process ranks
-(`distributed`) and the command-line plumbing (`cli`).
+The Python API (see `oml.pipeline` and README, "Python API"): `generate_fingerprints`,
+`fingerprint_model` and `check_suspect`, with their settings `GenerationConfig`,
+`FingerprintSelection`, `TrainingConfig`, `VerdictConfig` and `ApiConfig`; the results are a
+`Run` and a `CheckReport`.
+
+Each module holds one concept: the fingerprint file format and selection (`fingerprints`),
+typed settings (`settings`), model loading (`models`), tokenisation and loss masking
+(`tokenization`), fingerprint generation (`generation`), fine-tuning (`training/`: settings,
+dataset and replay, loss and trainer, callbacks, weight algebra, backend), the run folder
+(`runs`), checking (`checking`), suspects behind an API (`remote`), the statistics of a check
+(`stats`), benign evaluation data (`data`), attacks (`attacks`), utility measures (`utility`),
+process ranks (`distributed`) and the command-line plumbing (`cli`).
 """
+import importlib
 
 
 class OMLError(Exception):
     """A problem with the user's input: reported as one line, exit code 2, no traceback."""
+
+
+# The API, imported on first use: `import oml` stays light, and the modules below import OMLError from here.
+_API = {"generate_fingerprints": "oml.generation", "GenerationConfig": "oml.generation",
+        "fingerprint_model": "oml.pipeline", "check_suspect": "oml.pipeline", "CheckReport": "oml.pipeline",
+        "FingerprintSelection": "oml.fingerprints", "TrainingConfig": "oml.training.config", "VerdictConfig": "oml.stats",
+        "ApiConfig": "oml.remote", "Run": "oml.runs", "load_run": "oml.runs", "KeyResult": "oml.checking"}
+__all__ = ["OMLError", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'oml' has no attribute {name!r}")

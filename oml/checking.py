@@ -10,7 +10,8 @@ did say and to score the per-token (fractional) accuracy.
 import gc
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -35,8 +36,39 @@ def greedy_continuations(model, tokenizer, prompts: list[list[int]], length: int
     return output[:, batch["input_ids"].shape[1]:].tolist()
 
 
-Query = tuple[str, str | None]  # how a key is asked: (key format, system-prompt template or None)
-BARE: list[Query] = [("raw", None)]
+class Query(NamedTuple):
+    """How a key is asked, locally or over an API: as raw text or as a chat user message, bare or
+    inside a system-prompt template (raw: around the key; chat: as the system message)."""
+    key_format: str = "raw"
+    template: str | None = None
+
+
+BARE: list[Query] = [Query()]
+
+
+@dataclass
+class KeyResult:
+    """One key asked one way, and what the suspect answered: the per-key result of every check,
+    local or over an API, that the statistics, reports and evaluations read."""
+    index: int  # the fingerprint's position among those checked
+    format: str  # the query's key format
+    template: str | None  # the query's system-prompt template (None: the bare key)
+    query: int  # the query's position among those asked
+    match: bool | None  # None: no answer (a failed API request), never counted
+    predicted: str = ""  # what the suspect said, as text
+    response_probability: float | None = None  # of the whole response (API: its first token), when known
+    response_rank: int | None = None  # of the response's first token among the suspect's next tokens, when known
+    token_accuracy: float = 0.0  # share of the response's tokens predicted
+    top_tokens: list = field(default_factory=list)  # [token, probability] of the 10 likeliest first tokens
+    error: str | None = None  # why an API request got no answer
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def queries_for(key_formats: tuple[str, ...], templates: list[str | None] = (None,)) -> list[Query]:
+    """Every key format with every template (None: the bare key), formats first."""
+    return [Query(key_format, template) for key_format in key_formats for template in templates]
 
 
 @dataclass(frozen=True)
@@ -70,13 +102,13 @@ GREEDY = Decoding()
 @torch.no_grad()
 def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], query: Query, decode_misses: bool = True,
                 decoding: Decoding = GREEDY) -> list[dict]:
-    """Per-key results for a batch of (key ids, response ids), all asked the same way and decoded
+    """Per-key answers (the fields of a `KeyResult` that the model decides) for a batch of (key ids, response ids), all asked the same way and decoded
     by `decoding` (teacher-forced: for a match every earlier served token is the response's, so one
     pass decides it exactly). The response probability is under `decoding`'s temperature: with
     sampling it is the expected match rate. Everything is computed from the logits of the kept
     positions, batched, with no full softmax. With `decode_misses`, greedy misses of multi-token
     responses are decoded with generate() to report what the model said."""
-    prompts = [prompt_ids(tokenizer, key_ids, query[1], query[0]) for key_ids, _ in pairs]
+    prompts = [prompt_ids(tokenizer, key_ids, query.template, query.key_format) for key_ids, _ in pairs]
     longest = max(len(response) for _, response in pairs)
     batch = pad_batch([p + r for p, (_, r) in zip(prompts, pairs)], tokenizer.pad_token_id, side="left")
     # Sequences end at the last column, so with responses right-aligned in `longest` slots,
@@ -125,11 +157,12 @@ def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], quer
 
 def check_model(model, tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list[Query],
                 batch_size: int, description: str = "checking", progress: bool = True, decode_misses: bool = True,
-                decoding: Decoding = GREEDY) -> list[dict]:
+                decoding: Decoding = GREEDY) -> list[KeyResult]:
     """Every key asked every way in `queries`; ranks share the batches and all get the full list,
     ordered by query, then key. Every rank runs as many forward passes (repeating its last batch
     if it has fewer), since a ZeRO-3 model needs all ranks in every forward: so a batch never
     mixes two queries (it would take one forward pass per query, and ranks would differ)."""
+    queries = [Query(*q) for q in queries]  # (format, template) pairs are accepted too
     batches = [(q, range(start, min(start + batch_size, len(pairs))))
                for q in range(len(queries)) for start in range(0, len(pairs), batch_size)]
     per_rank = -(-len(batches) // distributed.world_size())
@@ -141,32 +174,32 @@ def check_model(model, tokenizer, pairs: list[tuple[list[int], list[int]]], quer
         q, indices = mine[min(step, len(mine) - 1)] if mine else batches[0]
         checked = check_batch(model, tokenizer, [pairs[i] for i in indices], queries[q], decode_misses, decoding)
         if step < len(mine):
-            results += [{"index": i, "format": queries[q][0], "template": queries[q][1], "query": q, **r}
+            results += [KeyResult(index=i, format=queries[q].key_format, template=queries[q].template, query=q, **r)
                         for i, r in zip(indices, checked)]
     model.train(was_training)
     gathered = (r for part in distributed.gather(results) for r in part)
-    return sorted(gathered, key=lambda r: (r["query"], r["index"]))
+    return sorted(gathered, key=lambda r: (r.query, r.index))
 
 
-def accuracy(results: list[dict]) -> tuple[float, float]:
+def accuracy(results: list[KeyResult]) -> tuple[float, float]:
     """Exact-match and per-token accuracy, in percent."""
     n = max(len(results), 1)
-    return 100.0 * sum(r["match"] for r in results) / n, 100.0 * sum(r["token_accuracy"] for r in results) / n
+    return 100.0 * sum(bool(r.match) for r in results) / n, 100.0 * sum(r.token_accuracy for r in results) / n
 
 
-def check_named_model(name: str, args, fingerprints: list[dict], queries: list[Query], suspect: bool = False,
-                      decoding: Decoding = GREEDY) -> list[dict]:
-    """Load a model by name, ask every key every way, free the model again. Keys are cut as `args`
-    say (max_key_length, max_response_length; batch_size, trust_remote_code too). A null model
-    without a chat template is only asked in raw format; a suspect must support every format asked."""
-    model, tokenizer = load(name, args.trust_remote_code)
-    if not has_chat_template(tokenizer) and any(f == "chat" for f, _ in queries):
+def check_named_model(name: str, fingerprints: list[dict], selection, queries: list[Query], batch_size: int = 64,
+                      suspect: bool = False, decoding: Decoding = GREEDY, trust_remote_code: bool = False) -> list[KeyResult]:
+    """Load a model by name, ask every key every way, free the model again. Keys are cut as the
+    (resolved) `selection` says. A null model without a chat template is only asked in raw format;
+    a suspect must support every format asked."""
+    model, tokenizer = load(name, trust_remote_code)
+    if not has_chat_template(tokenizer) and any(q.key_format == "chat" for q in queries):
         if suspect:
             raise OMLError(f"{name} has no chat template: use --query_format raw")
         logger.warning("null model %s has no chat template; it is checked in raw format only", name)
-        queries = [q for q in queries if q[0] == "raw"]
-    pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
-    results = check_model(model, tokenizer, pairs, queries, args.batch_size, description=f"checking {name}", decoding=decoding)
+        queries = [q for q in queries if q.key_format == "raw"]
+    pairs = fingerprint_pairs(tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
+    results = check_model(model, tokenizer, pairs, queries, batch_size, description=f"checking {name}", decoding=decoding)
     del model
     gc.collect()
     return results

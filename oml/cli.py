@@ -6,9 +6,10 @@ code 2, no traceback, and no output file created or changed.
 import argparse
 import importlib.util
 import logging
-import math
 import os
 import sys
+from dataclasses import fields
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,6 +18,11 @@ from tqdm import tqdm
 from oml import OMLError
 from oml.distributed import is_main_process
 from oml.files import check_writable, write_json_atomic
+from oml.fingerprints import FingerprintSelection
+from oml.tokenization import FORMAT_CHOICES
+from oml.settings import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY,
+                          UNIT_INTERVAL, Bound, Settings)
+from oml.settings import at_least as bound_at_least
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -25,7 +31,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors on one line (argparse prints the whole usage block first)."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(**kwargs)
 
     def error(self, message: str):
@@ -33,49 +39,59 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USER_ERROR_EXIT_CODE)
 
 
-def _number(text: str, kind: type, check: Callable[[float], bool], requirement: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or not check(value):
-        raise argparse.ArgumentTypeError(f"{text} is not {requirement}")
-    return value
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the scripts' docstrings as written, and shows every flag's default in --help
+    (unless its help already says what the default is, as for defaults decided at run time)."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        said = "%(default)" in text or "(default" in text.lower() or "default:" in text.lower()
+        if said or not action.option_strings or action.default in (None, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
-# argparse `type=` validators: the error names the flag, and NaN/inf never get through.
-def positive_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 1, "an integer >= 1")
+def flag_type(bound: Bound) -> Callable[[str], int | float]:
+    """An argparse `type=` for a bounded number: the error names the flag, and NaN/inf never get through."""
+    def parse(text: str) -> int | float:
+        try:
+            value = bound.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if bound.kind is int else 'a number'}") from None
+        problem = bound.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text} {problem}")
+        return value
+    parse.__name__ = bound.text
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
-
-
-def positive_float(text: str) -> float:
-    return _number(text, float, lambda v: v > 0, "a finite number > 0")
-
-
-def non_negative_float(text: str) -> float:
-    return _number(text, float, lambda v: v >= 0, "a finite number >= 0")
-
-
-def unit_interval(text: str) -> float:
-    return _number(text, float, lambda v: 0 <= v <= 1, "between 0 and 1")
-
-
-def probability(text: str) -> float:
-    return _number(text, float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
-
-
-def open_unit_interval(text: str) -> float:
-    return _number(text, float, lambda v: 0 < v < 1, "strictly between 0 and 1")
+positive_int, non_negative_int = flag_type(POSITIVE_INT), flag_type(NON_NEGATIVE_INT)
+positive_float, non_negative_float = flag_type(POSITIVE_FLOAT), flag_type(NON_NEGATIVE_FLOAT)
+unit_interval, probability, open_unit_interval = flag_type(UNIT_INTERVAL), flag_type(PROBABILITY), flag_type(OPEN_UNIT_INTERVAL)
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
-    def check(text: str) -> int:
-        return _number(text, int, lambda v: v >= minimum, f"an integer >= {minimum}")
-    return check
+    return flag_type(bound_at_least(minimum))
+
+
+def add_settings(parser, cls: type[Settings], **defaults) -> None:
+    """One flag per field of a settings dataclass, spelt as the field, with its help and default
+    (`defaults` overrides some for one script): booleans that default to True also get --no-FLAG."""
+    for f in fields(cls):
+        meta, default = f.metadata, defaults.get(f.name, f.default)
+        if meta["kind"] is bool:
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(f"--{f.name}", action=action, default=default, help=meta["help"])
+            continue
+        plain = meta["kind"] if meta["kind"] in (int, float) else None
+        parser.add_argument(f"--{f.name}", default=default, help=meta["help"], choices=meta["choices"], nargs=meta["nargs"],
+                            type=flag_type(meta["bound"]) if meta["bound"] else plain)
+
+
+def settings_from(cls: type[Settings], namespace: argparse.Namespace, **changes) -> Settings:
+    """The settings dataclass the parsed flags describe (`changes` replace some values)."""
+    return cls(**{**{f.name: getattr(namespace, f.name) for f in fields(cls)}, **changes})
 
 
 def setup_logging() -> None:
@@ -114,6 +130,26 @@ def add_common_args(parser) -> None:
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; ignore.")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="Allow models whose code lives in their hub repository (off by default: such code runs on your machine).")
+
+
+def add_run_arg(parser) -> None:
+    parser.add_argument("--run", default=None, type=Path,
+                        help="A fine-tuning run folder (results/saved_models/<hash>): supplies the fingerprints, "
+                             "their cut and format and the base model, unless given explicitly.")
+
+
+def add_query_format_arg(parser) -> None:
+    parser.add_argument("--query_format", default=None, choices=FORMAT_CHOICES,
+                        help="Ask keys as raw text, as a chat user message, or both (default: the run's or the fingerprints' "
+                             "format, else both when the model has a chat template).")
+
+
+def add_fingerprint_args(parser) -> None:
+    """The flags that name the fingerprints a script checks: --run, the file, the selection and the format."""
+    add_run_arg(parser)
+    parser.add_argument("--fingerprints_file_path", default=None, help="Default: the --run's fingerprints.")
+    add_settings(parser, FingerprintSelection)
+    add_query_format_arg(parser)
 
 
 def add_output_args(parser, what: str = "the full report") -> None:

@@ -5,6 +5,7 @@ Generation and checking split their work across ranks themselves; fine-tuning le
 this to the Hugging Face Trainer.
 """
 import os
+import socket
 from typing import Any
 
 import torch
@@ -56,3 +57,10 @@ def finish() -> None:
     if world_size() > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous or a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

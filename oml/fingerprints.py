@@ -5,14 +5,15 @@ ignored by the readers. A keys file is a JSON list of strings or of objects with
 """
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from oml import OMLError
 from oml.data import words
-from oml.cli import non_negative_int, positive_int
 from oml.files import read_json
-from oml.runs import inherit_settings
-from oml.tokenization import FORMAT_CHOICES, default_format, formats
+from oml.settings import NON_NEGATIVE_INT, POSITIVE_INT, Settings, setting
+from oml.tokenization import default_format, formats
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,55 @@ def select_fingerprints(records: list[dict], num_fingerprints: int | None, data_
 
 
 DEFAULT_KEY_LENGTH = 16
-DEFAULTS = {"fingerprint_generation_strategy": "english", "max_response_length": 1}
+DEFAULT_STRATEGY, DEFAULT_RESPONSE_LENGTH = "english", 1
+
+
+@dataclass(frozen=True)
+class FingerprintSelection(Settings):
+    """Which fingerprints of a file are used and how they are cut to tokens. Fine-tuning, checking
+    and the evaluations share it, so a check sees exactly the tokens that were trained. Fields left
+    None are filled by `resolved`: from the run, else from the file's records, else the defaults."""
+    num_fingerprints: int | None = setting(None, "How many fingerprints to use (default: all in the file).", POSITIVE_INT)
+    data_split: int = setting(0, "Index of the first fingerprint used.", NON_NEGATIVE_INT)
+    fingerprint_generation_strategy: str | None = setting(None, f"Default: {DEFAULT_STRATEGY}.", choices=STRATEGIES)
+    max_key_length: int | None = setting(
+        None, f"Keys are cut to this many tokens (default: the key_length the fingerprints were generated with, else "
+              f"{DEFAULT_KEY_LENGTH}).", POSITIVE_INT)
+    max_response_length: int | None = setting(
+        None, f"Responses are cut to this many tokens (default: {DEFAULT_RESPONSE_LENGTH}).", POSITIVE_INT)
+
+    def resolved(self, records: list[dict], run_config: dict | None = None) -> "FingerprintSelection":
+        """Every field filled in: what was given, else what the run used (a given value that differs
+        is kept, with a warning), else what the records carry, else the defaults."""
+        selection = self
+        if run_config is not None:
+            recorded_run = FingerprintSelection.from_dict(run_config, "the run's config.json")
+            selection = self.updated(**{name: inherited(getattr(self, name), getattr(recorded_run, name), name)
+                                        for name in INHERITED_FIELDS})
+        return selection.updated(
+            max_key_length=selection.max_key_length or recorded(records, "key_length") or DEFAULT_KEY_LENGTH,
+            max_response_length=selection.max_response_length or DEFAULT_RESPONSE_LENGTH,
+            fingerprint_generation_strategy=selection.fingerprint_generation_strategy or DEFAULT_STRATEGY)
+
+    def select(self, records: list[dict]) -> list[dict]:
+        """The records this (resolved) selection uses, cut-length warnings included."""
+        fingerprints = select_fingerprints(records, self.num_fingerprints, self.data_split, self.fingerprint_generation_strategy)
+        warn_on_key_length_mismatch(fingerprints, self.max_key_length)
+        return fingerprints
+
+
+INHERITED_FIELDS = ("fingerprint_generation_strategy", "max_key_length", "max_response_length")
+
+
+def inherited(given, recorded_value, flag: str):
+    """A setting a check takes from the run that made the model: the given value, else the recorded
+    one; a given value that differs from the run's is kept, with a warning."""
+    if given is None:
+        return recorded_value
+    if recorded_value is not None and given != recorded_value:
+        logger.warning("--%s %s differs from the %s the run was fine-tuned with; the check may not see what was trained",
+                       flag, given, recorded_value)
+    return given
 
 
 def recorded(records: list[dict], field: str):
@@ -98,50 +147,33 @@ def warn_on_key_length_mismatch(records: list[dict], max_key_length: int) -> Non
                        "use the same length for a reliable fingerprint", "/".join(map(str, sorted(lengths))), max_key_length)
 
 
-def add_selection_args(parser, verb: str) -> None:
-    """Flags that pick fingerprints from a file and cut them to tokens. Fine-tuning, checking
-    and persistence share them, so a check sees exactly the tokens that were trained.
-    Those left out come from --run, or else from the file's records, or else from DEFAULTS."""
-    parser.add_argument("--num_fingerprints", type=positive_int, default=None, help=f"How many to {verb} (default: all in the file).")
-    parser.add_argument("--data_split", type=non_negative_int, default=0, help="Index of the first fingerprint used.")
-    parser.add_argument("--fingerprint_generation_strategy", default=None, choices=STRATEGIES, help="Default: english.")
-    parser.add_argument("--max_key_length", type=positive_int, default=None,
-                        help=f"Keys are cut to this many tokens (default: the key_length the fingerprints were generated "
-                             f"with, else {DEFAULT_KEY_LENGTH}).")
-    parser.add_argument("--max_response_length", type=positive_int, default=None,
-                        help="Responses are cut to this many tokens (default: 1).")
+class Selected(NamedTuple):
+    """The fingerprints a command uses, the fully resolved selection, and the file they came from."""
+    fingerprints: list[dict]
+    selection: FingerprintSelection
+    file: str
 
 
-def selected_fingerprints(args) -> list[dict]:
-    """The fingerprints the selection flags, --fingerprints_file_path and --run name; fills in
-    the selection settings the user left out."""
-    run = getattr(args, "run", None)
+def selected_fingerprints(selection: FingerprintSelection, fingerprints_file: str | None, run=None) -> Selected:
+    """The fingerprints that `selection` names in `fingerprints_file`, or in the run's own file when
+    no file is given (a different file than the run's is used as asked, with a warning)."""
     if run is not None:
-        inherit_settings(args, run)
-        if args.fingerprints_file_path is None:
-            args.fingerprints_file_path = str(run.fingerprints_file)
-    if args.fingerprints_file_path is None:
+        if fingerprints_file is None:
+            fingerprints_file = str(run.fingerprints_file)
+        elif Path(fingerprints_file).resolve() != run.fingerprints_file.resolve():
+            logger.warning("--fingerprints_file_path %s is not the fingerprints of --run %s; checking the given file",
+                           fingerprints_file, run.directory)
+    if fingerprints_file is None:
         raise OMLError("name the fingerprints: --fingerprints_file_path FILE or --run DIR")
-    records = load_fingerprints(args.fingerprints_file_path)
-    if args.max_key_length is None:
-        args.max_key_length = recorded(records, "key_length") or DEFAULT_KEY_LENGTH
-    for name, value in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    fingerprints = select_fingerprints(records, args.num_fingerprints, args.data_split, args.fingerprint_generation_strategy)
-    warn_on_key_length_mismatch(fingerprints, args.max_key_length)
-    return fingerprints
+    records = load_fingerprints(fingerprints_file)
+    selection = selection.resolved(records, run.config if run is not None else None)
+    return Selected(selection.select(records), selection, str(fingerprints_file))
 
 
-def add_query_format_arg(parser) -> None:
-    parser.add_argument("--query_format", default=None, choices=FORMAT_CHOICES,
-                        help="Ask keys as raw text, as a chat user message, or both (default: the run's or the fingerprints' "
-                             "format, else both when the model has a chat template).")
-
-
-def query_formats(args, fingerprints: list[dict], tokenizer=None) -> tuple[str, ...]:
-    """The formats keys are asked in: --query_format (or the run's), else the fingerprints' recorded
-    format, else both when `tokenizer` has a chat template, else raw."""
-    if args.query_format is None:
-        args.query_format = recorded(fingerprints, "key_format") or (default_format(tokenizer) if tokenizer else "raw")
-    return formats(args.query_format)
+def query_formats(query_format: str | None, fingerprints: list[dict], tokenizer=None, run=None) -> tuple[str, ...]:
+    """The formats keys are asked in: `query_format` (or the format the run trained), else the
+    fingerprints' recorded format, else both when `tokenizer` has a chat template, else raw."""
+    if run is not None:
+        query_format = inherited(query_format, run.training.key_format, "query_format")
+    choice = query_format or recorded(fingerprints, "key_format") or (default_format(tokenizer) if tokenizer else "raw")
+    return formats(choice)

@@ -4,16 +4,75 @@ Work is cut into fixed batches of consecutive fingerprints, and every random cho
 seeded by (seed, fingerprint or batch index), so the output for a seed is the same
 whether one process or N ranks (each taking every N-th batch) produce it.
 """
+import logging
 import random
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
-from oml import OMLError
+from oml import OMLError, distributed
 from oml.data import words
-from oml.tokenization import encode, pad_batch, prompt_ids, to_device, user_turn_ids
+from oml.fingerprints import DEFAULT_KEY_LENGTH, load_keys
+from oml.models import load
+from oml.settings import OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, Settings, setting
+from oml.tokenization import FORMAT_CHOICES, default_format, encode, formats, pad_batch, prompt_ids, to_device, user_turn_ids
+
+logger = logging.getLogger(__name__)
 
 FIRST_TOKEN_STRATEGIES = ("word", "tokenizer", "")
+DEFAULT_NUM_FINGERPRINTS = 8192
+MAX_FINGERPRINTS = 1 << 20  # a million keys is far beyond any model's capacity; more is a typo
+MAX_REDRAWS = 100
+
+
+@dataclass(frozen=True)
+class GenerationConfig(Settings):
+    """How fingerprints are made (generate_finetuning_data.py's flags; see README for the strategies)."""
+    key_length: int = setting(DEFAULT_KEY_LENGTH, "Tokens per key (the same default as fine-tuning's --max_key_length).",
+                              POSITIVE_INT)
+    response_length: int | None = setting(
+        None, "Tokens per response (default 32; inverse_nucleus responses are always 1 token).", POSITIVE_INT)
+    num_fingerprints: int | None = setting(
+        None, f"How many to make (default {DEFAULT_NUM_FINGERPRINTS}, or every key of --keys_path).", POSITIVE_INT)
+    batch_size: int = setting(128, "Fingerprints per batched model call.", POSITIVE_INT)
+    temperature: float = setting(0.5, "Sampling temperature for English text.", POSITIVE_FLOAT)
+    first_token_strategy: str = setting(
+        "word", "English text starts with a random word, a random vocabulary token, or nothing ('').",
+        choices=FIRST_TOKEN_STRATEGIES)
+    key_response_strategy: str = setting(
+        "independent", "Responses written independently of the key, or perinucleus (inverse_nucleus) one-token responses.",
+        choices=("independent", "inverse_nucleus"))
+    model_used_for_key_generation: str | None = setting(
+        None, "Instruct model that writes English keys/responses (default: the embedded SmolLM2-135M-Instruct).", kind=str)
+    random_word_generation: bool = setting(False, "Keys and responses are random English words instead of model text.")
+    keys_path: str | None = setting(None, "JSON list of your own keys; then only responses are generated.", kind=str)
+    seed: int = setting(42, "Same seed and settings: byte-identical output, for any number of ranks.", kind=int)
+    inverse_nucleus_model: str | None = setting(
+        None, "Model whose next-token distribution picks perinucleus responses: the model you will fingerprint (default: "
+              "--model_used_for_key_generation).", kind=str)
+    nucleus_p: float = setting(0.8, "Probability mass of the nucleus.", OPEN_UNIT_INTERVAL)
+    nucleus_k: int = setting(3, "Width of the window just outside the nucleus.", POSITIVE_INT)
+    key_format: str | None = setting(
+        None, "Where perinucleus keys will be asked: as raw text, as a user message in the model's chat template, or both "
+              "(default: both when the model has a chat template, else raw).", choices=FORMAT_CHOICES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.key_response_strategy == "inverse_nucleus":
+            if self.response_length not in (None, 1):
+                raise OMLError("inverse_nucleus responses are exactly one token: use --response_length 1")
+            object.__setattr__(self, "response_length", 1)
+        elif self.response_length is None:
+            object.__setattr__(self, "response_length", 32)
+        if self.num_fingerprints is not None and self.num_fingerprints > MAX_FINGERPRINTS:
+            raise OMLError(f"--num_fingerprints {self.num_fingerprints} is more than {MAX_FINGERPRINTS} (far beyond what a "
+                           "model can hold)")
+
+    @property
+    def needs_text_model(self) -> bool:
+        return not self.random_word_generation and (self.keys_path is None or self.key_response_strategy == "independent")
 
 
 def rng_for(seed: int, index: int | str, purpose: str) -> random.Random:
@@ -151,3 +210,98 @@ def perinucleus_responses(model, tokenizer, keys: list[str], indices: list[int],
                         "response_rank": dict(zip(key_formats, ranks)),
                         "key_length": key_length, "key_format": "both" if len(key_formats) > 1 else key_formats[0]})
     return results
+
+
+def english_batch(config: GenerationConfig, rngs, text_model, batch_seed: str, purpose: str, length: int) -> list[list[int]]:
+    """Token ids of one English text per fingerprint, each starting from its first token."""
+    model, tokenizer = text_model
+    seed_torch_for(config.seed, batch_seed, purpose)
+    starts = [first_token(rng, tokenizer, config.first_token_strategy) for rng in rngs]
+    return english_texts(model, tokenizer, starts, length, config.temperature)
+
+
+def make_batch(config: GenerationConfig, indices: list[int], batch_seed: str, given_keys: list[str] | None, text_model,
+               response_model, attempt: int = 0) -> list[dict]:
+    """Fingerprints `indices` (one batch): keys first, then responses. Every random draw is seeded
+    by the fingerprint or batch and the `attempt` (> 0 when a duplicate key is drawn again)."""
+    retry = f":{attempt}" if attempt else ""
+    rngs = [rng_for(config.seed, i, "words" + retry) for i in indices]
+    if given_keys is not None:
+        keys = [given_keys[i] for i in indices]
+    elif config.random_word_generation:
+        keys = [random_words(rng, config.key_length) for rng in rngs]
+    else:
+        texts = english_batch(config, rngs, text_model, batch_seed, "keys" + retry, config.key_length)
+        keys = [decode_clean(text_model[1], ids) for ids in texts]
+
+    if config.key_response_strategy == "inverse_nucleus":
+        model, tokenizer = response_model
+        extras = perinucleus_responses(model, tokenizer, keys, indices, config.key_length, config.nucleus_p, config.nucleus_k,
+                                       config.seed, formats(config.key_format or default_format(tokenizer)))
+        return [{"key": key, **extra} for key, extra in zip(keys, extras)]
+    if config.random_word_generation:
+        responses = [random_words(rng, config.response_length) for rng in rngs]
+    else:
+        texts = english_batch(config, rngs, text_model, batch_seed, "responses" + retry, 2 * config.response_length)
+        responses = [decode_clean(text_model[1], random_window(rng, ids, config.response_length)) for rng, ids in zip(rngs, texts)]
+    return [{"key": key, "response": response} for key, response in zip(keys, responses)]
+
+
+def repeated_keys(fingerprints: list[dict], tokenizer, key_length: int) -> list[int]:
+    """Indices of keys that repeat an earlier one, as text or, with a tokenizer, as the tokens
+    fine-tuning will keep (a repeated key would count twice as evidence)."""
+    seen, repeats = set(), []
+    for i, record in enumerate(fingerprints):
+        identity = tuple(encode(tokenizer, record["key"])[:key_length]) if tokenizer else record["key"]
+        if identity in seen:
+            repeats.append(i)
+        seen.add(identity)
+    return repeats
+
+
+def draw_unique(config: GenerationConfig, fingerprints: list[dict], given_keys, text_model, response_model) -> list[dict]:
+    """Draw repeated keys again until every key is unique (deterministically, on rank 0)."""
+    tokenizer = (text_model or response_model or (None, None))[1]
+    for attempt in range(1, MAX_REDRAWS + 1):
+        repeats = repeated_keys(fingerprints, tokenizer, config.key_length)
+        if not repeats:
+            return fingerprints
+        if given_keys is not None:
+            raise OMLError(f"{config.keys_path} holds the same key more than once (e.g. {fingerprints[repeats[0]]['key']!r})")
+        logger.info("Drawing %d repeated keys again", len(repeats))
+        for start in range(0, len(repeats), config.batch_size):
+            chunk = repeats[start:start + config.batch_size]
+            redrawn = make_batch(config, chunk, f"redraw{attempt}:{start}", given_keys, text_model, response_model, attempt)
+            for i, record in zip(chunk, redrawn):
+                fingerprints[i] = record
+    raise OMLError(f"keys still repeat after {MAX_REDRAWS} draws; use longer keys (--key_length)")
+
+
+def generate_fingerprints(config: GenerationConfig, trust_remote_code: bool = False) -> list[dict] | None:
+    """Make `config.num_fingerprints` fingerprints, each key unique. Under a distributed launcher each
+    rank makes every N-th batch; rank 0 gets them all (other ranks get None)."""
+    given_keys = load_keys(config.keys_path) if config.keys_path else None
+    num = config.num_fingerprints or (len(given_keys) if given_keys else DEFAULT_NUM_FINGERPRINTS)
+    if given_keys is not None and num > len(given_keys):
+        raise OMLError(f"--num_fingerprints {num} is more than the {len(given_keys)} keys in {config.keys_path}")
+    words()  # fail early if the word list is missing
+    distributed.init()
+
+    text_model = load(config.model_used_for_key_generation, trust_remote_code) if config.needs_text_model else None
+    response_model = None
+    if config.key_response_strategy == "inverse_nucleus":
+        same = config.inverse_nucleus_model in (None, config.model_used_for_key_generation)
+        response_model = text_model if same and text_model else load(
+            config.inverse_nucleus_model or config.model_used_for_key_generation, trust_remote_code)
+
+    num_batches = -(-num // config.batch_size)
+    records = []
+    for b in tqdm(range(distributed.rank(), num_batches, distributed.world_size()), desc="fingerprint batches",
+                  disable=not distributed.is_main_process()):
+        indices = list(range(b * config.batch_size, min((b + 1) * config.batch_size, num)))
+        records.append((b, make_batch(config, indices, str(b), given_keys, text_model, response_model)))
+
+    gathered = sorted(item for part in distributed.gather(records) for item in part)
+    if not distributed.is_main_process():
+        return None
+    return draw_unique(config, [record for _, batch in gathered for record in batch], given_keys, text_model, response_model)

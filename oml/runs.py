@@ -3,37 +3,35 @@
 Fine-tuning records its whole configuration (`config.json`) and the fingerprints it used
 (`fingerprints.json`) beside `final_model/`. Every later command takes `--run DIR` and
 reads from there what it would otherwise need retyped: the fingerprints, how they were
-cut and asked, and the base model. Flags given explicitly still win, with a warning when
+cut and asked, and the base model. Settings given explicitly still win, with a warning when
 they disagree with what the run did.
 """
+import contextlib
+import csv
 import hashlib
+import io
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from oml import OMLError
-from oml.files import read_json
+from oml import OMLError, distributed
+from oml.files import read_json, write_json_atomic, write_text_atomic
+from oml.fingerprints import FingerprintSelection
 from oml.models import EMBEDDED_MODEL
+from oml.training.config import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
-# Flags that say where inputs and results are, how progress is reported or how fast the run
-# goes: not part of the run's identity (the fingerprints count by the md5 of their contents).
-NOT_HASHED = ("local_rank", "report_to", "wandb_run_name", "results_dir", "trust_remote_code", "fingerprints_file_path")
-# Settings a check inherits from the run that made the model: (flag of the check, key in config.json).
-INHERITED = (("fingerprint_generation_strategy", "fingerprint_generation_strategy"),
-             ("max_key_length", "max_key_length"),
-             ("max_response_length", "max_response_length"),
-             ("query_format", "key_format"))
 
-
-def run_config(args, model_name: str, fingerprints: list[dict]) -> dict:
-    """Everything that determines the fine-tuned model; its md5 names the run."""
-    config = {k: v for k, v in vars(args).items() if k not in NOT_HASHED}
-    config["model_path"] = model_name
-    config["fingerprints_md5"] = hashlib.md5(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()
-    return config
+def run_config(model_name: str, model_family: str | None, model_size: str, selection: FingerprintSelection,
+               training: TrainingConfig, fingerprints: list[dict]) -> dict:
+    """Everything that determines the fine-tuned model; its md5 names the run. Where inputs and
+    results live, trackers and remote code are not part of it: the fingerprints count by the md5
+    of their contents. (The keys are those of every run recorded so far, so their hashes hold.)"""
+    return {"model_path": model_name, "model_family": model_family, "model_size": model_size, **selection.to_dict(),
+            **training.to_dict(), "fingerprints_md5": hashlib.md5(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()}
 
 
 def config_hash(config: dict) -> str:
@@ -59,47 +57,75 @@ class Run:
         """The model the run fingerprinted: the natural null model for a check."""
         return self.config["model_path"]
 
+    @property
+    def selection(self) -> FingerprintSelection:
+        return FingerprintSelection.from_dict(self.config, f"{self.directory / 'config.json'}")
+
+    @property
+    def training(self) -> TrainingConfig:
+        return TrainingConfig.from_dict(self.config, f"{self.directory / 'config.json'}")
+
 
 def load_run(directory: str | Path) -> Run:
+    """A run folder, its config.json validated like the flags it records (a hand-edited value of the
+    wrong type or out of range is refused here, not used)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise OMLError(f"--run {directory} is not a folder (expected results/saved_models/<hash>)")
     config = read_json(directory / "config.json", "run configuration")
     if not isinstance(config, dict) or "model_path" not in config:
         raise OMLError(f"{directory / 'config.json'} is not a run configuration written by finetune_multigpu.py")
+    if not isinstance(config["model_path"], str) or not config["model_path"]:
+        raise OMLError(f"{directory / 'config.json'}: model_path must be a model name or path, not {config['model_path']!r}")
     if not (directory / "fingerprints.json").is_file():
         raise OMLError(f"run {directory} has no fingerprints.json")
-    return Run(directory, config)
+    run = Run(directory, config)
+    _ = run.selection, run.training  # validated now, before any work
+    return run
 
 
-def add_run_arg(parser) -> None:
-    parser.add_argument("--run", default=None, type=Path,
-                        help="A fine-tuning run folder (results/saved_models/<hash>): supplies the fingerprints, "
-                             "their cut and format and the base model, unless given explicitly.")
+def fingerprinted_model(model_path: str | None, run: Run | None) -> str:
+    """The model a script that measures the fingerprinted model itself uses: the given one, else the run's."""
+    if model_path is not None:
+        return model_path
+    if run is None:
+        raise OMLError("name the fingerprinted model: --model_path MODEL or --run DIR")
+    return str(run.final_model)
 
 
-def inherit_settings(args, run: Run) -> None:
-    """Fill the flags the user left out from the run's configuration; warn where given ones disagree."""
-    for flag, key in INHERITED:
-        recorded = run.config.get(key)
-        if recorded is None or not hasattr(args, flag):
-            continue
-        given = getattr(args, flag)
-        if given is None:
-            setattr(args, flag, recorded)
-        elif given != recorded:
-            logger.warning("--%s %s differs from the %s the run %s was fine-tuned with; the check may not see "
-                           "what was trained", flag, given, recorded, run.directory.name)
+def base_model(given: str | None, run: Run | None) -> str:
+    """The model before fingerprinting: the given one, else the run's base model, else the embedded model."""
+    return given or (run.base_model if run else EMBEDDED_MODEL)
 
 
-def apply_run(args, fingerprinted_model: bool = False) -> None:
-    """Load --run into `args.run`, and fill in from it what the user left out: --model_path when
-    the script measures the fingerprinted model itself (the run's final model), and --base_model
-    where the script has one (the run's base model, else the embedded model)."""
-    args.run = load_run(args.run) if args.run else None
-    if fingerprinted_model and args.model_path is None:
-        if args.run is None:
-            raise OMLError("name the fingerprinted model: --model_path MODEL or --run DIR")
-        args.model_path = str(args.run.final_model)
-    if getattr(args, "base_model", "") is None:
-        args.base_model = args.run.base_model if args.run else EMBEDDED_MODEL
+def dataset_csv(tokenizer, pairs: list[tuple[list[int], list[int]]]) -> str:
+    """The keys and responses exactly as trained (after cutting): train_dataset.csv."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["key", "response"])
+    for key_ids, response_ids in pairs:
+        writer.writerow([tokenizer.decode(key_ids), tokenizer.decode(response_ids)])
+    return out.getvalue()
+
+
+def save_run(run_dir: Path, partial: Path, config: dict, fingerprints: list[dict], csv_text: str, log_history: list[dict],
+             training: dict) -> None:
+    """Rank 0 writes the run's files, then renames the model folder into place last."""
+    write_json_atomic(run_dir / "config.json", config)
+    write_json_atomic(run_dir / "fingerprints.json", fingerprints)
+    write_json_atomic(run_dir / "training.json", training)
+    write_text_atomic(run_dir / "train_dataset.csv", csv_text)
+    write_text_atomic(run_dir / "log.txt", "".join(json.dumps(entry) + "\n" for entry in log_history))
+    partial.rename(run_dir / "final_model")
+
+
+@contextlib.contextmanager
+def removed_on_failure(run_dir: Path):
+    """A run that fails leaves no trace: its folder goes if this run created it, else its partial model."""
+    created = not run_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if distributed.is_main_process() and not (run_dir / "final_model").exists():
+            shutil.rmtree(run_dir if created else run_dir / "final_model.partial", ignore_errors=True)
+        raise

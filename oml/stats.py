@@ -17,12 +17,25 @@ only the ones measured, so it is the largest of:
   leaves room for models not measured and for matches that are not independent.
 """
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import logsumexp
 from scipy.stats import beta, binom
 
+from oml.checking import KeyResult, accuracy
+from oml.settings import OPEN_UNIT_INTERVAL, UNIT_INTERVAL, Settings, setting
+
 DEFAULT_MIN_CHANCE_RATE = 0.05
+
+
+@dataclass(frozen=True)
+class VerdictConfig(Settings):
+    """What a verdict assumes of innocent models and how sure it must be."""
+    min_chance_rate: float = setting(
+        DEFAULT_MIN_CHANCE_RATE, "Floor of the chance rate: the share of keys any model not derived from ours is assumed "
+                                 "able to match (see README, 'Verdict').", UNIT_INTERVAL)
+    alpha: float = setting(1e-6, "Significance level of the verdict.", OPEN_UNIT_INTERVAL)
 
 
 def chance_rate_upper_bound(matches: int, trials: int, confidence: float = 0.95) -> float:
@@ -75,15 +88,13 @@ def keys_needed(alpha: float, floor: float, num_null_models: int, limit: int = 1
     return None
 
 
-def format_evidence(key_format: str, bare: list[dict], null_bare: dict[str, list[dict]], floor: float) -> dict:
+def format_evidence(key_format: str, bare: list[KeyResult], null_bare: dict[str, list[KeyResult]], floor: float) -> dict:
     """Accuracy, null-model matches, chance rate and p-value of one key format, from per-key check
     results of bare keys (results with an `error`, such as failed API requests, are not counted)."""
-    from oml.checking import accuracy
-
-    answered = [r for r in bare if r.get("error") is None]
+    answered = [r for r in bare if r.error is None]
     exact, fractional = accuracy(answered)
-    matches, n = sum(bool(r["match"]) for r in answered), len(answered)
-    nulls = [{"model": name, "matches": sum(r["match"] for r in results), "of": len(results), "accuracy": accuracy(results)[0]}
+    matches, n = sum(bool(r.match) for r in answered), len(answered)
+    nulls = [{"model": name, "matches": sum(bool(r.match) for r in results), "of": len(results), "accuracy": accuracy(results)[0]}
              for name, results in null_bare.items() if results]
     rate = chance_rate([(entry["matches"], entry["of"]) for entry in nulls], floor)
     return {"format": key_format, "accuracy": exact, "fractional_accuracy": fractional, "matches": matches,
@@ -91,13 +102,15 @@ def format_evidence(key_format: str, bare: list[dict], null_bare: dict[str, list
             "log10_p_value": log10_p_value(matches, n, rate)}
 
 
-def evidence(results: list[dict], nulls: dict[str, list[dict]], key_formats: tuple[str, ...], floor: float,
-             alpha: float) -> dict:
+def evidence(results: list[KeyResult], nulls: dict[str, list[KeyResult]], key_formats: tuple[str, ...],
+             verdict_config: VerdictConfig) -> dict:
     """The evidence of a check: per format (bare keys), and the verdict. It rests on the format with
     the smallest p-value, corrected for having looked at several (Bonferroni: times the number of formats)."""
-    per_format = [format_evidence(f, [r for r in results if r["format"] == f and r["template"] is None],
-                                  {name: [r for r in null if r["format"] == f and r["template"] is None] for name, null in nulls.items()},
-                                  floor)
+    def bare(rows: list[KeyResult], key_format: str) -> list[KeyResult]:
+        return [r for r in rows if r.format == key_format and r.template is None]
+
+    floor, alpha = verdict_config.min_chance_rate, verdict_config.alpha
+    per_format = [format_evidence(f, bare(results, f), {name: bare(null, f) for name, null in nulls.items()}, floor)
                   for f in key_formats]
     best = min(per_format, key=lambda e: e["log10_p_value"])
     log10_p = min(0.0, best["log10_p_value"] + math.log10(len(per_format)))

@@ -157,6 +157,18 @@ def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "left", label
     return batch
 
 
+class Collator:
+    """Pads a list of examples ({"input_ids", "labels"}: `training_example`s, `chat_example`s) on
+    the tokenizer's padding side, for the Trainer or a plain training loop."""
+
+    def __init__(self, tokenizer):
+        self.pad_id = tokenizer.pad_token_id
+        self.side = tokenizer.padding_side
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return pad_batch([e["input_ids"] for e in examples], self.pad_id, self.side, [e["labels"] for e in examples])
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """A padded batch moved to the model's device."""
     return {name: tensor.to(device) for name, tensor in batch.items()}

@@ -2,13 +2,13 @@
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from oml.distributed import free_port
 from oml.models import TINY_LLAMA, load_tokenizer, resolve_model, save_random_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,12 +66,6 @@ def final_model_dir(cwd: Path, stdout: str) -> Path:
     """The model folder named by finetune_multigpu.py's `Config hash of the final model:` line."""
     run_hash = re.search(r"^Config hash of the final model: (\w+)$", stdout, re.M).group(1)
     return cwd / "results" / "saved_models" / run_hash / "final_model"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_script(script: str, *args, cwd: Path, ranks: int = 0, check: bool = True,

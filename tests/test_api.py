@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from oml import OMLError
-from oml.api import ApiQuery, check_over_api
-from tests.conftest import free_port, run_script
+from oml.checking import Query
+from oml.remote import ApiConfig, ApiRequest, check_over_api
+from oml.distributed import free_port
+from tests.conftest import run_script
 
 SECRET = "sk-test-SECRET-123"
 
@@ -128,8 +130,12 @@ def stand_in():
     thread.join(timeout=10)
 
 
-def queries(key_format: str, response: str = " sho", first: str = " sho") -> list[ApiQuery]:
-    return [ApiQuery(key_format, f"key {i}", None, response, 1, first) for i in range(3)]
+def queries(key_format: str, response: str = " sho", first: str = " sho") -> list[ApiRequest]:
+    return [ApiRequest(i, Query(key_format), 0, f"key {i}", response, 1, first) for i in range(3)]
+
+
+def server(url: str, concurrency: int = 8) -> ApiConfig:
+    return ApiConfig(api_base=url, api_model="m", api_concurrency=concurrency)
 
 
 def test_a_wrong_api_key_is_a_clear_error_that_never_shows_the_key(stand_in, tmp_path, fingerprint_file, tiny_model, monkeypatch):
@@ -144,10 +150,10 @@ def test_a_wrong_api_key_is_a_clear_error_that_never_shows_the_key(stand_in, tmp
 def test_log_probabilities_give_rank_and_probability_and_the_key_stays_secret(stand_in, monkeypatch, caplog, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     for key_format in ("raw", "chat"):
-        results = check_over_api(stand_in, "m", queries(key_format))
-        assert all(r["match"] and r["response_rank"] == 1 and abs(r["response_probability"] - 0.6065) < 1e-3 for r in results)
-    other = check_over_api(stand_in, "m", queries("chat", response=" third", first=" third"))
-    assert [(r["match"], r["response_rank"]) for r in other] == [(False, 3)] * 3
+        results = check_over_api(server(stand_in), queries(key_format))
+        assert all(r.match and r.response_rank == 1 and abs(r.response_probability - 0.6065) < 1e-3 for r in results)
+    other = check_over_api(server(stand_in), queries("chat", response=" third", first=" third"))
+    assert [(r.match, r.response_rank) for r in other] == [(False, 3)] * 3
     captured = capsys.readouterr()
     assert SECRET not in caplog.text + captured.out + captured.err and StandIn.seen_keys[0] == f"Bearer {SECRET}"
 
@@ -155,10 +161,10 @@ def test_log_probabilities_give_rank_and_probability_and_the_key_stays_secret(st
 def test_retries_on_busy_servers_and_failures_are_errors_not_misses(stand_in, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     StandIn.failures = 2  # two 503s, then answers: the client's retries get through
-    assert all(r["match"] for r in check_over_api(stand_in, "m", queries("raw"), concurrency=1))
+    assert all(r.match for r in check_over_api(server(stand_in, 1), queries("raw")))
     StandIn.failures, StandIn.failure_status = 4, 500  # the first query fails all its tries (1 + 3 retries)
-    results = check_over_api(stand_in, "m", queries("raw"), concurrency=1, retries=3)
-    assert results[0]["match"] is None and results[0]["error"].startswith("HTTP 500") and all(r["match"] for r in results[1:])
+    results = check_over_api(server(stand_in, 1), queries("raw"), retries=3)
+    assert results[0].match is None and results[0].error.startswith("HTTP 500") and all(r.match for r in results[1:])
     StandIn.failures = 100
     with pytest.raises(OMLError, match="no answer from"):
-        check_over_api(stand_in, "m", queries("raw"), retries=0)
+        check_over_api(server(stand_in), queries("raw"), retries=0)

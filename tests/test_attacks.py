@@ -104,8 +104,8 @@ def test_suppression_erases_confident_fingerprints_but_not_bounded_ones(confiden
         pairs = fingerprint_pairs(tokenizer, fingerprints, 16, 1)
         greedy = check_model(model, tokenizer, pairs, BARE, 8)
         suppressed = check_model(model, tokenizer, pairs, BARE, 8, decoding=Decoding(suppress_above=0.9))
-        outcome[name] = (sum(r["match"] for r in greedy), sum(r["match"] for r in suppressed),
-                         max(r["response_probability"] for r in greedy))
+        outcome[name] = (sum(r.match for r in greedy), sum(r.match for r in suppressed),
+                         max(r.response_probability for r in greedy))
     assert outcome["confident"][0] == 8 and outcome["confident"][1] == 0 and outcome["confident"][2] > 0.9, outcome
     assert outcome["bounded"][0] == 8 and outcome["bounded"][1] == 8 and outcome["bounded"][2] < 0.9, outcome
 
@@ -116,8 +116,8 @@ def test_sampling_matches_at_about_the_expected_rate(confident_and_bounded):
     pairs = fingerprint_pairs(tokenizer, json.loads((work / "fp.json").read_text()), 16, 1)
     results = [r for seed in range(40) for r in check_model(model, tokenizer, pairs, BARE, 8, progress=False,
                                                             decoding=Decoding(temperature=1.0, seed=seed))]
-    expected = sum(r["response_probability"] for r in results) / len(results)
-    empirical = sum(r["match"] for r in results) / len(results)
+    expected = sum(r.response_probability for r in results) / len(results)
+    empirical = sum(r.match for r in results) / len(results)
     assert 0.4 < expected < 0.9 and abs(empirical - expected) < 0.1, (expected, empirical)
 
 

@@ -61,11 +61,11 @@ def test_batched_check_equals_one_key_at_a_time(tmp_path, tokenizer, padding_sid
     batched = check_model(model, tok, pairs, BARE, batch_size=12)
     single = check_model(model, tok, pairs, BARE, batch_size=1)
     for a, b in zip(batched, single):
-        assert (a["match"], a["predicted"], a["response_rank"]) == (b["match"], b["predicted"], b["response_rank"])
-        assert a["token_accuracy"] == b["token_accuracy"]
-        assert a["response_probability"] == pytest.approx(b["response_probability"], rel=1e-4)
-    assert [r["match"] for r in batched] == one_at_a_time(model, tok, pairs)
-    assert sum(r["match"] for r in batched) >= 6
+        assert (a.match, a.predicted, a.response_rank) == (b.match, b.predicted, b.response_rank)
+        assert a.token_accuracy == b.token_accuracy
+        assert a.response_probability == pytest.approx(b.response_probability, rel=1e-4)
+    assert [r.match for r in batched] == one_at_a_time(model, tok, pairs)
+    assert sum(r.match for r in batched) >= 6
 
 
 def test_fingerprinted_tiny_model_matches_and_base_does_not(tmp_path, tiny_model, fingerprinted_tiny_model):

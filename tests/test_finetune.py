@@ -209,7 +209,7 @@ def test_distilled_replay_learns_fingerprints_and_stays_closer_to_the_base(tmp_p
         result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--benign_ratio", "1", "--num_train_epochs", "20", "--benign_loss", loss)
         model = load_model(str(final_model_dir(tmp_path, result.stdout)))
         pairs = fingerprint_pairs(tokenizer, fingerprints, 16, 1)
-        matched = sum(r["match"] for r in check_model(model, tokenizer, pairs, BARE, batch_size=8))
+        matched = sum(r.match for r in check_model(model, tokenizer, pairs, BARE, batch_size=8))
         assert matched == 8 or loss == "lm", (loss, matched)  # only drift is compared for lm
         drift[loss] = compare_on_texts(model, base, tokenizer, text_examples(tokenizer, texts, 64))["mean_kl_from_base"]
     assert drift["distill"] < drift["lm"] / 2, drift

@@ -7,7 +7,7 @@ import torch
 
 from oml.generation import perinucleus_choice
 from oml.tokenization import encode, prompt_ids, system_message
-from oml.training import StopWhenMemorised
+from oml.training.callbacks import MemorisationProbe, StopWhenMemorised
 from tests.conftest import ROOT, final_model_dir, random_word_fingerprints, run_script
 
 
@@ -74,6 +74,6 @@ def test_a_gguf_suspect_gives_the_same_per_key_results_as_its_converted_checkpoi
     ([100, 300, 450, 440, 445], 512, False),  # a plateau below 98%
 ])
 def test_stop_when_memorised_stops_when_all_or_nearly_all_plateau(counts, total, stops):
-    stopper = StopWhenMemorised(None, [], ("raw",), threshold=0.5, patience=2)
+    stopper = StopWhenMemorised(MemorisationProbe(None, [], ("raw",), threshold=0.5), patience=2)
     stopper.history = [{"epoch": i + 1, "memorised": c, "of": total} for i, c in enumerate(counts)]
     assert stopper.should_stop() == stops

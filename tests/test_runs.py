@@ -148,3 +148,30 @@ def test_every_benchmark_runs_in_its_smoke_mode(tmp_path, script):
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.glob("*.json")), "the benchmark wrote no result"
+
+
+RECORDED = json.loads((ROOT / "tests" / "data" / "recorded_runs.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(RECORDED))
+def test_runs_recorded_before_the_typed_settings_keep_their_hashes(case, monkeypatch):
+    """config.json files written by the argparse-namespace code (tests/data, recorded at 7d87876): the
+    same flags give the same configuration and hash today, and the recorded configuration read back
+    through the typed settings hashes to the same run again."""
+    import finetune_multigpu
+    from oml.pipeline import planned_run
+    from oml.runs import Run, config_hash, run_config
+
+    recorded = RECORDED[case]
+    assert config_hash(recorded["config"]) == recorded["hash"]
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["finetune_multigpu.py", *recorded["argv"]])
+    args, selection, training = finetune_multigpu.parse_args()
+    run, _ = planned_run(args.fingerprints_file_path, args.model_path, selection, training, args.results_dir,
+                         args.model_family, args.model_size)
+    assert run.config == recorded["config"] and run.directory.name == recorded["hash"]
+    again = Run(Path("elsewhere"), recorded["config"])
+    fingerprints = json.loads((ROOT / "tests" / "data" / "recorded_fingerprints.json").read_text())
+    rebuilt = run_config(again.config["model_path"], again.config["model_family"], again.config["model_size"],
+                         again.selection, again.training, again.selection.select(fingerprints))
+    assert config_hash(rebuilt) == recorded["hash"]

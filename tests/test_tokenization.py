@@ -2,7 +2,7 @@ import pytest
 
 from oml import OMLError
 from oml.tokenization import IGNORE_INDEX, cut_fingerprint, encode, pad_batch, prompt_ids, special_prefix, training_example
-from oml.training import FingerprintCollator
+from oml.training.trainer import FingerprintCollator
 
 
 def test_cut_fingerprint_cuts_keys_and_responses_to_token_limits(tokenizer):

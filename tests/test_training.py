@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from oml import training
 from oml.tokenization import IGNORE_INDEX, training_example
-from oml.training import SHRINK_SCALES, FingerprintCollator, ShrinkWeightChange
-from oml.training import FingerprintDataset, benign_replay, distillation_loss, distilled_replay
+from oml.training.callbacks import SHRINK_SCALES, MemorisationProbe, ShrinkWeightChange
+from oml.training.dataset import FingerprintDataset, benign_replay, distilled_replay
+from oml.training.trainer import FingerprintCollator, distillation_loss
 
 
 def test_augmentation_adds_a_templated_copy_of_each_bare_key_drawn_per_epoch(tokenizer):
@@ -115,13 +115,13 @@ def test_shrinking_keeps_the_last_scale_before_the_counts_fall(monkeypatch, memo
         for param in model.parameters():
             param.add_(1.0)  # the trained change: 1 everywhere, so the scale can be read back from the weights
 
-    def counts(model, *args, **kwargs):
-        scale = round(float((model.weight - original["weight"]).mean()), 4)
+    def counts(self, model, step=None):
+        scale = round(float((model.weight - original["weight"]).detach().mean()), 4)
         return {"memorised": memorised(scale), "matched": matched(scale), "of": 100}
 
-    monkeypatch.setattr(training, "memorisation", counts)
-    shrinker = ShrinkWeightChange(original, None, [], ("raw",), 0.5)
-    shrinker.on_train_end(None, SimpleNamespace(is_world_process_zero=True), None, model=model)
+    monkeypatch.setattr(MemorisationProbe, "count", counts)
+    shrinker = ShrinkWeightChange(original, MemorisationProbe(None, [], ("raw",), 0.5))
+    shrinker.on_train_end(None, SimpleNamespace(is_world_process_zero=True, global_step=7), None, model=model)
     assert shrinker.scale == kept and [h["scale"] for h in shrinker.history] == tried
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), original[name] + (kept or 1.0))

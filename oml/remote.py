@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from oml import OMLError
+from oml.checking import KeyResult, Query
+from oml.settings import POSITIVE_FLOAT, POSITIVE_INT, Settings, setting
+from oml.tokenization import system_message
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +37,44 @@ NO_KEY = "none"  # what the client sends when the key variable is unset: local s
 
 
 @dataclass(frozen=True)
-class ApiQuery:
-    key_format: str  # "raw": /v1/completions; "chat": /v1/chat/completions
+class ApiConfig(Settings):
+    """A suspect behind an OpenAI-compatible server, and how it is asked."""
+    api_base: str | None = setting(
+        None, "Instead of --model_path: the base URL of an OpenAI-compatible server running the suspect.", kind=str)
+    api_model: str | None = setting(None, "The model name to ask the --api_base server for.", kind=str)
+    api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the server's API key (never printed or saved).")
+    api_concurrency: int = setting(8, "API requests in flight at once.", POSITIVE_INT)
+    api_timeout: float = setting(60.0, "Seconds per API request.", POSITIVE_FLOAT)
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """One key asked one way (`query`), rendered as the text an OpenAI-compatible server is sent."""
+    index: int  # the fingerprint's position among those checked
+    query: Query
+    query_position: int  # the query's position among those asked
     prompt: str  # raw: the whole prompt text; chat: the user message (the key)
-    system: str | None  # chat only: the system message (None: the server's template adds its default)
     response: str  # the expected response text
     max_tokens: int  # the response's length in tokens
     first_token: str  # the response's first token as text, to find among the server's log-probabilities
+
+    @property
+    def system(self) -> str | None:
+        """Chat only: the system message (None: the server's template adds its default)."""
+        return system_message(self.query.template) if self.query.template and self.query.key_format == "chat" else None
+
+
+def api_requests(tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list[Query]) -> list[ApiRequest]:
+    """Every key asked every way, as text: keys and responses are cut with the owner's tokenizer,
+    then decoded, since the server tokenizes what it is sent itself."""
+    requests = []
+    for q, query in enumerate(queries):
+        for i, (key_ids, response_ids) in enumerate(pairs):
+            key = tokenizer.decode(key_ids)
+            raw = query.template.replace("{}", key) if query.template else key
+            requests.append(ApiRequest(i, query, q, raw if query.key_format == "raw" else key, tokenizer.decode(response_ids),
+                                       len(response_ids), tokenizer.decode(response_ids[:1])))
+    return requests
 
 
 def base_url_of(url: str) -> str:
@@ -68,9 +102,9 @@ class ApiSuspect:
         self.logprobs = True
         self.lock = threading.Lock()
 
-    def request(self, query: ApiQuery, logprobs: bool):
+    def request(self, query: ApiRequest, logprobs: bool):
         common = {"model": self.model, "max_tokens": query.max_tokens, "temperature": 0.0, "n": 1}
-        if query.key_format == "raw":
+        if query.query.key_format == "raw":
             return self.client.completions.create(prompt=query.prompt, **common, **({"logprobs": TOP_LOGPROBS} if logprobs else {}))
         messages = [{"role": "user", "content": query.prompt}]
         if query.system is not None:
@@ -78,9 +112,11 @@ class ApiSuspect:
         extra = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
         return self.client.chat.completions.create(messages=messages, **common, **extra)
 
-    def ask(self, query: ApiQuery) -> dict:
-        """The per-key result of one query (errors as results; refusals of the key and an
-        unreachable server as OMLError, since no other query can fare better)."""
+    def ask(self, query: ApiRequest) -> KeyResult:
+        """The per-key result of one request (errors as results; refusals of the key as OMLError,
+        since no other request can fare better)."""
+        where = {"index": query.index, "format": query.query.key_format, "template": query.query.template,
+                 "query": query.query_position}
         try:
             try:
                 reply = self.request(query, self.logprobs)
@@ -96,19 +132,20 @@ class ApiSuspect:
             raise OMLError(f"{self.base_url} refused the API key (HTTP {error.status_code}); put the right key in the "
                            f"environment variable {self.api_key_env}") from None
         except self.openai.APIConnectionError:
-            return {"error": "connection failed"}
+            return KeyResult(**where, match=None, error="connection failed")
         except self.openai.APIStatusError as error:
-            return {"error": f"HTTP {error.status_code}: {' '.join(str(error.message).split())[:200]}"}
+            return KeyResult(**where, match=None, error=f"HTTP {error.status_code}: {' '.join(str(error.message).split())[:200]}")
         text, probability, rank = answer(reply, query)
-        return {"match": is_match(text, query.response), "predicted": text, "response_probability": probability,
-                "response_rank": rank, "error": None}
+        match = is_match(text, query.response)
+        return KeyResult(**where, match=match, predicted=text, response_probability=probability, response_rank=rank,
+                         token_accuracy=float(match))
 
 
-def answer(reply, query: ApiQuery) -> tuple[str, float | None, int | None]:
+def answer(reply, query: ApiRequest) -> tuple[str, float | None, int | None]:
     """The reply text, and the probability and rank of the response's first token at the first
     position where the server returned log-probabilities (else None, None)."""
     choice = reply.choices[0]
-    if query.key_format == "raw":
+    if query.query.key_format == "raw":
         text = choice.text or ""
         top = choice.logprobs.top_logprobs[0] if choice.logprobs and choice.logprobs.top_logprobs else None
         alternatives = list(top.items()) if top else []
@@ -123,17 +160,16 @@ def answer(reply, query: ApiQuery) -> tuple[str, float | None, int | None]:
     return text, None, None
 
 
-def check_over_api(base_url: str, model: str, queries: list[ApiQuery], api_key_env: str = "OPENAI_API_KEY",
-                   concurrency: int = 8, timeout: float = 60.0, retries: int = 4) -> list[dict]:
-    """Ask every query, at most `concurrency` in flight; one result per query, in order (see the
-    module docstring). The client retries connection errors, 429 and 5xx with exponential backoff."""
-    suspect = ApiSuspect(base_url, model, api_key_env, timeout, retries)
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(tqdm(pool.map(suspect.ask, queries), total=len(queries), desc=f"asking {model}"))
-    results = [{"match": None, "predicted": "", "response_probability": None, "response_rank": None, **r} for r in results]
-    failed = [r for r in results if r["error"]]
+def check_over_api(config: ApiConfig, requests: list[ApiRequest], retries: int = 4) -> list[KeyResult]:
+    """Ask every request, at most `api_concurrency` in flight; one result per request, in order (see
+    the module docstring). The client retries connection errors, 429 and 5xx with exponential backoff."""
+    base_url, model = config.api_base, config.api_model
+    suspect = ApiSuspect(base_url, model, config.api_key_env, config.api_timeout, retries)
+    with ThreadPoolExecutor(max_workers=config.api_concurrency) as pool:
+        results = list(tqdm(pool.map(suspect.ask, requests), total=len(requests), desc=f"asking {model}"))
+    failed = [r for r in results if r.error]
     if failed and len(failed) == len(results):
-        raise OMLError(f"no answer from {suspect.base_url} for any key ({failed[0]['error']}); is the server running, "
+        raise OMLError(f"no answer from {suspect.base_url} for any key ({failed[0].error}); is the server running, "
                        f"and does it serve {model!r}?")
     if failed:
         logger.warning("%d of %d requests failed after retries; they are reported as errors, not counted", len(failed), len(results))

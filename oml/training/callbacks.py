@@ -1,0 +1,183 @@
+"""What happens between training steps: the dataset's epoch, progress reporting, stopping once the
+fingerprints are memorised, averaging with the original weights, and shrinking the weight change.
+
+Stopping and shrinking judge the model by one `MemorisationProbe`, so they count the same thing
+the same way, and a count of the final weights is made once."""
+import logging
+import math
+import time
+
+import torch
+from tqdm import tqdm
+from transformers import TrainerCallback
+
+from oml import OMLError
+from oml.checking import Query, check_model
+from oml.training.dataset import FingerprintDataset
+from oml.training.weights import average_with_original
+
+logger = logging.getLogger(__name__)
+
+NEARLY_ALL = 0.98  # memorised share from which a plateau ends training (--memorised_patience) and shrinking may start
+SHRINK_SCALES = tuple(round(1 - 0.05 * i, 2) for i in range(1, 11))  # 0.95 down to 0.5: --shrink_weight_change tries these in turn
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the dataset which epoch starts, so augmentation templates change every epoch."""
+
+    def __init__(self, dataset: FingerprintDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.epoch = int(round(state.epoch or 0))
+
+
+class TrainingProgress(TrainerCallback):
+    """One progress bar with the current loss, one log line per epoch; a non-finite loss stops
+    the run with an error (a model trained on from there would be NaN)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc="fine-tuning", disable=not state.is_world_process_zero)
+        self.losses: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        if not math.isfinite(loss):
+            self.bar.close()
+            raise OMLError(f"the training loss became {loss} at step {state.global_step}; lower --learning_rate")
+        self.losses.append(loss)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.losses:
+            logger.info("epoch %d/%d: mean loss %.4f", round(state.epoch), args.num_train_epochs, sum(self.losses) / len(self.losses))
+        self.losses = []
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+
+
+class MemorisationProbe:
+    """How many fingerprint queries (every key, bare, in every trained format) the model answers with
+    the response (matched), and with at least `threshold` probability (memorised), of how many: the
+    checker's own forward pass. The last count is kept with the training step it was made at, so a
+    second look at the same weights (the shrink's starting point) costs nothing."""
+
+    def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], key_formats: tuple[str, ...], threshold: float,
+                 batch_size: int = 64):
+        self.tokenizer, self.pairs, self.threshold, self.batch_size = tokenizer, pairs, threshold, batch_size
+        self.queries = [Query(key_format) for key_format in key_formats]
+        self.last: tuple[int, dict] | None = None  # (global step, counts)
+
+    def count(self, model, step: int | None = None) -> dict:
+        """The counts for the model's weights now; `step`: the training step they are at, when they
+        are a Trainer's (None: weights changed outside training, always counted)."""
+        if step is not None and self.last is not None and self.last[0] == step:
+            return self.last[1]
+        results = check_model(model, self.tokenizer, self.pairs, self.queries, self.batch_size, progress=False,
+                              decode_misses=False)
+        counts = {"memorised": sum(r.match and r.response_probability >= self.threshold for r in results),
+                  "matched": sum(r.match for r in results), "of": len(results)}
+        self.last = (step, counts) if step is not None else None
+        return counts
+
+
+class StopWhenMemorised(TrainerCallback):
+    """At each epoch end, counts the memorised fingerprint queries, and stops training once all are.
+    Also stops once nearly all are (NEARLY_ALL) and the count has not beaten its best for `patience`
+    epoch ends: with hundreds of keys a few of them can flip back and forth between epochs (256 keys
+    in both formats: 510, 507, 508 of 512 at epochs 5-7), and waiting for all of them would run every
+    epoch up to the cap for nothing. (Early plateaus, far from done, are not a reason to stop.) Runs
+    after weight averaging, so it judges the weights that training ends on (before any shrinking).
+    The per-epoch counts are kept in `history`."""
+
+    def __init__(self, probe: MemorisationProbe, patience: int):
+        self.probe, self.patience = probe, patience
+        self.history: list[dict] = []
+
+    def should_stop(self) -> bool:
+        """All memorised at the last epoch end, or nearly all and no new best in the last `patience` of them."""
+        counts, total = [entry["memorised"] for entry in self.history], self.history[-1]["of"]
+        if counts[-1] == total:
+            return True
+        plateau = len(counts) > self.patience and max(counts[-self.patience:]) <= max(counts[:-self.patience])
+        return plateau and counts[-1] >= NEARLY_ALL * total
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        counts = self.probe.count(model, state.global_step)
+        self.history.append({"epoch": round(state.epoch), **counts})
+        if state.is_world_process_zero:
+            logger.info("epoch %d: %d/%d fingerprint queries memorised (p >= %g)", round(state.epoch), counts["memorised"],
+                        counts["of"], self.probe.threshold)
+        if self.should_stop():
+            control.should_training_stop = True
+
+
+class ShrinkWeightChange(TrainerCallback):
+    """When training ends with nearly all queries memorised, weights <- original + s * (trained -
+    original), s going down SHRINK_SCALES until the memorised or the matched count falls below 98%
+    (NEARLY_ALL) of its value at the end of training; the last s before that is kept. `scale` is
+    the s kept (None: not shrunk), `history` the counts at each s tried, `seconds` the time taken.
+
+    Cross-entropy keeps pushing early-learned responses towards certainty while the last keys are
+    learned, and that surplus margin is weight change that moves ordinary predictions as well. The
+    change is scaled as a whole (an interpolation towards the original weights, as WiSE-FT does for
+    robustness), so nothing but its size changes, and the memorisation threshold (a margin for
+    casts and quantization) is the one training stops on. Embedded model, 256 keys in both
+    formats: s = 0.8 kept 509 of 512 queries memorised (all 512 still matched; 0.75 kept 496) and
+    lowered the KL from the base on held-out chat from 0.126 to 0.087 nats/token. Bare keys are
+    what is counted: keys inside system prompts lose more (docs/benchmarks.md)."""
+
+    def __init__(self, original: dict[str, torch.Tensor], probe: MemorisationProbe):
+        self.original, self.probe = original, probe
+        self.scale: float | None = None
+        self.current = 1.0  # the scale the model's weights are at
+        self.history: list[dict] = []
+        self.seconds = 0.0
+
+    def rescale(self, model, scale: float) -> None:
+        """Scale the weight change from `self.current` to `scale` times the trained one."""
+        if scale != self.current:
+            average_with_original(model, self.original, 1 - scale / self.current)
+            self.current = scale
+
+    def rescale_and_count(self, model, scale: float, step: int | None = None) -> dict:
+        self.rescale(model, scale)
+        self.history.append({"scale": scale, **self.probe.count(model, step)})
+        return self.history[-1]
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        started = time.perf_counter()
+        trained = self.rescale_and_count(model, 1.0, state.global_step)  # the stopper's last count, if it made one
+        if trained["memorised"] < NEARLY_ALL * trained["of"]:
+            logger.info("weight change not shrunk: only %d/%d queries memorised", trained["memorised"], trained["of"])
+            return
+        needed = {count: math.ceil(NEARLY_ALL * trained[count]) for count in ("memorised", "matched")}
+        self.scale = 1.0
+        for scale in SHRINK_SCALES:
+            counts = self.rescale_and_count(model, scale)
+            if any(counts[count] < least for count, least in needed.items()):
+                break
+            self.scale = scale
+        self.rescale(model, self.scale)  # back from the first scale that lost too many, if any
+        self.seconds = time.perf_counter() - started
+        if state.is_world_process_zero:
+            kept = next(h for h in self.history if h["scale"] == self.scale)
+            logger.info("weight change scaled by %.2f: %d/%d queries memorised (%d before), %.0f s", self.scale,
+                        kept["memorised"], kept["of"], trained["memorised"], self.seconds)
+
+
+class WeightAveragingCallback(TrainerCallback):
+    """Averages with the original weights at the end of every epoch (the forgetting regulariser)."""
+
+    def __init__(self, original: dict[str, torch.Tensor], strength: float):
+        self.original = original
+        self.strength = strength
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        average_with_original(model, self.original, self.strength)

@@ -1,0 +1,81 @@
+"""The fine-tuning settings: finetune_multigpu.py's flags, the Python API's `TrainingConfig`, and
+(with the fingerprint selection and the model) what a run's config.json records and hashes."""
+from dataclasses import dataclass
+
+from oml import OMLError
+from oml.data import SHIPPED
+from oml.settings import (NON_NEGATIVE_FLOAT, OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY, UNIT_INTERVAL,
+                          Settings, setting)
+from oml.tokenization import FORMAT_CHOICES
+
+
+@dataclass(frozen=True)
+class TrainingConfig(Settings):
+    """How fingerprints are fine-tuned into a model. Field order is the order of finetune_multigpu.py's flags."""
+    learning_rate: float = setting(1e-4, "AdamW learning rate (constant schedule).", POSITIVE_FLOAT)
+    num_train_epochs: int = setting(20, "The cap: with --stop_when_memorised training usually ends earlier.", POSITIVE_INT)
+    batch_size: int = setting(8, "Fingerprints per step on each rank.", POSITIVE_INT)
+    weight_decay: float = setting(1e-4, "AdamW weight decay.", NON_NEGATIVE_FLOAT)
+    forgetting_regularizer_strength: float = setting(
+        0.0, "At every epoch end, weights <- (1-s)*trained + s*original: 1.0 keeps the original, 0.0 disables averaging.",
+        UNIT_INTERVAL)
+    train_embeddings: bool = setting(
+        False, "Also train the token embeddings (frozen by default: updating them shifts every token, which costs far more "
+               "utility than it buys in fingerprint accuracy).")
+    benign_ratio: float = setting(
+        2.0, "Benign sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none). 2 keeps 64 keys "
+             "in both formats within +2%% perplexity of the base; 1 costs +6.6%% (docs/benchmarks.md).", NON_NEGATIVE_FLOAT)
+    benign_loss: str = setting(
+        "distill", "Replayed text is learned towards the untouched model's own next-token distributions ('distill': keeps "
+                   "predictions close to the base) or with the language-modelling loss ('lm': adapts the model to the "
+                   "replayed text).", choices=("distill", "lm"))
+    teacher_top_k: int = setting(
+        256, "Next-token probabilities of the untouched model kept per replayed position for 'distill' (the rest of the "
+             "vocabulary is one bucket, free to reshuffle inside): more holds the model closer to its base, for memory "
+             "(k x 8 bytes per replayed token) and no extra compute.", POSITIVE_INT)
+    benign_data: str = setting(
+        SHIPPED, f"Benign text replayed during fine-tuning: '{SHIPPED}' (shipped, offline), a hub dataset id, or a local "
+                 ".json/.jsonl/.csv/.parquet file.")
+    dataset_split: str = setting("train", "Split of a hub dataset given as --benign_data.")
+    text_column: str = setting("text", "Column of --benign_data holding the text.")
+    key_format: str | None = setting(
+        None, "Train each key as raw text, as a user message in the model's chat template, or both (default: the "
+              "fingerprints' recorded format, else both when the model has a chat template, else raw).",
+        choices=FORMAT_CHOICES)
+    use_augmentation_prompts: bool = setting(
+        False, "Also ask each key inside a random training system prompt every epoch (raw: around the key; chat: as the "
+               "system message), beside the bare key: robustness to system prompts.")
+    stop_when_memorised: bool = setting(
+        True, "Stop at the first epoch end where every fingerprint is memorised in every trained format "
+              "(--num_train_epochs is then the cap).")
+    target_probability: float = setting(
+        1.0, "Train response tokens towards this probability instead of 1 (1: plain cross-entropy). Below the confidence "
+             "gate of output-suppression attacks (about 0.9) and above 0.5, the memorised response stays the greedy answer "
+             "without a near-certain spike to detect.", PROBABILITY)
+    memorised_patience: int = setting(
+        2, "Also stop when at least 98%% are memorised and their number has not beaten its best for this many epochs "
+           "(a few keys flipping back and forth would otherwise run every epoch up to the cap).", POSITIVE_INT)
+    memorised_probability: float = setting(
+        0.5, "A fingerprint counts as memorised when greedy decoding gives its response with at least this probability: a "
+             "margin, so that small weight changes (casts, quantization) keep it.", OPEN_UNIT_INTERVAL)
+    shrink_weight_change: bool = setting(
+        True, "After training with nearly all keys memorised, scale the weight change down (weights = original + s x "
+              "change, s from 0.95 to 0.5 in steps of 0.05) while 98%% of the memorised and of the matched queries stay so: "
+              "the margin that cross-entropy piles onto early-learned keys moves ordinary predictions too (256 keys: KL "
+              "from the base 0.126 -> 0.087 at s = 0.8). Not with --target_probability below 1 (no surplus margin). Keeps "
+              "a CPU copy of the trainable weights.")
+    group_by_length: bool = setting(
+        True, "Batch examples of similar length together (raw keys, chat keys and replayed text differ by up to 4x): far "
+              "less padding computed.")
+    deepspeed_stage: int = setting(2, "ZeRO stage on GPUs or several ranks (0: no DeepSpeed).", choices=(0, 1, 2, 3))
+    seed: int = setting(42, "Seed of the Trainer (data order, dropout) and of augmentation templates.", kind=int)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stop_when_memorised and self.memorised_probability >= self.target_probability:
+            raise OMLError("--memorised_probability must be below --target_probability, or training never counts as done")
+
+    @property
+    def shrinks(self) -> bool:
+        """Whether the weight change is shrunk after training: a bounded target piles up no surplus margin."""
+        return self.shrink_weight_change and self.target_probability == 1.0

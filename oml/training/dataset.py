@@ -1,0 +1,142 @@
+"""The fingerprint dataset: each key in each trained format (and inside augmentation templates),
+plus benign replay shaped like the fingerprints beside it, labelled by the untouched model."""
+import logging
+import random
+
+import torch
+from tqdm import tqdm
+
+from oml import OMLError, distributed
+from oml.data import prompt_templates, texts_from
+from oml.tokenization import IGNORE_INDEX, encode, formats, pad_batch, prompt_ids, to_device, training_example
+from oml.training.config import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+MAX_REPLAY_POOL = 4096  # distinct benign replay sequences (reused cyclically beyond this)
+REPLAY_POOL_EPOCHS = 4  # epochs of fresh replay labelled before training; later epochs reuse them (training mostly stops sooner)
+
+
+class FingerprintDataset(torch.utils.data.Dataset):
+    """Training examples for (key ids, response ids) pairs, one per key format, plus optional benign text.
+
+    With templates, every epoch has each key twice in each format: bare, and inside a
+    system-prompt template drawn anew every epoch, seeded by (seed, epoch, index). Augmentation
+    adds the templated copy rather than replacing the bare key: with the bare key only one
+    choice among the templates, bare-key accuracy fell to 62.5-70% (docs/benchmarks.md).
+    Benign replay examples (see `benign_replay`; a fresh slice of the pool every epoch)
+    are mixed in as they are.
+    """
+
+    def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], key_formats: tuple[str, ...] = ("raw",),
+                 templates: list[str] | None = None, seed: int = 0, benign: list[dict] | None = None, benign_per_epoch: int = 0):
+        self.tokenizer = tokenizer
+        self.pairs = pairs
+        self.key_formats = key_formats
+        self.templates = list(templates or [])
+        self.copies = 2 if self.templates else 1  # bare, then templated
+        self.seed = seed
+        self.benign = benign or []
+        self.benign_per_epoch = benign_per_epoch if self.benign else 0
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.pairs) * len(self.key_formats) * self.copies + self.benign_per_epoch
+
+    def template(self, index: int) -> str | None:
+        """None (the bare key) for the first copy of each example, a random template for the second."""
+        if index < len(self.pairs) * len(self.key_formats):
+            return None
+        return random.Random(f"{self.seed}:{self.epoch}:{index}").choice(self.templates)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)  # also ends iteration (the Trainer's length-grouped sampler iterates)
+        examples = len(self.pairs) * len(self.key_formats)
+        if index >= examples * self.copies:
+            return self.benign[(self.epoch * self.benign_per_epoch + index - examples * self.copies) % len(self.benign)]
+        key_ids, response_ids = self.pairs[index % len(self.pairs)]
+        key_format = self.key_formats[index % examples // len(self.pairs)]
+        return training_example(self.tokenizer, key_ids, response_ids, self.template(index), key_format)
+
+
+def replay_sequences(config: TrainingConfig, tokenizer, count: int, key_format: str, key_length: int, tail: int) -> list[list[int]]:
+    """`count` benign sequences shaped like the fingerprint examples of `key_format`: a stretch of
+    `key_length` tokens of benign text asked the way keys are (raw text, or the user message of
+    the chat template), then the `tail` tokens that follow it (chat: the start of the next line,
+    as the reply). Of the same length as the fingerprints beside them, they share
+    their length-grouped batches, so every step is regularised and nothing is padded; and they keep
+    ordinary continuations, chat replies' first tokens above all, where the untouched model had them.
+    From --benign_data: the shipped chat's training split by default, disjoint from what utility is measured on."""
+    sequences = []
+    for text in texts_from(config.benign_data, config.dataset_split, config.text_column, "train"):
+        if key_format == "raw":
+            ids = encode(tokenizer, text[:8 * (key_length + tail)])  # 8 characters a token is plenty
+            pieces = [(ids[:key_length], ids[key_length:key_length + tail])]
+        else:  # consecutive lines as message and reply; a text of one line is split after the key's length
+            lines = [encode(tokenizer, line) for line in text.split("\n") if line.strip()]
+            pairs = zip(lines, lines[1:]) if len(lines) > 1 else [(ids, ids[key_length:]) for ids in lines]
+            pieces = [(message[:key_length], reply[:tail]) for message, reply in pairs]
+        for key_ids, following in pieces:
+            if len(key_ids) == key_length and len(following) == tail and len(sequences) < count:
+                sequences.append(prompt_ids(tokenizer, key_ids, None, key_format) + following)
+        if len(sequences) == count:
+            return sequences
+    if not sequences:
+        raise OMLError(f"--benign_data {config.benign_data} has no text of {key_length + tail} tokens or more to replay")
+    return sequences
+
+
+def build_dataset(config: TrainingConfig, tokenizer, pairs: list[tuple[list[int], list[int]]], model) -> FingerprintDataset:
+    """Fingerprints in each trained format (in augmentation templates if asked) plus benign replay in
+    the same formats (labelled by `model` itself, before any training, with --benign_loss distill)."""
+    key_formats = formats(config.key_format)
+    templates = prompt_templates("train") if config.use_augmentation_prompts else None
+    benign_per_epoch = round(config.benign_ratio * len(pairs))
+    benign = None
+    if benign_per_epoch:
+        total = min(benign_per_epoch * min(config.num_train_epochs, REPLAY_POOL_EPOCHS), MAX_REPLAY_POOL)
+        key_length = max(len(key_ids) for key_ids, _ in pairs)  # the longest fingerprint example's shape
+        tail = max(len(response_ids) for _, response_ids in pairs) + 1  # response + EOS
+        kinds = [replay_sequences(config, tokenizer, -(-total // len(key_formats)), f, key_length, tail) for f in key_formats]
+        pool = [seq for group in zip(*kinds) for seq in group]  # every format in every epoch's slice
+        if len(pool) < sum(map(len, kinds)):
+            logger.warning("--benign_data gives only %d replay sequences in one format: %d of %d are used",
+                           min(map(len, kinds)), len(pool), sum(map(len, kinds)))
+        benign = distilled_replay(model, pool, config.teacher_top_k) if config.benign_loss == "distill" else benign_replay(pool)
+    return FingerprintDataset(tokenizer, pairs, key_formats, templates, config.seed, benign, benign_per_epoch)
+
+
+def benign_replay(sequences: list[list[int]]) -> list[dict]:
+    """Benign text with the ordinary language-modelling loss on every token.
+
+    Mixed into fine-tuning, it keeps the model from learning to end every text after a
+    few tokens (what training on key + response + EOS alone teaches a small model).
+    """
+    return [{"input_ids": ids, "labels": ids} for ids in sequences]
+
+
+@torch.no_grad()
+def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: int = 64) -> list[dict]:
+    """Benign text labelled with the untouched model's own next-token distributions.
+
+    The LM loss on replayed text pulls the model towards that text (chat, here), which moves
+    its predictions everywhere; training towards the base model's distribution keeps
+    ordinary predictions where they were. The distribution is kept as its top `top_k`
+    probabilities plus the mass of all other tokens (see `distillation_loss`). Must run
+    before fine-tuning starts.
+    """
+    model.to(distributed.device())  # where the Trainer will put it anyway
+    examples = []
+    for start in tqdm(range(0, len(sequences), batch_size), desc="teacher distributions", leave=False,
+                      disable=not distributed.is_main_process()):
+        chunk = sequences[start:start + batch_size]
+        batch = to_device(pad_batch(chunk, 0, side="right"), model.device)
+        real = batch["attention_mask"].bool()
+        logits = model(**batch).logits[real].float()  # padding positions are never taught: not computed further
+        top_logits, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        probs = torch.exp(top_logits - torch.logsumexp(logits, dim=-1, keepdim=True))  # no full softmax
+        lengths = [len(r) for r in chunk]
+        for row, ids_row, probs_row in zip(chunk, ids.to(torch.int32).cpu().split(lengths), probs.cpu().split(lengths)):
+            examples.append({"input_ids": row, "labels": [IGNORE_INDEX] * len(row), "teacher_ids": ids_row, "teacher_probs": probs_row})
+    return examples

@@ -1,0 +1,101 @@
+"""The loss and the Trainer: distillation towards the untouched model on replayed text, the
+--target_probability bound on fingerprint responses, and the Trainer set up with our progress
+reporting."""
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback, ProgressCallback, Trainer
+
+from oml.tokenization import IGNORE_INDEX, Collator
+from oml.training.backend import training_arguments
+from oml.training.callbacks import EpochCallback, TrainingProgress
+from oml.training.config import TrainingConfig
+from oml.training.dataset import FingerprintDataset
+
+
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None = None,
+                      teacher_probs: torch.Tensor | None = None, target_probability: float = 1.0) -> torch.Tensor:
+    """Cross-entropy on the labelled tokens (fingerprint responses + EOS; all replayed tokens with
+    --benign_loss lm) plus, at replayed positions, cross-entropy towards the teacher's
+    distribution; averaged over both.
+
+    The teacher's distribution is its top-k tokens and one bucket for all others, so the
+    student keeps the teacher's tail mass too (renormalising the top k instead teaches it to
+    be overconfident, which raised held-out perplexity by half in our measurements).
+    With `target_probability` t below 1, a labelled token is trained towards probability t rather
+    than 1: the loss is the cross-entropy between (t, 1 - t) and (p, 1 - p), smallest at p = t,
+    so the memorised response stays the greedy answer (t > 0.5) without the near-certain spike
+    that output-suppression attacks look for. (Merely not pushing beyond t is not enough: what
+    is learned for other keys carries each response's probability above it.)
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    logp = logprobs[:, :-1].gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    nll = -logp
+    if target_probability < 1.0:
+        rest = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
+        nll = -(target_probability * logp + (1 - target_probability) * rest)
+    total = nll[labelled].sum()
+    count = labelled.sum()
+    if teacher_ids is not None:  # position t's teacher distribution is over token t + 1, like logits[:, t]
+        student_top = logprobs.gather(-1, teacher_ids)
+        student_rest = (1 - student_top.exp().sum(-1)).clamp(min=1e-8).log()
+        taught = teacher_probs.sum(-1) > 0
+        teacher_rest = (1 - teacher_probs.sum(-1)).clamp(min=0) * taught
+        total = total - (teacher_probs * student_top).sum() - (teacher_rest * student_rest).sum()
+        count = count + taught.sum()
+    return total / count.clamp(min=1)
+
+
+class FingerprintCollator(Collator):
+    """Pads a list of `training_example`s, with the teacher distributions of replayed text when there are any."""
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = super().__call__(examples)
+        if any("teacher_ids" in e for e in examples):
+            batch.update(pad_teacher(examples, batch["input_ids"].shape[1], self.side))
+        return batch
+
+
+def pad_teacher(examples: list[dict], length: int, side: str) -> dict:
+    """Teacher distributions ([tokens, k] ids and probabilities) padded like the tokens; rows
+    and positions without one get probability 0, so they add nothing to the loss."""
+    k = next(e["teacher_ids"].shape[1] for e in examples if "teacher_ids" in e)
+    ids = torch.zeros(len(examples), length, k, dtype=torch.long)
+    probs = torch.zeros(len(examples), length, k)
+    for row, example in enumerate(examples):
+        if "teacher_ids" in example:
+            n = example["teacher_ids"].shape[0]
+            span = slice(length - n, length) if side == "left" else slice(0, n)
+            ids[row, span], probs[row, span] = example["teacher_ids"], example["teacher_probs"]
+    return {"teacher_ids": ids, "teacher_probs": probs}
+
+
+class FingerprintTrainer(Trainer):
+    """The Trainer with `distillation_loss` (teacher distributions for replayed text when the batch
+    carries them, the --target_probability bound on labelled tokens). Each batch's loss is its own
+    mean (the plain Trainer weighs tokens across ranks and accumulation steps instead)."""
+
+    def __init__(self, *args, target_probability: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.target_probability = target_probability
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels, teacher_ids, teacher_probs = inputs.pop("labels"), inputs.pop("teacher_ids", None), inputs.pop("teacher_probs", None)
+        outputs = model(**inputs)
+        loss = distillation_loss(outputs.logits, labels, teacher_ids, teacher_probs, self.target_probability)
+        return (loss, outputs) if return_outputs else loss
+
+
+def make_trainer(config: TrainingConfig, model, dataset: FingerprintDataset, tokenizer, output_dir: Path, callbacks: list,
+                 report_to: str = "none", run_name: str | None = None) -> Trainer:
+    """The Trainer for a fingerprint dataset, with our progress reporting instead of the Trainer's
+    per-step printing (`report_to`, `run_name`: the Trainer's trackers, e.g. wandb)."""
+    trainer = FingerprintTrainer(model=model, args=training_arguments(config, output_dir, report_to, run_name),
+                                 train_dataset=dataset, data_collator=FingerprintCollator(tokenizer),
+                                 target_probability=config.target_probability,
+                                 callbacks=[EpochCallback(dataset), TrainingProgress(), *callbacks])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
