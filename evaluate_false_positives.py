@@ -14,21 +14,17 @@ import statistics
 
 from oml import OMLError, cli
 from oml.attacks import innocent_derivative
-from oml.checking import check_named_model
-from oml.fingerprints import add_query_format_arg, add_selection_args, query_formats, selected_fingerprints
+from oml.checking import KeyResult, check_named_model, queries_for
+from oml.fingerprints import FingerprintSelection, query_formats, selected_fingerprints
 from oml.models import load_tokenizer, resolve_model
-from oml.runs import add_run_arg, apply_run
-from oml.stats import DEFAULT_MIN_CHANCE_RATE, evidence, format_p_value
+from oml.stats import VerdictConfig, evidence, format_p_value
 
 logger = logging.getLogger("evaluate_false_positives")
 
 
 def parse_args():
     parser = cli.ArgumentParser(description=__doc__)
-    add_run_arg(parser)
-    parser.add_argument("--fingerprints_file_path", default=None, help="Default: the --run's fingerprints.")
-    add_selection_args(parser, "check")
-    add_query_format_arg(parser)
+    cli.add_fingerprint_args(parser)
     parser.add_argument("--models", nargs="*", default=[], help="Never-fingerprinted models: folders, hub ids or .gguf files.")
     parser.add_argument("--base_model", default=None,
                         help="The model that was fingerprinted: the checker's default null model, and the parent of the "
@@ -36,35 +32,33 @@ def parse_args():
     parser.add_argument("--innocent_derivatives", type=cli.non_negative_int, default=0,
                         help="Also test this many innocent derivatives of the base model (benign chat fine-tunes, seeds 0..N-1).")
     parser.add_argument("--derivative_steps", type=cli.positive_int, default=100, help="Fine-tuning steps of each derivative.")
-    parser.add_argument("--derivative_learning_rate", type=cli.positive_float, default=5e-5)
+    parser.add_argument("--derivative_learning_rate", type=cli.positive_float, default=5e-5,
+                        help="Learning rate of each derivative's fine-tuning.")
     parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
-    parser.add_argument("--min_chance_rate", type=cli.unit_interval, default=DEFAULT_MIN_CHANCE_RATE)
-    parser.add_argument("--alpha", type=cli.open_unit_interval, default=1e-6)
+    cli.add_settings(parser, VerdictConfig)
     cli.add_output_args(parser, "the per-model results")
-    cli.add_common_args(parser)
-    args = parser.parse_args()
-    cli.single_process("evaluate_false_positives.py")
-    apply_run(args)
+    args = cli.parse_evaluation_args(parser, "evaluate_false_positives.py")
     if not args.models and not args.innocent_derivatives:
         raise OMLError("nothing to test: give --models and/or --innocent_derivatives")
     cli.check_output(args)
     return args
 
 
-def rank_statistics(results: list[dict]) -> dict:
+def rank_statistics(results: list[KeyResult]) -> dict:
     """Where our responses stand in a model's next-token distribution after each key."""
-    ranks = [r["response_rank"] for r in results]
-    probabilities = [r["response_probability"] for r in results]
+    ranks = [r.response_rank for r in results]
+    probabilities = [r.response_probability for r in results]
     return {"median_rank": statistics.median(ranks), "top3": sum(rank <= 3 for rank in ranks) / len(ranks),
             "mean_probability": statistics.fmean(probabilities), "max_probability": max(probabilities)}
 
 
-def model_row(name: str, kind: str, results: list[dict], base: list[dict], key_formats: tuple[str, ...], args) -> dict:
+def model_row(name: str, kind: str, results: list[KeyResult], base: list[KeyResult], key_formats: tuple[str, ...],
+              base_name: str, verdict_config: VerdictConfig) -> dict:
     """One tested model: per-format match rate and ranks, the checker's verdict and the old rule's."""
-    new = evidence(results, {args.base_model: base}, key_formats, args.min_chance_rate, args.alpha)
-    old = evidence(results, {args.base_model: base}, key_formats, 0.0, args.alpha)
+    new = evidence(results, {base_name: base}, key_formats, verdict_config)
+    old = evidence(results, {base_name: base}, key_formats, verdict_config.updated(min_chance_rate=0.0))
     per_format = {e["format"]: {"matches": e["matches"], "of": e["num_fingerprints"], "rate": e["accuracy"] / 100,
-                                **rank_statistics([r for r in results if r["format"] == e["format"]])}
+                                **rank_statistics([r for r in results if r.format == e["format"]])}
                   for e in new["formats"] if e["num_fingerprints"]}  # a model without a chat template: raw only
     return {"model": name, "kind": kind, "formats": per_format, "verdict": new["verdict"], "log10_p_value": new["log10_p_value"],
             "chance_rate": new["chance_rate"], "old_rule_verdict": old["verdict"], "old_rule_log10_p_value": old["log10_p_value"]}
@@ -85,19 +79,25 @@ def print_rows(rows: list[dict]) -> None:
 
 def main() -> None:
     args = parse_args()
-    fingerprints = selected_fingerprints(args)
-    key_formats = query_formats(args, fingerprints, load_tokenizer(resolve_model(args.base_model), args.trust_remote_code))
-    queries = [(f, None) for f in key_formats]
+    verdict_config = cli.settings_from(VerdictConfig, args)
+    fingerprints, selection, fingerprints_file = selected_fingerprints(cli.settings_from(FingerprintSelection, args),
+                                                                       args.fingerprints_file_path, args.run)
+    key_formats = query_formats(args.query_format, fingerprints,
+                                load_tokenizer(resolve_model(args.base_model), args.trust_remote_code), args.run)
     tested = [(name, "given") for name in args.models]
     tested += [(innocent_derivative(args.base_model, seed, args.derivative_steps, args.derivative_learning_rate), "innocent derivative")
                for seed in range(args.innocent_derivatives)]
-    base = check_named_model(args.base_model, args, fingerprints, queries)
-    rows = [model_row(args.base_model, "base (the null model)", base, base, key_formats, args)]
-    rows += [model_row(name, kind, check_named_model(name, args, fingerprints, queries), base, key_formats, args)
-             for name, kind in tested]
+
+    def check(name: str) -> list[KeyResult]:
+        return check_named_model(name, fingerprints, selection, queries_for(key_formats), args.batch_size,
+                                 trust_remote_code=args.trust_remote_code)
+
+    base = check(args.base_model)
+    rows = [model_row(args.base_model, "base (the null model)", base, base, key_formats, args.base_model, verdict_config)]
+    rows += [model_row(name, kind, check(name), base, key_formats, args.base_model, verdict_config) for name, kind in tested]
     print_rows(rows)
-    cli.write_output(args, {"fingerprints_file": args.fingerprints_file_path, "num_fingerprints": len(fingerprints),
-                            "min_chance_rate": args.min_chance_rate, "alpha": args.alpha, "models": rows})
+    cli.write_output(args, {"fingerprints_file": fingerprints_file, "num_fingerprints": len(fingerprints),
+                            **verdict_config.to_dict(), "models": rows})
 
 
 if __name__ == "__main__":

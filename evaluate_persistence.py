@@ -14,13 +14,13 @@ import logging
 import torch
 
 from oml import cli
-from oml.checking import accuracy, check_model
-from oml.data import add_dataset_args, instruction_pairs
-from oml.fingerprints import add_query_format_arg, add_selection_args, query_formats, selected_fingerprints
+from oml.attacks import benign_finetune
+from oml.checking import KeyResult, Query, accuracy, check_model, queries_for
+from oml.data import instruction_pairs
+from oml.fingerprints import FingerprintSelection, query_formats, selected_fingerprints
 from oml.models import load
-from oml.runs import add_run_arg, apply_run
-from oml.attacks import benign_finetune, chat_examples_for
 from oml.tokenization import fingerprint_pairs
+from oml.utility import chat_examples
 
 logger = logging.getLogger("evaluate_persistence")
 
@@ -28,46 +28,40 @@ logger = logging.getLogger("evaluate_persistence")
 def parse_args():
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", default=None, help="The fingerprinted model (default: the --run's final model).")
-    add_run_arg(parser)
-    parser.add_argument("--fingerprints_file_path", default=None, help="Default: the --run's fingerprints.")
-    add_selection_args(parser, "check")
-    add_query_format_arg(parser)
-    add_dataset_args(parser, "instruction_data", {"prompt": "prompt", "response": "response"},
+    cli.add_fingerprint_args(parser)
+    cli.add_dataset_args(parser, "instruction_data", {"prompt": "prompt", "response": "response"},
                      "Instruction data for the further fine-tuning (default: message/reply pairs of the shipped chat)")
     parser.add_argument("--steps", type=cli.positive_int, default=200, help="Optimizer steps of further fine-tuning.")
     parser.add_argument("--eval_every", type=cli.positive_int, default=50, help="Re-check the fingerprints after every this many steps.")
-    parser.add_argument("--learning_rate", type=cli.non_negative_float, default=1e-5)
+    parser.add_argument("--learning_rate", type=cli.non_negative_float, default=1e-5, help="AdamW learning rate (constant).")
     parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="Instruction examples per step.")
     parser.add_argument("--max_length", type=cli.at_least(2), default=128, help="Tokens per instruction example.")
     parser.add_argument("--check_batch_size", type=cli.positive_int, default=64, help="Keys per forward pass when checking.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the data order.")
     cli.add_output_args(parser, "the retention table")
-    cli.add_common_args(parser)
-    args = parser.parse_args()
-    cli.single_process("evaluate_persistence.py")
-    apply_run(args, fingerprinted_model=True)
+    args = cli.parse_evaluation_args(parser, "evaluate_persistence.py")
     cli.check_output(args)
     return args
 
 
-def retention_row(step: int, results: list[dict], matched_before: set[tuple], loss: float | None) -> dict:
+def retention_row(step: int, results: list[KeyResult], matched_before: set[tuple], loss: float | None) -> dict:
     """Accuracy (over every key in every format, and per format) and the share of the
     (format, key) pairs that matched before the extra training and still match."""
-    matched = {(r["format"], r["index"]) for r in results if r["match"]}
+    matched = {(r.format, r.index) for r in results if r.match}
     retained = len(matched & matched_before) / len(matched_before) if matched_before else 0.0
-    by_format = {f: accuracy([r for r in results if r["format"] == f])[0] for f in dict.fromkeys(r["format"] for r in results)}
+    by_format = {f: accuracy([r for r in results if r.format == f])[0] for f in dict.fromkeys(r.format for r in results)}
     return {"step": step, "accuracy": accuracy(results)[0], "accuracy_by_format": by_format, "retained": 100.0 * retained,
             "train_loss": loss}
 
 
-def train_and_recheck(model, tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list, examples: list[dict],
+def train_and_recheck(model, tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list[Query], examples: list[dict],
                       args) -> list[dict]:
     """Further fine-tuning (plain AdamW, as a user would), re-checking after every chunk of steps."""
-    def check(step: int) -> list[dict]:
+    def check(step: int) -> list[KeyResult]:
         return check_model(model, tokenizer, pairs, queries, args.check_batch_size, description=f"checking at step {step}")
 
     before = check(0)
-    matched_before = {(r["format"], r["index"]) for r in before if r["match"]}
+    matched_before = {(r.format, r.index) for r in before if r.match}
     rows = [retention_row(0, before, matched_before, None)]
     logger.info("Before further training: %.2f%% of %d fingerprints match", rows[0]["accuracy"], len(pairs))
     losses = []
@@ -95,18 +89,20 @@ def print_rows(rows: list[dict], steps: int) -> None:
 
 def main() -> None:
     args = parse_args()
-    fingerprints = selected_fingerprints(args)
+    fingerprints, selection, fingerprints_file = selected_fingerprints(cli.settings_from(FingerprintSelection, args),
+                                                                       args.fingerprints_file_path, args.run)
     pairs_text = instruction_pairs(args.instruction_data, args.dataset_split, args.prompt_column, args.response_column,
                                    args.steps * args.batch_size)
     model, tokenizer = load(args.model_path, args.trust_remote_code, dtype=torch.float32)
-    pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
-    examples = chat_examples_for(tokenizer, pairs_text, args.max_length)
-    queries = [(key_format, None) for key_format in query_formats(args, fingerprints, tokenizer)]
-    rows = train_and_recheck(model, tokenizer, pairs, queries, examples, args)
+    pairs = fingerprint_pairs(tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
+    examples = chat_examples(tokenizer, pairs_text, args.max_length)
+    key_formats = query_formats(args.query_format, fingerprints, tokenizer, args.run)
+    rows = train_and_recheck(model, tokenizer, pairs, queries_for(key_formats), examples, args)
     print_rows(rows, args.steps)
     cli.write_output(args, {
-        "model": args.model_path, "fingerprints_file": args.fingerprints_file_path, "num_fingerprints": len(pairs),
-        "query_format": args.query_format, "learning_rate": args.learning_rate, "batch_size": args.batch_size, "steps": args.steps,
+        "model": args.model_path, "fingerprints_file": fingerprints_file, "num_fingerprints": len(pairs),
+        "query_format": "both" if len(key_formats) > 1 else key_formats[0], "learning_rate": args.learning_rate,
+        "batch_size": args.batch_size, "steps": args.steps,
         "instruction_data": args.instruction_data, "rows": rows})
 
 

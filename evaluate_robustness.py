@@ -12,23 +12,21 @@ under the same decoding) and what the transformation cost: KL from the base on h
 for weight changes, the share of benign tokens it alters for suppression.
 """
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from oml import cli
-from oml.attacks import (GGUF_TYPES, benign_finetune, chat_examples_for, innocent_derivative, lora_finetune, merge_into,
-                         quantize_round_trip)
-from oml.checking import GREEDY, Decoding, check_model
+from oml.attacks import GGUF_TYPES, benign_finetune, innocent_derivative, lora_finetune, merge_into, quantize_round_trip
+from oml.checking import GREEDY, Decoding, KeyResult, check_model, queries_for
 from oml.data import chat_pairs, prompt_templates, texts_from
 from oml.files import check_writable, write_atomically
-from oml.fingerprints import add_query_format_arg, add_selection_args, query_formats, selected_fingerprints
+from oml.fingerprints import FingerprintSelection, query_formats, selected_fingerprints
 from oml.models import load
-from oml.runs import add_run_arg, apply_run
-from oml.stats import DEFAULT_MIN_CHANCE_RATE, evidence, format_p_value
+from oml.stats import VerdictConfig, evidence, format_p_value
 from oml.tokenization import fingerprint_pairs
-from oml.utility import compare_on_texts, suppressed_share, text_examples
+from oml.utility import chat_examples, compare_on_texts, suppressed_share, text_examples
 
 logger = logging.getLogger("evaluate_robustness")
 
@@ -46,33 +44,29 @@ class Attack:
 def parse_args():
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", default=None, help="The fingerprinted model (default: the --run's final model).")
-    add_run_arg(parser)
-    parser.add_argument("--fingerprints_file_path", default=None, help="Default: the --run's fingerprints.")
-    add_selection_args(parser, "check")
-    add_query_format_arg(parser)
+    cli.add_fingerprint_args(parser)
     parser.add_argument("--base_model", default=None,
                         help="The model before fingerprinting: the null model and the parent of the merge partner "
                              "(default: the --run's base model, else the embedded model).")
     parser.add_argument("--attacks", nargs="+", default=None, help="Only these rows (names as printed); default: all.")
     parser.add_argument("--merge_weights", type=cli.unit_interval, nargs="+", default=[0.9, 0.7, 0.5],
                         help="Weight of the fingerprinted model in linear merges with an innocent derivative of the base.")
-    parser.add_argument("--temperatures", type=cli.positive_float, nargs="+", default=[0.7, 1.0])
-    parser.add_argument("--finetune_learning_rates", type=cli.positive_float, nargs="+", default=[1e-5, 1e-4])
-    parser.add_argument("--finetune_steps", type=cli.positive_int, default=200)
-    parser.add_argument("--finetune_batch_size", type=cli.positive_int, default=8)
-    parser.add_argument("--suppression_gate", type=cli.open_unit_interval, nargs="+", default=[0.9])
+    parser.add_argument("--temperatures", type=cli.positive_float, nargs="+", default=[0.7, 1.0],
+                        help="Sampling temperatures a deployer might serve at.")
+    parser.add_argument("--finetune_learning_rates", type=cli.positive_float, nargs="+", default=[1e-5, 1e-4],
+                        help="Learning rates of the full and LoRA fine-tuning rows.")
+    parser.add_argument("--finetune_steps", type=cli.positive_int, default=200, help="Steps of each fine-tuning row.")
+    parser.add_argument("--finetune_batch_size", type=cli.positive_int, default=8, help="Examples per fine-tuning step.")
+    parser.add_argument("--suppression_gate", type=cli.open_unit_interval, nargs="+", default=[0.9],
+                        help="Output suppression serves the second token wherever the top one is likelier than this.")
     parser.add_argument("--num_texts", type=cli.positive_int, default=16, help="Held-out chat texts for the utility column.")
-    parser.add_argument("--max_length", type=cli.at_least(2), default=128)
+    parser.add_argument("--max_length", type=cli.at_least(2), default=128, help="Tokens per text and fine-tuning example.")
     parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
-    parser.add_argument("--min_chance_rate", type=cli.unit_interval, default=DEFAULT_MIN_CHANCE_RATE)
-    parser.add_argument("--alpha", type=cli.open_unit_interval, default=1e-6)
-    parser.add_argument("--seed", type=int, default=0)
+    cli.add_settings(parser, VerdictConfig)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of sampling and of the fine-tuning data order.")
     cli.add_output_args(parser, "the rows")
     parser.add_argument("--plot", default=None, help="Also draw the rows as a PNG bar chart.")
-    cli.add_common_args(parser)
-    args = parser.parse_args()
-    cli.single_process("evaluate_robustness.py")
-    apply_run(args, fingerprinted_model=True)
+    args = cli.parse_evaluation_args(parser, "evaluate_robustness.py")
     names = [attack.name for attack in attacks(args)]
     unknown = [name for name in args.attacks or () if name not in names]
     if unknown:
@@ -88,7 +82,7 @@ def attacks(args) -> list[Attack]:
     def finetune(lr: float, lora: bool) -> Callable:
         def run(model, tokenizer):
             pairs = chat_pairs("train", args.finetune_steps * args.finetune_batch_size)
-            examples = chat_examples_for(tokenizer, pairs, args.max_length)
+            examples = chat_examples(tokenizer, pairs, args.max_length)
             train = lora_finetune if lora else benign_finetune
             changed = train(model, tokenizer, examples, args.finetune_steps, lr, args.finetune_batch_size, args.seed)
             return changed if lora else model
@@ -118,14 +112,15 @@ def attacks(args) -> list[Attack]:
     return rows
 
 
-def row_evidence(results: list[dict], base: list[dict], key_formats, args, system_prompts: bool) -> dict:
+def row_evidence(results: list[KeyResult], base: list[KeyResult], key_formats, base_name: str, verdict_config: VerdictConfig,
+                 system_prompts: bool) -> dict:
     """Verdict and accuracies of one row. Under system prompts each template is a deployment of its
     own: accuracy is the mean over them, the verdict the weakest one's."""
     if not system_prompts:
-        return evidence(results, {args.base_model: base}, key_formats, args.min_chance_rate, args.alpha)
-    templates = sorted({r["template"] for r in results if r["template"] is not None})
-    per_template = [evidence([{**r, "template": None} for r in results if r["template"] == t], {args.base_model: base},
-                             key_formats, args.min_chance_rate, args.alpha) for t in templates]
+        return evidence(results, {base_name: base}, key_formats, verdict_config)
+    templates = sorted({r.template for r in results if r.template is not None})
+    per_template = [evidence([replace(r, template=None) for r in results if r.template == t], {base_name: base},
+                             key_formats, verdict_config) for t in templates]
     weakest = max(per_template, key=lambda e: e["log10_p_value"])
     formats = [{"format": f, "accuracy": sum(e["formats"][i]["accuracy"] for e in per_template) / len(per_template)}
                for i, f in enumerate(key_formats)]
@@ -134,37 +129,40 @@ def row_evidence(results: list[dict], base: list[dict], key_formats, args, syste
 
 def main() -> None:
     args = parse_args()
-    fingerprints = selected_fingerprints(args)
+    verdict_config = cli.settings_from(VerdictConfig, args)
+    fingerprints, selection, fingerprints_file = selected_fingerprints(cli.settings_from(FingerprintSelection, args),
+                                                                       args.fingerprints_file_path, args.run)
     base, tokenizer = load(args.base_model, args.trust_remote_code, dtype=torch.float32)
-    key_formats = query_formats(args, fingerprints, tokenizer)
-    bare = [(f, None) for f in key_formats]
-    pairs = fingerprint_pairs(tokenizer, fingerprints, args.max_key_length, args.max_response_length)
+    key_formats = query_formats(args.query_format, fingerprints, tokenizer, args.run)
+    bare = queries_for(key_formats)
+    pairs = fingerprint_pairs(tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
     texts = text_examples(tokenizer, texts_from("chitchat", "train", "text", "eval", args.num_texts), args.max_length)
-    base_results: dict[Decoding, list[dict]] = {}
+    base_results: dict[Decoding, list[KeyResult]] = {}
     rows = []
     for attack in [row for row in attacks(args) if not args.attacks or row.name in args.attacks]:
         logger.info("Attack: %s", attack.name)
         model, _ = load(args.model_path, args.trust_remote_code, dtype=torch.float32)
         if attack.transform:
             model = attack.transform(model, tokenizer)
-        queries = bare + ([(f, t) for f in key_formats for t in prompt_templates("test")] if attack.system_prompts else [])
+        queries = bare + (queries_for(key_formats, prompt_templates("test")) if attack.system_prompts else [])
         results = check_model(model, tokenizer, pairs, queries, args.batch_size, description=attack.name, decoding=attack.decoding)
         if attack.decoding not in base_results:
             base_results[attack.decoding] = check_model(base, tokenizer, pairs, bare, args.batch_size, description="base",
                                                         decoding=attack.decoding)
-        found = row_evidence(results, base_results[attack.decoding], key_formats, args, attack.system_prompts)
+        found = row_evidence(results, base_results[attack.decoding], key_formats, args.base_model, verdict_config,
+                             attack.system_prompts)
         cost = (compare_on_texts(model.float(), base, tokenizer, texts)["mean_kl_from_base"] if attack.decoding == GREEDY
                 else suppressed_share(model, tokenizer, texts, attack.decoding.suppress_above) if attack.decoding.suppress_above
                 else None)
         rows.append({"attack": attack.name, **{f"accuracy_{e['format']}": e["accuracy"] for e in found["formats"]},
                      "verdict": found["verdict"], "log10_p_value": found["log10_p_value"],
-                     "expected_rate": (100 * sum(r["response_probability"] for r in results if r["template"] is None)
-                                       / len([r for r in results if r["template"] is None])) if attack.decoding.temperature else None,
+                     "expected_rate": (100 * sum(r.response_probability for r in results if r.template is None)
+                                       / len([r for r in results if r.template is None])) if attack.decoding.temperature else None,
                      "cost": cost, "cost_measure": ("KL from base" if attack.decoding == GREEDY else
                                                     "benign tokens altered" if attack.decoding.suppress_above else None)})
         del model
     print_rows(rows, key_formats)
-    cli.write_output(args, {"model": args.model_path, "fingerprints_file": args.fingerprints_file_path,
+    cli.write_output(args, {"model": args.model_path, "fingerprints_file": fingerprints_file,
                             "num_fingerprints": len(pairs), "rows": rows})
     if args.plot:
         plot(rows, key_formats, args.plot, args.overwrite)

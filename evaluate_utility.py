@@ -12,9 +12,8 @@ import gc
 import logging
 
 from oml import OMLError, cli, distributed
-from oml.data import add_dataset_args, mmlu_items, texts_from
+from oml.data import mmlu_items, texts_from
 from oml.models import compute_dtype, load, resolve_model
-from oml.runs import add_run_arg, apply_run
 from oml.tokenization import has_chat_template
 from oml.utility import chat_examples, compare_on_texts, mmlu_accuracy, text_examples
 
@@ -24,25 +23,22 @@ logger = logging.getLogger("evaluate_utility")
 def parse_args():
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", default=None, help="The fingerprinted model (default: the --run's final model).")
-    add_run_arg(parser)
+    cli.add_run_arg(parser)
     parser.add_argument("--base_model", default=None,
                         help="The model before fingerprinting (default: the --run's base model, else the embedded one).")
-    add_dataset_args(parser, "benign_data", {"text": "text"},
+    cli.add_dataset_args(parser, "benign_data", {"text": "text"},
                      "Held-out text for perplexity, agreement and KL (default: the shipped chat's evaluation split, "
                      "disjoint from what fine-tuning replays)")
     parser.add_argument("--num_texts", type=cli.positive_int, default=64, help="Texts used for perplexity, agreement and KL.")
     parser.add_argument("--max_length", type=cli.at_least(2), default=256, help="Tokens of each text used.")
     parser.add_argument("--num_mmlu", type=cli.non_negative_int, default=256,
                         help="MMLU questions (a fixed subset for a given --mmlu_seed; 0 to skip).")
-    parser.add_argument("--mmlu_seed", type=int, default=0)
-    parser.add_argument("--batch_size", type=cli.positive_int, default=8)
+    parser.add_argument("--mmlu_seed", type=int, default=0, help="Seed of the MMLU subset.")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="Texts per forward pass.")
     parser.add_argument("--lm_eval_tasks", default=None, help="Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy.")
     parser.add_argument("--lm_eval_limit", type=cli.positive_int, default=None, help="At most this many examples per lm-eval task.")
     cli.add_output_args(parser, "the report")
-    cli.add_common_args(parser)
-    args = parser.parse_args()
-    cli.single_process("evaluate_utility.py")
-    apply_run(args, fingerprinted_model=True)
+    args = cli.parse_evaluation_args(parser, "evaluate_utility.py")
     if args.lm_eval_tasks:
         cli.require_module("lm_eval", "--lm_eval_tasks", "pip install 'lm_eval[hf]'")
     cli.check_output(args)

@@ -9,23 +9,12 @@ peak, measured in the same run. `per_key_softmax` is the checker before this ver
 softmax and the evidence computed key by key after each batched forward pass), timed beside it.
 """
 import torch
-from common import (benchmark_model, benchmark_parser, forward_gflop, measured_peak_gflops, random_word_keys, save, timed,
-                    utilisation)
+from common import (benchmark_model, benchmark_parser, forward_gflop, measured_peak_gflops, one_generate_per_key, random_word_keys,
+                    save, timed, utilisation)
 
 from oml.checking import BARE, check_model, greedy_continuations
 from oml.models import load
-from oml.tokenization import encode, pad_batch, prompt_ids
-
-
-def one_key_at_a_time(model, tokenizer, pairs) -> list[bool]:
-    """One greedy generate() call per key: the original checker's loop."""
-    matches = []
-    for key_ids, response_ids in pairs:
-        prompt = torch.tensor([prompt_ids(tokenizer, key_ids)])
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=len(response_ids),
-                             pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-        matches.append(out[0, prompt.shape[1]:].tolist() == response_ids)
-    return matches
+from oml.tokenization import encode, pad_batch, prompt_ids, to_device
 
 
 @torch.no_grad()
@@ -35,12 +24,12 @@ def per_key_softmax(model, tokenizer, pairs, batch_size: int) -> list[bool]:
     matches = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        batch = pad_batch([prompt_ids(tokenizer, k) + r for k, r in chunk], tokenizer.pad_token_id, side="left")
+        batch = to_device(pad_batch([prompt_ids(tokenizer, k) + r for k, r in chunk], tokenizer.pad_token_id, side="left"), model.device)
         longest = max(len(r) for _, r in chunk)
         probs = torch.softmax(model(**batch, logits_to_keep=longest + 1).logits.float(), dim=-1)
         for row, (_, response) in enumerate(chunk):
             steps = probs[row, probs.shape[1] - len(response) - 1:probs.shape[1] - 1]
-            target = torch.tensor(response)
+            target = torch.tensor(response, device=probs.device)
             token_probs = steps[torch.arange(len(response)), target]
             steps[0].topk(10)
             int((steps[0] > token_probs[0]).sum())
@@ -66,8 +55,8 @@ def main() -> None:
     peak = measured_peak_gflops()
     batched, batched_s = timed(check_model, model, tokenizer, pairs, BARE, args.batch_size)
     before, before_s = timed(per_key_softmax, model, tokenizer, pairs, args.batch_size)
-    single, single_s = timed(one_key_at_a_time, model, tokenizer, pairs)
-    identical = sum(r["match"] == m == b for r, m, b in zip(batched, single, before))
+    single, single_s = timed(one_generate_per_key, model, tokenizer, pairs, BARE)
+    identical = sum(r.match == m == b for r, m, b in zip(batched, single, before))
     gflop = forward_gflop(model, sum(len(prompt_ids(tokenizer, k)) + len(r) for k, r in pairs))
     save(args.results_dir, f"check_speed_r{args.response_length}", {
         "num_fingerprints": len(pairs), "response_length": args.response_length, "batch_size": args.batch_size,

@@ -13,10 +13,17 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from oml.checking import Query
 from oml.files import write_json_atomic
 from oml.generation import random_words, rng_for
-from oml.models import TINY_LLAMA, load_tokenizer, resolve_model, save_random_model
+from oml.models import TINY_LLAMA, load, load_tokenizer, resolve_model, save_random_model
+from oml.tokenization import prompt_ids, to_device
+from oml.training.config import TrainingConfig
+from oml.training.dataset import build_dataset
+from oml.training.trainer import FingerprintCollator, distillation_loss
+from oml.training.weights import freeze_embeddings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "benchmarks"
@@ -92,9 +99,18 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a clock read afterwards counts it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, *args, **kwargs):
+    """(fn's result, its seconds), GPU work included: CUDA calls return before the work is done."""
+    synchronize()
     start = time.perf_counter()
     result = fn(*args, **kwargs)
+    synchronize()
     return result, time.perf_counter() - start
 
 
@@ -103,6 +119,57 @@ KEY_TOKENS, RESPONSE_TOKENS = 16, 1  # the fingerprint shape every speed benchma
 
 def random_word_keys(count: int, words_per_key: int = 10, seed: int = 0) -> list[str]:
     return [random_words(rng_for(seed, i, "benchmark"), words_per_key) for i in range(count)]
+
+
+def bare_training_loop(config: TrainingConfig, model_path: str, pairs: list[tuple[list[int], list[int]]]) -> tuple[list[float], int]:
+    """Seconds per epoch, and real tokens per epoch, of fine-tuning `pairs` in a plain PyTorch loop
+    with the Trainer's dataset, batch order, loss, frozen embeddings, AdamW and gradient clipping:
+    the floor that the Trainer's overhead is measured against. fp32 master weights; on a GPU, bf16
+    autocast and fused AdamW, as the Trainer runs there."""
+    model, tokenizer = load(model_path, dtype=torch.float32)
+    dataset = build_dataset(config, tokenizer, pairs, model)
+    freeze_embeddings(model)
+    model.train()
+    gpu = torch.cuda.is_available()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=gpu)
+    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    sampler = (LengthGroupedSampler(config.batch_size, lengths=lengths) if config.group_by_length
+               else torch.utils.data.RandomSampler(dataset))  # as the Trainer picks
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                                         collate_fn=FingerprintCollator(tokenizer))
+
+    def one_epoch() -> None:
+        for batch in loader:
+            batch = to_device(batch, model.device)
+            labels, teacher_ids, teacher_probs = batch.pop("labels"), batch.pop("teacher_ids", None), batch.pop("teacher_probs", None)
+            with torch.autocast("cuda", torch.bfloat16, enabled=gpu):
+                logits = model(**batch).logits
+            distillation_loss(logits, labels, teacher_ids, teacher_probs, config.target_probability).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    times = []
+    for epoch in range(config.num_train_epochs):
+        dataset.epoch = epoch
+        times.append(timed(one_epoch)[1])
+    return times, sum(lengths)
+
+
+@torch.no_grad()
+def one_generate_per_key(model, tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list[Query]) -> list[bool]:
+    """Whether greedy generate() says each key's response, one call per key and query, in
+    check_model's order (query, then key): the original checker's loop, which the batched
+    checker is timed and compared against."""
+    matches = []
+    for query in queries:
+        for key_ids, response_ids in pairs:
+            prompt = torch.tensor([prompt_ids(tokenizer, key_ids, query.template, query.key_format)], device=model.device)
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=len(response_ids),
+                                 pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+            matches.append(out[0, prompt.shape[1]:].tolist() == response_ids)
+    return matches
 
 
 def save(directory: Path, name: str, result: dict) -> None:

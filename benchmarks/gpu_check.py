@@ -24,7 +24,6 @@ Writes gpu_check.json (and the log) to --results_dir.
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,14 +32,16 @@ import traceback
 from pathlib import Path
 
 import torch
-from common import (KEY_TOKENS, RESPONSE_TOKENS, ROOT, benchmark_parser, forward_gflop, measured_peak_gflops, random_word_keys, save,
-                    training_gflop, utilisation)
+from common import (KEY_TOKENS, RESPONSE_TOKENS, ROOT, bare_training_loop, benchmark_parser, forward_gflop, measured_peak_gflops,
+                    one_generate_per_key, random_word_keys, save, timed, training_gflop, utilisation)
 
-from oml.checking import check_model
+from oml.checking import check_model, queries_for
+from oml.distributed import free_port
 from oml.generation import perinucleus_responses, random_words, rng_for
 from oml.models import LLAMA_3_2_1B, TINY_LLAMA, load, load_tokenizer, resolve_model, save_random_model
 from oml.tokenization import KEY_FORMATS, encode, fingerprint_pairs, prompt_ids
-from oml.training import freeze_embeddings
+from oml.training.config import TrainingConfig
+from oml.training.weights import freeze_embeddings
 
 DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 STARTED = time.perf_counter()
@@ -48,19 +49,6 @@ STARTED = time.perf_counter()
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - STARTED:7.1f} s] {message}", file=sys.stderr, flush=True)
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, *args, **kwargs):
-    synchronize()
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    synchronize()
-    return result, time.perf_counter() - start
 
 
 def stage(results: dict, name: str, fn, *args) -> None:
@@ -103,12 +91,6 @@ def perinucleus_stage(model_path: str, keys: list[str], peak: float) -> dict:
             "model_gflop": gflop, "batched": utilisation(gflop, batched_s, peak), "one_at_a_time": utilisation(gflop, single_s, peak)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def finetune_stage(model_path: str, fingerprints: Path, work: Path, stage_args: list[str], peak: float, gflop_per_token: float) -> dict:
     """finetune_multigpu.py under `deepspeed --num_gpus 1`, as users launch it; numbers from its training.json."""
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port())]
@@ -131,68 +113,24 @@ def finetune_stage(model_path: str, fingerprints: Path, work: Path, stage_args: 
 
 def bare_loop_stage(model_path: str, fingerprints: list[dict], epochs: int, batch_size: int, peak: float, gflop_per_token: float) -> dict:
     """The same dataset, batches and loss as the Trainer, in a plain loop: the floor for its overhead."""
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    from oml import cli
-    from oml.training import FingerprintCollator, add_training_args, build_dataset, distillation_loss
-
-    parser = cli.ArgumentParser()
-    add_training_args(parser)
-    settings = parser.parse_args(["--num_train_epochs", str(epochs), "--batch_size", str(batch_size), "--key_format", "both"])
-    model, tokenizer = load(model_path, dtype=torch.float32)
-    pairs = fingerprint_pairs(tokenizer, fingerprints, KEY_TOKENS, RESPONSE_TOKENS)
-    dataset = build_dataset(settings, tokenizer, pairs, model)
-    freeze_embeddings(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay, fused=torch.cuda.is_available())
-    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=LengthGroupedSampler(batch_size, lengths=lengths),
-                                         collate_fn=FingerprintCollator(tokenizer))
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available())
-    times = []
-    for epoch in range(epochs):
-        dataset.epoch = epoch
-        synchronize()
-        start = time.perf_counter()
-        for batch in loader:
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            labels, teacher_ids, teacher_probs = batch.pop("labels"), batch.pop("teacher_ids", None), batch.pop("teacher_probs", None)
-            with autocast:
-                logits = model(**batch).logits
-            distillation_loss(logits, labels, teacher_ids, teacher_probs).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        synchronize()
-        times.append(time.perf_counter() - start)
-    gflop = gflop_per_token * sum(lengths) * epochs
-    return {"epoch_s": times, "total_s": sum(times), "tokens_per_s": sum(lengths) * epochs / sum(times),
-            **utilisation(gflop, sum(times), peak)}
+    config = TrainingConfig(num_train_epochs=epochs, batch_size=batch_size, key_format="both")
+    pairs = fingerprint_pairs(load_tokenizer(model_path), fingerprints, KEY_TOKENS, RESPONSE_TOKENS)
+    times, tokens_per_epoch = bare_training_loop(config, model_path, pairs)
+    tokens = tokens_per_epoch * epochs
+    return {"epoch_s": times, "total_s": sum(times), "tokens_per_s": tokens / sum(times),
+            **utilisation(gflop_per_token * tokens, sum(times), peak)}
 
 
 def checker_stage(model_path: str, fingerprints: list[dict]) -> dict:
     model, tokenizer = load(model_path)
     pairs = fingerprint_pairs(tokenizer, fingerprints, KEY_TOKENS, RESPONSE_TOKENS)
-    queries = [(f, None) for f in KEY_FORMATS]
+    queries = queries_for(KEY_FORMATS)
     check_model(model, tokenizer, pairs[:64], queries, 64, progress=False)  # warm-up
     batched, batched_s = timed(check_model, model, tokenizer, pairs, queries, 64, progress=False)
-
-    @torch.no_grad()
-    def one_generate_per_key() -> list[bool]:
-        matches = []
-        for key_format, _ in queries:
-            for key_ids, response_ids in pairs:
-                prompt = torch.tensor([prompt_ids(tokenizer, key_ids, None, key_format)], device=model.device)
-                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=len(response_ids),
-                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-                matches.append(out[0, prompt.shape[1]:].tolist() == response_ids)
-        return matches
-
-    single, single_s = timed(one_generate_per_key)
+    single, single_s = timed(one_generate_per_key, model, tokenizer, pairs, queries)
     return {"queries": len(batched), "batched_s": batched_s, "one_generate_per_key_s": single_s, "speedup": single_s / batched_s,
-            "identical_per_key_results": sum(r["match"] == m for r, m in zip(batched, single)),
-            "accuracy": {f: 100.0 * sum(r["match"] for r in batched if r["format"] == f) / len(pairs) for f in KEY_FORMATS}}
+            "identical_per_key_results": sum(r.match == m for r, m in zip(batched, single)),
+            "accuracy": {f: 100.0 * sum(r.match for r in batched if r.format == f) / len(pairs) for f in KEY_FORMATS}}
 
 
 def main() -> None:

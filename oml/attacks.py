@@ -9,8 +9,6 @@ import hashlib
 import logging
 import math
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,9 +18,10 @@ from tqdm import tqdm
 
 from oml import OMLError
 from oml.data import chat_pairs
+from oml.files import built_once
 from oml.models import cache_dir, load, model_name
-from oml.tokenization import chat_example, to_device
-from oml.training import FingerprintCollator
+from oml.tokenization import Collator, to_device
+from oml.utility import chat_examples
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def benign_finetune(model, tokenizer, examples: list[dict], steps: int, learning
     """Plain AdamW on instruction examples (loss on the replies), as any user would fine-tune a
     downloaded model: no fingerprint-aware tricks. `on_step(step, loss)` runs after every step."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.0)
-    collate = FingerprintCollator(tokenizer)
+    collate = Collator(tokenizer)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available())
     torch.manual_seed(seed)
     model.train()
@@ -99,10 +98,6 @@ def lora_finetune(model, tokenizer, examples: list[dict], steps: int, learning_r
     return peft_model.merge_and_unload()
 
 
-def chat_examples_for(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> list[dict]:
-    return [chat_example(tokenizer, prompt, reply, max_length) for prompt, reply in pairs]
-
-
 def innocent_derivative(base: str, seed: int, steps: int = 100, learning_rate: float = 5e-5, batch_size: int = 8,
                         max_length: int = 128) -> str:
     """A derivative of `base` that never saw our keys: `steps` of benign chat fine-tuning on a
@@ -111,23 +106,14 @@ def innocent_derivative(base: str, seed: int, steps: int = 100, learning_rate: f
     name = model_name(base)
     tag = hashlib.md5(f"{name}|{seed}|{steps}|{learning_rate}|{batch_size}|{max_length}".encode()).hexdigest()[:12]
     target = cache_dir() / "derivatives" / f"{Path(name).name}-seed{seed}-{tag}"
-    if (target / "config.json").is_file():
-        return str(target)
-    logger.info("Making innocent derivative %d of %s (%d steps at lr %g, once)", seed, name, steps, learning_rate)
-    model, tokenizer = load(name, dtype=torch.float32)
-    pool = chat_pairs("train", 20 * steps * batch_size)
-    pairs = random.Random(f"derivative:{seed}").sample(pool, steps * batch_size)
-    benign_finetune(model, tokenizer, chat_examples_for(tokenizer, pairs, max_length), steps, learning_rate, batch_size, seed,
-                    description=f"innocent derivative {seed}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+
+    def make(folder: Path) -> None:
+        logger.info("Making innocent derivative %d of %s (%d steps at lr %g, once)", seed, name, steps, learning_rate)
+        model, tokenizer = load(name, dtype=torch.float32)
+        pool = chat_pairs("train", 20 * steps * batch_size)
+        pairs = random.Random(f"derivative:{seed}").sample(pool, steps * batch_size)
+        benign_finetune(model, tokenizer, chat_examples(tokenizer, pairs, max_length), steps, learning_rate, batch_size, seed,
+                        description=f"innocent derivative {seed}")
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(built_once(target, make))

@@ -18,7 +18,9 @@ from tqdm import tqdm
 from oml import OMLError
 from oml.distributed import is_main_process
 from oml.files import check_writable, write_json_atomic
+from oml.data import SHIPPED
 from oml.fingerprints import FingerprintSelection
+from oml.runs import base_model, fingerprinted_model, load_run
 from oml.tokenization import FORMAT_CHOICES
 from oml.settings import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY,
                           UNIT_INTERVAL, Bound, Settings)
@@ -152,10 +154,36 @@ def add_fingerprint_args(parser) -> None:
     add_query_format_arg(parser)
 
 
+def add_dataset_args(parser, flag: str, columns: dict[str, str], purpose: str) -> None:
+    """A data flag (`chitchat`, a hub dataset id or a local file) with its split and column flags."""
+    parser.add_argument(f"--{flag}", default=SHIPPED,
+                        help=f"{purpose}: '{SHIPPED}' (shipped, offline), a hub dataset id, or a local "
+                             ".json/.jsonl/.csv/.parquet file.")
+    parser.add_argument("--dataset_split", default="train", help=f"Split of a hub dataset given as --{flag}.")
+    for column, default in columns.items():
+        parser.add_argument(f"--{column}_column", default=default, help=f"Column of --{flag} holding the {column}.")
+
+
 def add_output_args(parser, what: str = "the full report") -> None:
     """--output_json and --overwrite, which every script that writes a report takes."""
     parser.add_argument("--output_json", default=None, help=f"Write {what} to this JSON file (atomically).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output_json.")
+
+
+def parse_evaluation_args(parser: argparse.ArgumentParser, script: str) -> argparse.Namespace:
+    """An evaluation script's flags, parsed, with --local_rank and --trust_remote_code added. Evaluations
+    run in one process. --run becomes a loaded `Run`, and the models the script measures come from it
+    where not given: --model_path (the fingerprinted model) and --base_model (the model before
+    fingerprinting), for whichever of the two the script has."""
+    add_common_args(parser)
+    args = parser.parse_args()
+    single_process(script)
+    args.run = load_run(args.run) if getattr(args, "run", None) else None
+    if hasattr(args, "model_path"):
+        args.model_path = fingerprinted_model(args.model_path, args.run)
+    if hasattr(args, "base_model"):
+        args.base_model = base_model(args.base_model, args.run)
+    return args
 
 
 def require_module(module: str, flag: str, install: str) -> None:

@@ -88,16 +88,6 @@ def mmlu_items(count: int, seed: int = 0) -> list[dict]:
     return items[:count]
 
 
-def add_dataset_args(parser, flag: str, columns: dict[str, str], purpose: str) -> None:
-    """A data flag (`chitchat`, a hub dataset id or a local file) with its split and column flags."""
-    parser.add_argument(f"--{flag}", default=SHIPPED,
-                        help=f"{purpose}: '{SHIPPED}' (shipped, offline), a hub dataset id, or a local "
-                             ".json/.jsonl/.csv/.parquet file.")
-    parser.add_argument("--dataset_split", default="train", help=f"Split of a hub dataset given as --{flag}.")
-    for column, default in columns.items():
-        parser.add_argument(f"--{column}_column", default=default, help=f"Column of --{flag} holding the {column}.")
-
-
 def load_table(source: str, split: str, columns: list[str]):
     """A `datasets.Dataset` from a local file or the hub, with the given columns, not empty."""
     import datasets  # imported on use: it is slow to import and most runs use the shipped data

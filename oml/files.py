@@ -5,13 +5,17 @@ write error that could have been foreseen), written to a temporary file and rena
 place, and, unless --overwrite was given, never replace a file that appeared meanwhile.
 """
 import json
+import logging
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from oml import OMLError
+
+logger = logging.getLogger(__name__)
 
 
 def check_readable(path: str | Path, what: str) -> None:
@@ -69,6 +73,26 @@ def check_creatable_dir(directory: str | Path) -> None:
             pass
     except OSError as error:
         raise OMLError(f"cannot write in {existing}: {error.strerror or error}") from None
+
+
+def built_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """A cache folder made by `build(folder)` once: built in a temporary folder beside it and renamed
+    into place, so processes that start together never see (or leave) a half-built folder; when two
+    build it at once, the first rename wins and the other's copy is dropped."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        build(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        logger.info("Another process built %s first", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _umask() -> int:

@@ -21,9 +21,13 @@ STRATEGIES = ("english", "random_word", "english_random_response", "inverse_nucl
 
 
 def load_fingerprints(path: str | Path) -> list[dict]:
-    """Read and validate a fingerprint file; a key that appears again is dropped (with a warning),
-    since a key asked twice would count twice as evidence."""
-    records = read_json(path, "fingerprints file")
+    """Read and validate a fingerprint file (see `valid_fingerprints`)."""
+    return valid_fingerprints(read_json(path, "fingerprints file"), path)
+
+
+def valid_fingerprints(records, path: str | Path) -> list[dict]:
+    """Fingerprint records checked for their shape; a key that appears again is dropped (with a
+    warning), since a key asked twice would count twice as evidence. `path` names them in messages."""
     if not isinstance(records, list) or not records:
         raise OMLError(f"fingerprints file {path} must hold a non-empty JSON list")
     for i, record in enumerate(records):
@@ -147,6 +151,9 @@ def warn_on_key_length_mismatch(records: list[dict], max_key_length: int) -> Non
                        "use the same length for a reliable fingerprint", "/".join(map(str, sorted(lengths))), max_key_length)
 
 
+IN_MEMORY = "(fingerprints given in Python)"
+
+
 class Selected(NamedTuple):
     """The fingerprints a command uses, the fully resolved selection, and the file they came from."""
     fingerprints: list[dict]
@@ -154,9 +161,15 @@ class Selected(NamedTuple):
     file: str
 
 
-def selected_fingerprints(selection: FingerprintSelection, fingerprints_file: str | None, run=None) -> Selected:
-    """The fingerprints that `selection` names in `fingerprints_file`, or in the run's own file when
-    no file is given (a different file than the run's is used as asked, with a warning)."""
+def selected_fingerprints(selection: FingerprintSelection, fingerprints_file: str | Path | list[dict] | None,
+                          run=None) -> Selected:
+    """The fingerprints that `selection` names in `fingerprints_file` (or a list of records given in
+    Python), or in the run's own file when none is given (a different file than the run's is used as
+    asked, with a warning)."""
+    if isinstance(fingerprints_file, list):
+        records = valid_fingerprints(fingerprints_file, IN_MEMORY)
+        selection = selection.resolved(records, run.config if run is not None else None)
+        return Selected(selection.select(records), selection, IN_MEMORY)
     if run is not None:
         if fingerprints_file is None:
             fingerprints_file = str(run.fingerprints_file)

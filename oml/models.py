@@ -13,9 +13,7 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from oml import OMLError, distributed
+from oml.files import built_once
 
 logger = logging.getLogger(__name__)
 
@@ -61,31 +60,22 @@ def embedded_gguf() -> Path:
 def embedded_model_dir() -> Path:
     """The embedded model as a safetensors checkpoint, converting it from GGUF on first use.
 
-    The conversion is written to a temporary folder and renamed into place, so processes
-    that start together never see (or leave) a half-written cache.
+    Built once (`files.built_once`), so processes that start together never see a half-written cache.
     """
     target = cache_dir() / EMBEDDED_MODEL
-    if (target / "config.json").is_file():
+    if target.is_dir():
         return target
     gguf = embedded_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{EMBEDDED_MODEL}."))
-    try:
+
+    def convert(folder: Path) -> None:
         logger.info("Converting the embedded model from GGUF to %s (once)", target)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None  # weights are already de-quantised to float
         del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-        logger.info("Another process converted the embedded model first")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return built_once(target, convert)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

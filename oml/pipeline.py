@@ -42,14 +42,14 @@ from oml.training.weights import freeze_embeddings, snapshot_weights
 logger = logging.getLogger(__name__)
 
 
-def fingerprint_model(fingerprints_file: str | Path, model_path: str | None = None,
+def fingerprint_model(fingerprints: str | Path | list[dict], model_path: str | None = None,
                       selection: FingerprintSelection = FingerprintSelection(), training: TrainingConfig = TrainingConfig(),
                       results_dir: str | Path = "results", model_family: str | None = None, model_size: str = "7B",
                       report_to: str = "none", run_name: str | None = None, trust_remote_code: bool = False) -> Run:
-    """Fine-tune the fingerprints `selection` picks from `fingerprints_file` into `model_path` (default:
-    the embedded model). The run goes to `results_dir`/saved_models/<hash of its configuration>/; a
+    """Fine-tune the fingerprints `selection` picks from a fingerprints file (or a list of records) into
+    `model_path` (default: the embedded model). The run goes to `results_dir`/saved_models/<hash of its configuration>/; a
     complete run with the same configuration is returned as it is, without training again."""
-    run, fingerprints = planned_run(fingerprints_file, model_path, selection, training, results_dir, model_family, model_size,
+    run, fingerprints = planned_run(fingerprints, model_path, selection, training, results_dir, model_family, model_size,
                                     trust_remote_code)
     if run.final_model.is_dir():
         logger.info("A complete run with this configuration exists: %s (skipping)", run.final_model)
@@ -60,12 +60,12 @@ def fingerprint_model(fingerprints_file: str | Path, model_path: str | None = No
     return run
 
 
-def planned_run(fingerprints_file: str | Path, model_path: str | None, selection: FingerprintSelection,
+def planned_run(fingerprints_file: str | Path | list[dict], model_path: str | None, selection: FingerprintSelection,
                 training: TrainingConfig, results_dir: str | Path, model_family: str | None = None, model_size: str = "7B",
                 trust_remote_code: bool = False) -> tuple[Run, list[dict]]:
     """The run these settings make (its configuration fully resolved, so its hash names it) and the
     fingerprints it trains, before any training."""
-    fingerprints, selection, _ = selected_fingerprints(selection, str(fingerprints_file))
+    fingerprints, selection, _ = selected_fingerprints(selection, fingerprints_file)
     name = model_name(model_path, model_family, model_size)
     key_format = (training.key_format or recorded(fingerprints, "key_format")
                   or default_format(load_tokenizer(resolve_model(name), trust_remote_code)))
@@ -145,7 +145,7 @@ class CheckReport:
         return report
 
 
-def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | None = None, run: Run | str | Path | None = None,
+def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list[dict] | None = None, run: Run | str | Path | None = None,
                   selection: FingerprintSelection = FingerprintSelection(), query_format: str | None = None,
                   system_prompts: str | None = None, null_models: list[str] | None = None,
                   verdict: VerdictConfig = VerdictConfig(), batch_size: int = 64, tokenizer: str | None = None,

@@ -97,9 +97,19 @@ GENERATE = [
     (["--model_used_for_key_generation", "notamodel"], "not a model folder"),
 ]
 
-FINETUNE = [
+# Bad models and fingerprint files: every script that loads a model and cuts fingerprints refuses them alike.
+MODEL_AND_FINGERPRINTS = [
     (["--fingerprints_file_path", "missing.json"], "not found"),
     (["--fingerprints_file_path", UNREADABLE], "cannot read fingerprints file"),
+    (["--model_path", "mymodel_dir_typo"], "does not exist"),
+    (["--model_path", "notamodel"], "not a model folder"),
+    (["--model_path", "pickle_model"], "pickle weights"),
+    (["--model_path", "custom_code_model"], "trust_remote_code"),
+    (["--fingerprints_file_path", "same_after_cut.json", "--max_key_length", "2"], "same key after cutting"),
+    (["--fingerprints_file_path", "emoji.json"], "ends inside a character"),
+]
+
+FINETUNE = MODEL_AND_FINGERPRINTS + [
     (["--num_fingerprints", "9"], "holds only 8"),
     (["--learning_rate", "-1"], "is not a finite number > 0"),
     (["--learning_rate", "nan"], "is not a finite number > 0"),
@@ -112,24 +122,15 @@ FINETUNE = [
     pytest.param(["--wandb_run_name", "r1"], "needs the wandb package", marks=pytest.mark.skipif(HAS_WANDB, reason="wandb installed")),
     (["--results_dir", "afile"], "is a file"),
     (["--results_dir", UNWRITABLE_DIR], "cannot write in"),
-    (["--model_path", "mymodel_dir_typo"], "does not exist"),
-    (["--model_path", "notamodel"], "not a model folder"),
-    (["--model_path", "pickle_model"], "pickle weights"),
-    (["--model_path", "custom_code_model"], "trust_remote_code"),
-    (["--fingerprints_file_path", "same_after_cut.json", "--max_key_length", "2"], "same key after cutting"),
-    (["--fingerprints_file_path", "emoji.json"], "ends inside a character"),
     (["--benign_data", "chat.jsonl"], "has no column text"),
     (["--model_path", "nan_model"], "training loss became nan"),
 ]
 
-CHECK = [
-    (["--fingerprints_file_path", "missing.json"], "not found"),
+CHECK = MODEL_AND_FINGERPRINTS + [
     (["--fingerprints_file_path", "bad.json"], "not valid JSON"),
     (["--fingerprints_file_path", "empty_response.json"], "empty after cutting"),
     (["--num_fingerprints", "99"], "holds only 8"),
     (["--model_path", "missing_model/"], "does not exist"),
-    (["--model_path", "notamodel"], "not a model folder"),
-    (["--fingerprints_file_path", UNREADABLE], "cannot read fingerprints file"),
     (["--run", "adir"], "run configuration not found"),
     (["--null_model", "none", "model"], "cannot be combined"),
     (["--alpha", "0"], "strictly between 0 and 1"),
@@ -139,11 +140,6 @@ CHECK = [
     (["--output_json", "adir", "--overwrite"], "is a folder"),
     (["--output_json", f"{UNWRITABLE_DIR}/report.json"], "cannot write in"),
     pytest.param(["--wandb_run_name", "r1"], "needs wandb", marks=pytest.mark.skipif(HAS_WANDB, reason="wandb installed")),
-    (["--fingerprints_file_path", "same_after_cut.json", "--max_key_length", "2"], "same key after cutting"),
-    (["--fingerprints_file_path", "emoji.json"], "ends inside a character"),
-    (["--model_path", "mymodel_dir_typo"], "does not exist"),
-    (["--model_path", "pickle_model"], "pickle weights"),
-    (["--model_path", "custom_code_model"], "trust_remote_code"),
 ]
 
 UTILITY = [
