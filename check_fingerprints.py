@@ -17,7 +17,9 @@ from oml import OMLError, cli, distributed
 from oml.fingerprints import FingerprintSelection
 from oml.pipeline import CheckReport, check_suspect
 from oml.remote import ApiConfig
+from oml.files import check_writable, write_json_atomic
 from oml.runs import load_run
+from oml.sequential import SequentialConfig
 from oml.stats import VerdictConfig, format_p_value
 
 logger = logging.getLogger("check_fingerprints")
@@ -38,6 +40,17 @@ def parse_args() -> argparse.Namespace:
                         help="Models never fingerprinted, checked on the same keys to measure the chance rate "
                              "(default: the --run's base model, else the embedded model; 'none' to skip).")
     cli.add_settings(parser, VerdictConfig)
+    parser.add_argument("--check_all_keys", action="store_true",
+                        help="API suspects: ask every selected key (at once) instead of the sequential check, which sends "
+                             "keys in rounds and stops as soon as the verdict is reached: every key sent is known to the "
+                             "server's operator from then on.")
+    cli.add_settings(parser, SequentialConfig)
+    parser.add_argument("--reuse_revealed", action="store_true",
+                        help="With --run: also ask keys that earlier checks revealed (recorded in the run's revealed.jsonl); "
+                             "by default a check that reveals keys draws only keys never revealed.")
+    parser.add_argument("--evidence", default=None,
+                        help="Also write an evidence bundle that anyone can check with verify_evidence.py against the "
+                             "run's published commitment (needs --run; the bundle reveals the keys it holds).")
     cli.add_output_args(parser, "the full report, per-key results included,")
     parser.add_argument("--verbose_eval", action="store_true", help="Print each miss with the model's top-10 next tokens.")
     parser.add_argument("--wandb_run_name", default=None, help="Log the accuracy to this wandb run (needs wandb).")
@@ -52,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     if args.wandb_run_name:
         cli.require_module("wandb", "--wandb_run_name", "pip install wandb")
     cli.check_output(args)
+    if args.evidence:
+        check_writable(args.evidence, args.overwrite)
     return args
 
 
@@ -91,13 +106,20 @@ def print_report(report: CheckReport, verbose: bool) -> None:
         print(f"Format {e['format']}: {e['accuracy']:.2f} ({e['matches']}/{e['num_fingerprints']}{errors}); null models: {nulls}; "
               f"chance rate {e['chance_rate']:.4g}; p-value {format_p_value(e['log10_p_value'])}")
     n, needed = report.num_fingerprints, report.keys_needed
-    if needed is None or n < needed:
+    if report.sequential:
+        state = report.sequential
+        print(f"Sequential check: {state['keys_used']} keys revealed in rounds of {state['round_size']} (at most "
+              f"{state['planned_keys']} planned); {state['decision']}: {state['reason']}")
+    elif needed is None or n < needed:
         print(f"Note: with {n} keys even {n}/{n} matches cannot reach alpha {report.alpha:g}; "
               f"{'at least ' + str(needed) if needed else 'many more'} keys are needed")
-    correction = f", x{len(formats_)} formats" if len(formats_) > 1 else ""
+    correction = (f", x{len(formats_)} formats" if len(formats_) > 1 else "") + (", anytime-valid" if report.sequential else "")
     print(f"P-value of {report.matches}/{n} matches by chance ({report.format}{correction}): "
           f"{format_p_value(report.log10_p_value)}")
     print(f"Verdict: {report.verdict} (alpha {report.alpha:g})")
+    if report.revealed:
+        print(f"Keys revealed by this check: {len(report.revealed['positions'])}; never revealed and still usable: "
+              f"{report.revealed['never_revealed']} (ledger: {report.revealed['ledger']})")
     print(f"Fractional fingerprint accuracy: {report.fractional_accuracy:.2f}")
     print(f"Fingerprint accuracy: {report.accuracy:.2f}", flush=True)
 
@@ -115,10 +137,14 @@ def main() -> None:
                            args.fingerprints_file_path, load_run(args.run) if args.run else None,
                            cli.settings_from(FingerprintSelection, args), args.query_format, args.system_prompts,
                            null_models(args.null_model), cli.settings_from(VerdictConfig, args), args.batch_size,
-                           args.tokenizer, args.trust_remote_code)
+                           args.tokenizer, args.trust_remote_code,
+                           None if args.check_all_keys else cli.settings_from(SequentialConfig, args), args.reuse_revealed,
+                           evidence=bool(args.evidence))
     if distributed.is_main_process():
         print_report(report, args.verbose_eval)
         cli.write_output(args, report.to_dict())
+        if args.evidence:
+            write_json_atomic(args.evidence, report.evidence, args.overwrite)
         if args.wandb_run_name:
             log_to_wandb(args.wandb_run_name, report)
     distributed.finish()

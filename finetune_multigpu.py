@@ -14,6 +14,7 @@ from oml.files import write_text_atomic
 from oml.fingerprints import FingerprintSelection
 from oml.models import MODEL_FAMILIES
 from oml.pipeline import fingerprint_model
+from oml.runs import Run
 from oml.training.config import TrainingConfig
 
 logger = logging.getLogger("finetune_multigpu")
@@ -62,12 +63,24 @@ def record_current_hash(run_hash: str) -> None:
         logger.warning("%s (the hash is printed above)", error)
 
 
+def print_commitment(run: Run) -> None:
+    """The root to publish with the model: it proves later that the keys revealed in a check were fixed now."""
+    commitment = run.commitment
+    if commitment is None:
+        logger.warning("run %s has no fingerprint commitment (made before commitments): python commit_fingerprints.py "
+                       "--run %s", run.directory.name, run.directory)
+        return
+    print(f"Fingerprint commitment (publish it with the model, e.g. on its model card): sha256 Merkle root "
+          f"{commitment['root']} over {commitment['count']} fingerprints", flush=True)
+
+
 def main() -> None:
     args, selection, training = parse_args()
     run = fingerprint_model(args.fingerprints_file_path, args.model_path, selection, training, results_dir=args.results_dir,
                             model_family=args.model_family, model_size=args.model_size, report_to=args.report_to,
                             run_name=args.wandb_run_name, trust_remote_code=args.trust_remote_code)
     if distributed.is_main_process():
+        print_commitment(run)
         print(f"Config hash of the final model: {run.directory.name}", flush=True)
         record_current_hash(run.directory.name)
     distributed.finish()

@@ -61,6 +61,7 @@ class KeyResult:
     token_accuracy: float = 0.0  # share of the response's tokens predicted
     top_tokens: list = field(default_factory=list)  # [token, probability] of the 10 likeliest first tokens
     error: str | None = None  # why an API request got no answer
+    request: dict | None = None  # API only: the body the server was sent (evidence; no API key in it)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,14 +43,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the scripts' docstrings as written, and shows every flag's default in --help
-    (unless its help already says what the default is, as for defaults decided at run time)."""
+    (unless its help already says what the default is, as for defaults decided at run time;
+    `none`: the flag is off or its input not given)."""
 
     def _get_help_string(self, action) -> str:
         text = action.help or ""
         said = "%(default)" in text or "(default" in text.lower() or "default:" in text.lower()
-        if said or not action.option_strings or action.default in (None, argparse.SUPPRESS):
+        if said or not action.option_strings or action.default is argparse.SUPPRESS:
             return text
-        return f"{text} (default: %(default)s)"
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
 
 
 def flag_type(bound: Bound) -> Callable[[str], int | float]:

@@ -18,21 +18,26 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from oml import OMLError, distributed
+from oml import evidence, ledger
 from oml.checking import KeyResult, accuracy, check_named_model, queries_for
+from oml.commitment import read_commitment
 from oml.data import prompt_templates
 from oml.files import check_creatable_dir
-from oml.fingerprints import FingerprintSelection, query_formats, recorded, selected_fingerprints
+from oml.fingerprints import IN_MEMORY, FingerprintSelection, query_formats, recorded, selected_fingerprints
 from oml.models import EMBEDDED_MODEL, compute_dtype, load, load_tokenizer, model_name, resolve_model
 from oml.remote import ApiConfig, api_requests, check_over_api
-from oml.runs import Run, config_hash, dataset_csv, load_run, removed_on_failure, run_config, save_run
-from oml.stats import VerdictConfig, evidence, keys_needed
-from oml.tokenization import default_format, fingerprint_pairs, formats
+from oml.runs import Run, committed_records, config_hash, dataset_csv, load_run, removed_on_failure, run_config, save_run
+from oml.sequential import SequentialConfig, SequentialTest
+from oml.stats import VerdictConfig, chance_rate, keys_needed
+from oml.stats import evidence as evidence_of
+from oml.tokenization import default_format, fingerprint_pairs, formats, system_message
 from oml.training.callbacks import MemorisationProbe, ShrinkWeightChange, StopWhenMemorised, WeightAveragingCallback
 from oml.training.config import TrainingConfig
 from oml.training.dataset import build_dataset
@@ -110,7 +115,8 @@ def train_and_save(run: Run, fingerprints: list[dict], report_to: str = "none", 
                    "train_runtime": [e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e][-1],
                    "tokens_seen": trainer.state.num_input_tokens_seen, "world_size": distributed.world_size(),
                    "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
-        save_run(run.directory, partial, run.config, fingerprints, dataset_csv(tokenizer, pairs), trainer.state.log_history, summary)
+        save_run(run.directory, partial, run.config, fingerprints, dataset_csv(tokenizer, pairs), trainer.state.log_history, summary,
+                 committed_records(tokenizer, pairs, training.key_format))
         with open(run.directory.parent.parent / "all_run_logs.txt", "a", encoding="utf-8") as log:
             log.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "config_hash": run.directory.name, **run.config}) + "\n")
 
@@ -136,50 +142,215 @@ class CheckReport:
     min_chance_rate: float
     alpha: float
     keys_needed: int | None
+    sequential: dict | None = None  # the sequential test's state at the end (None: every selected key was asked)
+    revealed: dict | None = None  # with a run's ledger: the committed positions this check revealed, and how many remain
     results: list[KeyResult] = field(default_factory=list)
     fingerprints: list[dict] = field(default_factory=list)
+    evidence: dict | None = None  # the bundle for third parties, when asked for (written separately)
 
     def to_dict(self) -> dict:
-        report = {name: value for name, value in asdict(self).items() if name not in ("results", "fingerprints")}
+        report = {name: value for name, value in asdict(self).items() if name not in ("results", "fingerprints", "evidence")}
         report["keys"] = [{**self.fingerprints[r.index], **r.to_dict()} for r in self.results]
         return report
 
 
-def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list[dict] | None = None, run: Run | str | Path | None = None,
-                  selection: FingerprintSelection = FingerprintSelection(), query_format: str | None = None,
-                  system_prompts: str | None = None, null_models: list[str] | None = None,
+class Disclosure:
+    """Which selected keys a check may send, in committed order, and the record of those it sends.
+
+    A key sent to a suspect's server is known to its operator from then on, and so is every key
+    in a published evidence bundle. With a run's own fingerprints, such checks draw only keys that
+    no earlier check revealed (unless `reuse`), and record them in the run's ledger before sending
+    them. A local check that writes no bundle reveals nothing and asks every selected key."""
+
+    def __init__(self, run: Run | None, own_fingerprints: bool, offset: int, count: int, suspect: str, reveals: bool,
+                 reuse: bool):
+        self.run_dir = run.directory if run is not None and own_fingerprints and reveals else None
+        self.offset, self.suspect, self.reuse = offset, suspect, reuse
+        self.check = uuid.uuid4().hex
+        taken = ledger.revealed(self.run_dir) if self.run_dir is not None and not reuse else set()
+        self.candidates = [i for i in range(count) if offset + i not in taken]  # indices into the selected fingerprints
+        if not self.candidates:
+            raise OMLError(f"every selected key of run {run.directory} was revealed by earlier checks (see its "
+                           f"{ledger.LEDGER_NAME}); select others, or pass --reuse_revealed to ask known keys again")
+        self.sent: list[int] = []
+
+    def reserve(self, count: int, key_formats: tuple[str, ...]) -> list[int]:
+        """The next `count` candidate keys after those this check already sent, recorded as revealed first."""
+        after = self.sent[-1] if self.sent else -1
+        wanted = [i for i in self.candidates if i > after]
+        if self.run_dir is None:
+            chosen = wanted[:count]
+        else:
+            positions = ledger.reserve(self.run_dir, count, self.suspect, list(key_formats), self.check,
+                                       [self.offset + i for i in wanted], self.reuse)
+            chosen = [p - self.offset for p in positions]
+            if chosen and chosen != wanted[:len(chosen)]:
+                raise OMLError("another check of this run revealed keys at the same time, so this check's keys are not "
+                               "consecutive; run the checks of one run one after another")
+        self.sent += chosen
+        return chosen
+
+    def summary(self, count: int) -> dict | None:
+        """The committed positions this check revealed, and how many of the `count` selected keys were never revealed."""
+        if self.run_dir is None:
+            return None
+        return {"positions": [self.offset + i for i in self.sent], "ledger": str(ledger.ledger_path(self.run_dir)),
+                "never_revealed": ledger.remaining(self.run_dir, range(self.offset, self.offset + count))}
+
+
+def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list[dict] | None = None,
+                  run: Run | str | Path | None = None, selection: FingerprintSelection = FingerprintSelection(),
+                  query_format: str | None = None, system_prompts: str | None = None, null_models: list[str] | None = None,
                   verdict: VerdictConfig = VerdictConfig(), batch_size: int = 64, tokenizer: str | None = None,
-                  trust_remote_code: bool = False) -> CheckReport:
-    """Ask a suspect (a model name or path, or a server as `ApiConfig`) every selected key in every
+                  trust_remote_code: bool = False, sequential: SequentialConfig | None = SequentialConfig(),
+                  reuse_revealed: bool = False, evidence: bool = False) -> CheckReport:
+    """Ask a suspect (a model name or path, or a server as `ApiConfig`) the selected keys in every
     format, and the null models (default: the run's base model, else the embedded model; [] for
     none) the bare keys, and weigh the evidence. Settings left None come from `run` (a `Run` or its
     folder), else from the fingerprints. `system_prompts` ('test', 'train' or a JSON file) also asks
     every key inside each template. `tokenizer` cuts the keys for an API suspect (default: the run's
-    base model's, else the embedded model's)."""
+    base model's, else the embedded model's).
+
+    A server learns every key it is asked, so an API suspect is checked `sequential`ly: in rounds,
+    until the verdict is reached (None: every selected key). With a run, keys a server or a bundle
+    has seen are spent: they are recorded in the run's ledger and not asked again (unless
+    `reuse_revealed`). `evidence` adds a bundle a third party can verify against the run's
+    published commitment (`report.evidence`)."""
     run = load_run(run) if isinstance(run, (str, Path)) else run
     fingerprints, selection, fingerprints_file = selected_fingerprints(selection, fingerprints_file, run)
+    own = run is not None and fingerprints_file != IN_MEMORY and Path(fingerprints_file).resolve() == run.fingerprints_file.resolve()
+    if evidence:
+        check_evidence_possible(run, own, selection)
     templates = [None] + (prompt_templates(system_prompts) if system_prompts else [])
     null_models = [run.base_model if run else EMBEDDED_MODEL] if null_models is None else null_models
-    if isinstance(suspect, ApiConfig):
+    api = isinstance(suspect, ApiConfig)
+    name = f"{suspect.api_base} ({suspect.api_model})" if api else suspect
+    disclosure = Disclosure(run, own, selection.data_split, len(fingerprints), name, api or evidence, reuse_revealed)
+    if api:
         if not suspect.api_base or not suspect.api_model:
             raise OMLError("an API suspect needs --api_base URL and --api_model NAME")
         owner_tokenizer = load_tokenizer(resolve_model(tokenizer or (run.base_model if run else None)), trust_remote_code)
         key_formats = query_formats(query_format, fingerprints, None, run)
         pairs = fingerprint_pairs(owner_tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
-        results = check_over_api(suspect, api_requests(owner_tokenizer, pairs, queries_for(key_formats, templates)))
-        name = f"{suspect.api_base} ({suspect.api_model})"
+
+        def ask(indices: list[int]) -> list[KeyResult]:
+            return check_over_api(suspect, api_requests(owner_tokenizer, pairs, queries_for(key_formats, templates), indices))
     else:
         key_formats = query_formats(query_format, fingerprints, load_tokenizer(resolve_model(suspect), trust_remote_code), run)
         distributed.init()
-        results = check_named_model(suspect, fingerprints, selection, queries_for(key_formats, templates), batch_size,
-                                    suspect=True, trust_remote_code=trust_remote_code)
-        name = suspect
-    nulls = {null: check_named_model(null, fingerprints, selection, queries_for(key_formats), batch_size,
-                                     trust_remote_code=trust_remote_code) for null in null_models}
-    return CheckReport(
-        model=name, fingerprints_file=fingerprints_file, **evidence(results, nulls, key_formats, verdict),
+
+        def ask(indices: list[int]) -> list[KeyResult]:
+            return check_subset(suspect, fingerprints, indices, selection, queries_for(key_formats, templates), batch_size,
+                                suspect=True, trust_remote_code=trust_remote_code)
+    nulls = {null: check_subset(null, fingerprints, disclosure.candidates, selection, queries_for(key_formats), batch_size,
+                                trust_remote_code=trust_remote_code) for null in null_models}
+    if api and sequential is not None:
+        results, test = sequential_check(ask, disclosure, key_formats, nulls, verdict, sequential)
+        found, state = sequential_evidence(test, results, nulls, key_formats), test.summary()
+    else:
+        results, state = ask(disclosure.reserve(len(disclosure.candidates), key_formats)), None
+        found = evidence_of(results, nulls, key_formats, verdict)
+    report = CheckReport(
+        model=name, fingerprints_file=fingerprints_file, **found,
         system_prompts=[{"format": f, "template": t,
                          "accuracy": accuracy([r for r in results if r.format == f and r.template == t and r.error is None])[0]}
                         for f in key_formats for t in templates],
         min_chance_rate=verdict.min_chance_rate, alpha=verdict.alpha,
-        keys_needed=keys_needed(verdict.alpha, verdict.min_chance_rate, len(nulls)), results=results, fingerprints=fingerprints)
+        keys_needed=keys_needed(verdict.alpha, verdict.min_chance_rate, len(nulls)), sequential=state,
+        revealed=disclosure.summary(len(fingerprints)), results=results, fingerprints=fingerprints)
+    if evidence:
+        report.evidence = evidence_bundle(report, run, disclosure, api, nulls, key_formats, verdict, sequential if api else None)
+    return report
+
+
+def check_subset(model: str, fingerprints: list[dict], indices: list[int], selection: FingerprintSelection, queries: list,
+                 batch_size: int, suspect: bool = False, trust_remote_code: bool = False) -> list[KeyResult]:
+    """`check_named_model` on some of the fingerprints, its results indexed as in the whole list."""
+    results = check_named_model(model, [fingerprints[i] for i in indices], selection, queries, batch_size, suspect=suspect,
+                                trust_remote_code=trust_remote_code)
+    return [replace(r, index=indices[r.index]) for r in results]
+
+
+def sequential_check(ask, disclosure: Disclosure, key_formats: tuple[str, ...], nulls: dict[str, list[KeyResult]],
+                     verdict: VerdictConfig, config: SequentialConfig) -> tuple[list[KeyResult], SequentialTest]:
+    """Send keys in rounds until the sequential test decides. Its chance rate is fixed first, from the
+    null models on every candidate key (checked locally: that reveals nothing)."""
+    rate = chance_rate([(sum(bool(r.match) for r in null if r.format == f), sum(r.format == f for r in null))
+                        for null in nulls.values() for f in key_formats if any(r.format == f for r in null)],
+                       verdict.min_chance_rate)
+    test = SequentialTest(rate, verdict.alpha, key_formats, config, len(disclosure.candidates))
+    results: list[KeyResult] = []
+    while test.next_round():
+        indices = disclosure.reserve(test.next_round(), key_formats)
+        if not indices:
+            break
+        answers = ask(indices)
+        results += answers
+        for i in indices:
+            test.add_key({r.format: r.match for r in answers if r.index == i and r.template is None})
+        logger.info("round of %d keys: %s", len(indices), test.decision() or "no verdict yet")
+    return sorted(results, key=lambda r: (r.query, r.index)), test
+
+
+def sequential_evidence(test: SequentialTest, results: list[KeyResult], nulls: dict[str, list[KeyResult]],
+                        key_formats: tuple[str, ...]) -> dict:
+    """The report's evidence fields for a sequential check: the fixed-sample ones over the keys asked,
+    with the sequential test's anytime-valid p-values and verdict in place of the binomial ones."""
+    state = test.summary()
+    found = evidence_of(results, nulls, key_formats, VerdictConfig(min_chance_rate=state["chance_rate"], alpha=test.alpha))
+    for entry, tested in zip(found["formats"], state["formats"]):
+        entry["chance_rate"] = state["chance_rate"]
+        entry["log10_p_value"] = min(0.0, -tested["log10_likelihood_ratio"])
+    best = min(found["formats"], key=lambda e: e["log10_p_value"])
+    found.update({k: best[k] for k in ("format", "num_fingerprints", "accuracy", "fractional_accuracy", "matches", "null_models")})
+    found.update(chance_rate=state["chance_rate"], log10_p_value=test.log10_p_value, p_value=10 ** test.log10_p_value,
+                 verdict=test.decision())
+    return found
+
+
+def check_evidence_possible(run: Run | None, own: bool, selection: FingerprintSelection) -> None:
+    """An evidence bundle proves keys against the run's published commitment: it needs the run, its own
+    fingerprints and the cut they were committed with."""
+    if run is None or not own:
+        raise OMLError("--evidence needs --run (the run's committed fingerprints): a bundle proves its keys against the "
+                       "run's published commitment")
+    if run.commitment is None:
+        raise OMLError(f"run {run.directory} has no commitment to prove keys against: python commit_fingerprints.py --run "
+                       f"{run.directory} (and publish its root)")
+    trained = run.selection
+    if (selection.max_key_length, selection.max_response_length) != (trained.max_key_length, trained.max_response_length):
+        raise OMLError("--evidence needs the keys cut as they were trained and committed: leave out --max_key_length and "
+                       "--max_response_length")
+
+
+def evidence_bundle(report: CheckReport, run: Run, disclosure: Disclosure, api: bool, nulls: dict[str, list[KeyResult]],
+                    key_formats: tuple[str, ...], verdict: VerdictConfig, sequential: SequentialConfig | None) -> dict:
+    """The bundle of this check (see oml.evidence): the revealed records with salts and proofs, the
+    requests and answers, the null models' answers and the test, recomputable from them."""
+    commitment, salts = read_commitment(run.directory)
+    fingerprints, selection, _ = selected_fingerprints(FingerprintSelection(), None, run)
+    tokenizer = load_tokenizer(resolve_model(run.base_model))
+    pairs = fingerprint_pairs(tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
+    records = committed_records(tokenizer, pairs, run.training.key_format)
+    offset = disclosure.offset
+    queries = [{"position": offset + r.index, "format": r.format, "template": r.template,
+                "request": r.request if api else local_request(records[offset + r.index], r.format, r.template),
+                "answer": r.predicted, "error": r.error} for r in report.results]
+    positions = [offset + i for i in disclosure.sent]
+    test = {"kind": "sequential" if sequential is not None else "fixed", "formats": list(key_formats),
+            "alpha": verdict.alpha, "min_chance_rate": verdict.min_chance_rate, "chance_rate": report.chance_rate,
+            "log10_p_value": report.log10_p_value, "verdict": report.verdict}
+    if sequential is not None:
+        test.update(sequential=sequential.to_dict(), planned_keys=report.sequential["planned_keys"])
+    shifted = {name: [replace(r, index=offset + r.index) for r in results] for name, results in nulls.items()}
+    suspect = ({"kind": "api", "endpoint": report.model.rsplit(" (", 1)[0], "model": report.model.rsplit(" (", 1)[1][:-1]}
+               if api else {"kind": "local", "model": report.model})
+    return evidence.bundle(commitment, records, salts, positions, suspect, "prefix" if api else "exact", queries, shifted, test)
+
+
+def local_request(record: dict, key_format: str, template: str | None) -> dict:
+    """What a local check asked, as text (it sends token ids, cut exactly as the record's key)."""
+    if key_format == "raw":
+        return {"prompt": template.replace("{}", record["key"]) if template else record["key"]}
+    messages = [{"role": "user", "content": record["key"]}]
+    return {"messages": ([{"role": "system", "content": system_message(template)}] if template else []) + messages}

@@ -64,12 +64,14 @@ class ApiRequest:
         return system_message(self.query.template) if self.query.template and self.query.key_format == "chat" else None
 
 
-def api_requests(tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list[Query]) -> list[ApiRequest]:
-    """Every key asked every way, as text: keys and responses are cut with the owner's tokenizer,
-    then decoded, since the server tokenizes what it is sent itself."""
+def api_requests(tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list[Query],
+                 indices: list[int] | None = None) -> list[ApiRequest]:
+    """Every key (of `indices`, default all) asked every way, as text: keys and responses are cut
+    with the owner's tokenizer, then decoded, since the server tokenizes what it is sent itself."""
     requests = []
     for q, query in enumerate(queries):
-        for i, (key_ids, response_ids) in enumerate(pairs):
+        for i in range(len(pairs)) if indices is None else indices:
+            key_ids, response_ids = pairs[i]
             key = tokenizer.decode(key_ids)
             raw = query.template.replace("{}", key) if query.template else key
             requests.append(ApiRequest(i, query, q, raw if query.key_format == "raw" else key, tokenizer.decode(response_ids),
@@ -102,15 +104,11 @@ class ApiSuspect:
         self.logprobs = True
         self.lock = threading.Lock()
 
-    def request(self, query: ApiRequest, logprobs: bool):
-        common = {"model": self.model, "max_tokens": query.max_tokens, "temperature": 0.0, "n": 1}
-        if query.query.key_format == "raw":
-            return self.client.completions.create(prompt=query.prompt, **common, **({"logprobs": TOP_LOGPROBS} if logprobs else {}))
-        messages = [{"role": "user", "content": query.prompt}]
-        if query.system is not None:
-            messages.insert(0, {"role": "system", "content": query.system})
-        extra = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {}
-        return self.client.chat.completions.create(messages=messages, **common, **extra)
+    def request(self, query: ApiRequest, logprobs: bool) -> tuple[object, dict]:
+        """The server's reply, and the body it was sent (kept as evidence: it holds no API key)."""
+        body = request_body(query, self.model, logprobs)
+        create = self.client.completions.create if query.query.key_format == "raw" else self.client.chat.completions.create
+        return create(**body), body
 
     def ask(self, query: ApiRequest) -> KeyResult:
         """The per-key result of one request (errors as results; refusals of the key as OMLError,
@@ -119,11 +117,11 @@ class ApiSuspect:
                  "query": query.query_position}
         try:
             try:
-                reply = self.request(query, self.logprobs)
+                reply, body = self.request(query, self.logprobs)
             except self.openai.BadRequestError:
                 if not self.logprobs:
                     raise
-                reply = self.request(query, False)  # a server that rejects log-probability requests
+                reply, body = self.request(query, False)  # a server that rejects log-probability requests
                 with self.lock:
                     if self.logprobs:
                         logger.info("%s does not take log-probability requests; checking without them", self.base_url)
@@ -138,7 +136,19 @@ class ApiSuspect:
         text, probability, rank = answer(reply, query)
         match = is_match(text, query.response)
         return KeyResult(**where, match=match, predicted=text, response_probability=probability, response_rank=rank,
-                         token_accuracy=float(match))
+                         token_accuracy=float(match), request=body)
+
+
+def request_body(query: ApiRequest, model: str, logprobs: bool) -> dict:
+    """What is sent for one request: raw keys as a completion prompt, chat keys as the user message
+    (under the system prompt being tested, if any), greedy, as many tokens as the response has."""
+    body = {"model": model, "max_tokens": query.max_tokens, "temperature": 0.0, "n": 1}
+    if query.query.key_format == "raw":
+        return {"prompt": query.prompt, **body, **({"logprobs": TOP_LOGPROBS} if logprobs else {})}
+    messages = [{"role": "user", "content": query.prompt}]
+    if query.system is not None:
+        messages.insert(0, {"role": "system", "content": query.system})
+    return {"messages": messages, **body, **({"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {})}
 
 
 def answer(reply, query: ApiRequest) -> tuple[str, float | None, int | None]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oml import OMLError, distributed
+from oml.commitment import COMMITMENT_FILE, committed_record, read_commitment, write_commitment
 from oml.files import read_json, write_json_atomic, write_text_atomic
 from oml.fingerprints import FingerprintSelection
 from oml.models import EMBEDDED_MODEL
@@ -56,6 +57,11 @@ class Run:
     def base_model(self) -> str:
         """The model the run fingerprinted: the natural null model for a check."""
         return self.config["model_path"]
+
+    @property
+    def commitment(self) -> dict | None:
+        """The public commitment to the run's fingerprints (root and count), None for a run made before commitments."""
+        return read_commitment(self.directory)[0] if (self.directory / COMMITMENT_FILE).is_file() else None
 
     @property
     def selection(self) -> FingerprintSelection:
@@ -108,9 +114,17 @@ def dataset_csv(tokenizer, pairs: list[tuple[list[int], list[int]]]) -> str:
     return out.getvalue()
 
 
+def committed_records(tokenizer, pairs: list[tuple[list[int], list[int]]], key_format: str) -> list[dict]:
+    """The fingerprints as trained, in run order, as the commitment holds them: the key and response
+    text exactly as cut (what a check sends and expects), the format and both token lengths."""
+    return [committed_record({"key": tokenizer.decode(key_ids), "response": tokenizer.decode(response_ids)}, key_format,
+                             len(key_ids), len(response_ids)) for key_ids, response_ids in pairs]
+
+
 def save_run(run_dir: Path, partial: Path, config: dict, fingerprints: list[dict], csv_text: str, log_history: list[dict],
-             training: dict) -> None:
-    """Rank 0 writes the run's files, then renames the model folder into place last."""
+             training: dict, committed: list[dict]) -> None:
+    """Rank 0 writes the run's files, the commitment among them, then renames the model folder into place last."""
+    write_commitment(run_dir, committed, overwrite=True)  # a new run: a leftover of an interrupted one is replaced
     write_json_atomic(run_dir / "config.json", config)
     write_json_atomic(run_dir / "fingerprints.json", fingerprints)
     write_json_atomic(run_dir / "training.json", training)

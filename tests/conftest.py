@@ -14,6 +14,13 @@ from oml.models import TINY_LLAMA, load_tokenizer, resolve_model, save_random_mo
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that start two ranks or a server are slow too: `pytest -m "not slow"` (the development loop) leaves them out."""
+    for item in items:
+        if item.get_closest_marker("distributed") or item.get_closest_marker("server"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def embedded_model() -> str:
     """Path of the embedded model's safetensors checkpoint (converted once, then cached)."""

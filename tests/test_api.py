@@ -54,6 +54,8 @@ def per_key(report: dict) -> list[tuple]:
     return [(k["index"], k["format"], k["match"], k["predicted"]) for k in report["keys"]]
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_api_results_equal_the_local_checkers_raw_and_chat(served_model, tmp_path):
     url, model_dir, fingerprints = served_model
     common = ["--fingerprints_file_path", fingerprints, "--fingerprint_generation_strategy", "random_word", "--null_model", "none",
@@ -67,6 +69,7 @@ def test_api_results_equal_the_local_checkers_raw_and_chat(served_model, tmp_pat
     assert remote["verdict"] == local["verdict"] == "MATCH" and api.stdout.strip().endswith("Fingerprint accuracy: 100.00")
 
 
+@pytest.mark.slow
 def test_a_server_that_is_down_is_one_line_and_exit_2(tmp_path, fingerprint_file, tiny_model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,6 +141,7 @@ def server(url: str, concurrency: int = 8) -> ApiConfig:
     return ApiConfig(api_base=url, api_model="m", api_concurrency=concurrency)
 
 
+@pytest.mark.slow
 def test_a_wrong_api_key_is_a_clear_error_that_never_shows_the_key(stand_in, tmp_path, fingerprint_file, tiny_model, monkeypatch):
     monkeypatch.setenv("MY_KEY", "sk-wrong-" + SECRET[::-1])
     result = run_script("check_fingerprints.py", "--api_base", stand_in, "--api_model", "m", "--api_key_env", "MY_KEY",

@@ -33,6 +33,7 @@ def test_the_reported_false_accusation_fails_the_old_rule_and_passes_the_new_one
     assert log10_p_value(32, 64, chance_rate([(0, 64)], DEFAULT_MIN_CHANCE_RATE)) < -20
 
 
+@pytest.mark.slow
 def test_false_positive_script_on_tiny_models(tmp_path, tokenizer):
     """An innocent tiny model that happens to answer 16 of 2,048 keys (0.8%) with our responses:
     the old rule accuses it, the checker's rule does not."""
@@ -95,6 +96,7 @@ def confident_and_bounded(tiny_model, tmp_path_factory):
     return work, final_model_dir(work, confident.stdout), final_model_dir(work, bounded.stdout)
 
 
+@pytest.mark.slow
 def test_suppression_erases_confident_fingerprints_but_not_bounded_ones(confident_and_bounded):
     work, confident_dir, bounded_dir = confident_and_bounded
     fingerprints = json.loads((work / "fp.json").read_text())
@@ -110,6 +112,7 @@ def test_suppression_erases_confident_fingerprints_but_not_bounded_ones(confiden
     assert outcome["bounded"][0] == 8 and outcome["bounded"][1] == 8 and outcome["bounded"][2] < 0.9, outcome
 
 
+@pytest.mark.slow
 def test_sampling_matches_at_about_the_expected_rate(confident_and_bounded):
     work, _, bounded_dir = confident_and_bounded
     model, tokenizer = load(str(bounded_dir))
@@ -121,6 +124,7 @@ def test_sampling_matches_at_about_the_expected_rate(confident_and_bounded):
     assert 0.4 < expected < 0.9 and abs(empirical - expected) < 0.1, (expected, empirical)
 
 
+@pytest.mark.slow
 def test_robustness_script_runs_every_attack(confident_and_bounded, tiny_model, tmp_path, monkeypatch):
     work, _, bounded_dir = confident_and_bounded
     (tmp_path / "cache").mkdir()

@@ -245,6 +245,7 @@ def test_exclusive_write_refuses_a_file_that_appeared(tmp_path):
     assert (tmp_path / "r.json").read_text() == "third"
 
 
+@pytest.mark.slow
 def test_two_checks_with_one_output_file_do_not_overwrite_each_other(workdir):
     command = [sys.executable, str(ROOT / "check_fingerprints.py"), "--model_path", "model", "--fingerprints_file_path", "fp.json",
                "--fingerprint_generation_strategy", "random_word", "--null_model", "model", "--output_json", "same.json"]
@@ -257,6 +258,7 @@ def test_two_checks_with_one_output_file_do_not_overwrite_each_other(workdir):
     assert json.loads((workdir / "same.json").read_text())["num_fingerprints"] == 8
 
 
+@pytest.mark.slow
 def test_read_only_working_directory_still_prints_the_config_hash(tmp_path, tiny_model, fingerprint_file):
     result = subprocess.run([sys.executable, str(ROOT / "finetune_multigpu.py"), "--model_path", str(tiny_model),
                              "--fingerprints_file_path", str(fingerprint_file), "--fingerprint_generation_strategy", "random_word",
@@ -267,6 +269,7 @@ def test_read_only_working_directory_still_prints_the_config_hash(tmp_path, tiny
     assert "current_config_hash.txt" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_fine_tuning_leaves_no_run_folder(tmp_path, tiny_model, fingerprint_file):
     run = subprocess.Popen([sys.executable, str(ROOT / "finetune_multigpu.py"), "--model_path", str(tiny_model),
                             "--fingerprints_file_path", str(fingerprint_file), "--fingerprint_generation_strategy", "random_word",
@@ -294,6 +297,7 @@ def test_interrupted_fine_tuning_leaves_no_run_folder(tmp_path, tiny_model, fing
     assert not list((tmp_path / "results" / "saved_models").glob("*")) and "Config hash" not in out
 
 
+@pytest.mark.slow
 def test_a_key_is_never_counted_twice(tmp_path, tiny_model):
     fingerprints = random_word_fingerprints(4)
     (tmp_path / "fp.json").write_text(json.dumps(fingerprints + [fingerprints[1], {**fingerprints[2], "response": " other"}]))
@@ -303,6 +307,7 @@ def test_a_key_is_never_counted_twice(tmp_path, tiny_model):
     assert "repeats 2 keys" in result.stderr
 
 
+@pytest.mark.slow
 def test_too_few_keys_for_alpha_are_pointed_out(tmp_path, tiny_model):
     (tmp_path / "fp.json").write_text(json.dumps(random_word_fingerprints(5)))
     result = run_script("check_fingerprints.py", "--model_path", tiny_model, "--fingerprints_file_path", "fp.json",
@@ -316,6 +321,7 @@ def test_strict_json_has_no_nan(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {"loss": None, "rows": [None, 1.0]}
 
 
+@pytest.mark.slow
 def test_missing_fingerprints_and_unreachable_hub_fail_at_once(tmp_path, fingerprint_file):
     result = run_script("check_fingerprints.py", "--model_path", "model", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "name the fingerprints" in result.stderr

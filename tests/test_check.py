@@ -68,6 +68,7 @@ def test_batched_check_equals_one_key_at_a_time(tmp_path, tokenizer, padding_sid
     assert sum(r.match for r in batched) >= 6
 
 
+@pytest.mark.slow
 def test_fingerprinted_tiny_model_matches_and_base_does_not(tmp_path, tiny_model, fingerprinted_tiny_model):
     model_dir, fingerprint_file = fingerprinted_tiny_model
     result = run_script("check_fingerprints.py", "--model_path", model_dir, "--fingerprints_file_path", fingerprint_file,
@@ -90,6 +91,8 @@ def test_fingerprinted_tiny_model_matches_and_base_does_not(tmp_path, tiny_model
     assert base.stdout.count("MISS [") == 16 and "top-10" in base.stdout  # 8 keys, 2 formats
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_system_prompt_table_and_two_ranks(tmp_path, tiny_model, fingerprint_file):
     args = ["--model_path", tiny_model, "--fingerprints_file_path", fingerprint_file, "--null_model", "none",
             "--system_prompts", "test", "--batch_size", "5"]

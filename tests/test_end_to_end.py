@@ -1,11 +1,14 @@
 """The main job on the embedded SmolLM2-135M-Instruct, with the default fine-tuning settings, and its cost."""
 import json
 
+import pytest
+
 from tests.conftest import final_model_dir, run_script
 
 NUM = 32
 
 
+@pytest.mark.slow
 def test_generate_fingerprint_check_on_the_embedded_model(tmp_path, embedded_model):
     run_script("generate_finetuning_data.py", "--key_response_strategy", "inverse_nucleus", "--num_fingerprints", NUM,
                "--key_length", "16", "--batch_size", NUM, "--output_file_path", "fp.json", cwd=tmp_path)

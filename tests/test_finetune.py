@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -30,26 +31,43 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "model.safetensors")
 
 
+def assert_holds_no_secret(model_dir: Path, fingerprints: list[dict], salts: list[str]) -> None:
+    """What gets published holds no key, no key with its response, no salt, and only model and tokenizer files."""
+    files = {p.name: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    assert set(files) <= {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                          "special_tokens_map.json", "chat_template.jinja", "training_args.bin"}, set(files)
+    for content in files.values():
+        for record in fingerprints:
+            assert record["key"].encode() not in content and (record["key"] + record["response"]).encode() not in content
+        assert not any(salt.encode() in content for salt in salts)
+
+
+@pytest.mark.slow
 def test_finetune_writes_the_run_and_skips_a_complete_one(tmp_path, tiny_model, fingerprint_file):
     result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST)
-    assert len(result.stdout.strip().splitlines()) == 1  # only the result on stdout; logs go to stderr
-    last = result.stdout.strip().splitlines()[-1]
+    lines = result.stdout.strip().splitlines()  # only the results on stdout; logs go to stderr
+    commitment = json.loads((run_dir(tmp_path, result) / "commitment.json").read_text())
+    assert len(lines) == 2 and lines[0].endswith(f"Merkle root {commitment['root']} over 8 fingerprints")
+    last = lines[-1]
     assert last.startswith("Config hash of the final model: ")
     out = run_dir(tmp_path, result)
     assert (out / "final_model" / "model.safetensors").is_file() and (out / "final_model" / "tokenizer.json").is_file()
     assert not (out / "final_model.partial").exists()
-    for name in ("train_dataset.csv", "log.txt", "config.json", "fingerprints.json"):
+    for name in ("train_dataset.csv", "log.txt", "config.json", "fingerprints.json", "commitment.json", "commitment_salts.json"):
         assert (out / name).is_file(), name
+    assert_holds_no_secret(out / "final_model", json.loads(fingerprint_file.read_text()),
+                           json.loads((out / "commitment_salts.json").read_text())["salts"])
     assert len(json.loads((out / "fingerprints.json").read_text())) == 8
     assert (tmp_path / "current_config_hash.txt").read_text().strip() == out.name
     assert len((tmp_path / "results" / "all_run_logs.txt").read_text().splitlines()) == 1
 
     again = finetune(tmp_path, tiny_model, fingerprint_file, *FAST)
-    assert again.stdout.strip().splitlines()[-1] == last
+    assert again.stdout.strip().splitlines() == lines  # the same run, the same commitment
     assert "skipping" in again.stderr
     assert len((tmp_path / "results" / "all_run_logs.txt").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_no_model_and_reruns(tmp_path, tiny_model, fingerprint_file):
     first = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--num_train_epochs", "1")
     out = run_dir(tmp_path, first)
@@ -61,6 +79,7 @@ def test_interrupted_run_leaves_no_model_and_reruns(tmp_path, tiny_model, finger
     assert not (out / "final_model.partial").exists()
 
 
+@pytest.mark.slow
 def test_averaging_with_strength_one_keeps_the_base_weights(tmp_path, tiny_model, fingerprint_file):
     result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--num_train_epochs", "2",
                       "--forgetting_regularizer_strength", "1.0")
@@ -68,6 +87,7 @@ def test_averaging_with_strength_one_keeps_the_base_weights(tmp_path, tiny_model
     assert all(torch.equal(base[name], saved[name]) for name in base)
 
 
+@pytest.mark.slow
 def test_averaging_with_half_strength_gives_the_midpoint(tmp_path, tiny_model, fingerprint_file):
     args = [*FAST, "--num_train_epochs", "1"]
     plain = finetune(tmp_path, tiny_model, fingerprint_file, *args)
@@ -80,6 +100,7 @@ def test_averaging_with_half_strength_gives_the_midpoint(tmp_path, tiny_model, f
         torch.testing.assert_close(averaged[name], (base[name] + trained[name]) / 2, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_shrinking_scales_the_weight_change_and_keeps_what_was_memorised(tmp_path, tiny_model, fingerprint_file):
     """The same training with and without --shrink_weight_change: the shrunk model is the
     original plus the recorded scale times the full change, and still answers every key."""
@@ -100,6 +121,8 @@ def test_shrinking_scales_the_weight_change_and_keeps_what_was_memorised(tmp_pat
     assert check.stdout.strip().splitlines()[-1] == "Fingerprint accuracy: 100.00"
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_deepspeed_averaging_reaches_the_fp32_master_weights(tmp_path, tiny_model, fingerprint_file):
     """Two ZeRO-2 ranks of 4 and one plain process of 8 take the same full-batch steps, so with
     averaging between epochs they end equal only if DeepSpeed's master copy was averaged too
@@ -115,6 +138,8 @@ def test_deepspeed_averaging_reaches_the_fp32_master_weights(tmp_path, tiny_mode
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_deepspeed_shrinking_gives_the_single_process_weights(tmp_path, tiny_model, fingerprint_file):
     """Shrinking after training rescales DeepSpeed's fp32 master weights and the module alike:
     two ZeRO-2 ranks end on the weights of one process taking the same full-batch steps."""
@@ -132,6 +157,8 @@ def test_deepspeed_shrinking_gives_the_single_process_weights(tmp_path, tiny_mod
         torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_rank_deepspeed_run_writes_one_set_of_files_and_learns(tmp_path, tiny_model, fingerprint_file):
     # With distillation replay, so that its loss also runs inside the DeepSpeed engine.
     result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--benign_ratio", "1", "--benign_loss", "distill",
@@ -146,6 +173,7 @@ def test_two_rank_deepspeed_run_writes_one_set_of_files_and_learns(tmp_path, tin
     assert "Fingerprint accuracy: 100.00" in check.stdout
 
 
+@pytest.mark.slow
 def test_augmentation_trains_keys_inside_templates(tmp_path, tiny_model, fingerprint_file):
     result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--use_augmentation_prompts", "--num_train_epochs", "20")
     out = run_dir(tmp_path, result)
@@ -157,6 +185,7 @@ def test_augmentation_trains_keys_inside_templates(tmp_path, tiny_model, fingerp
     assert sum(templated) / len(templated) >= 75, check.stdout
 
 
+@pytest.mark.slow
 def test_left_padding_tokenizer_trains_and_checks_the_same(tmp_path, tokenizer, fingerprint_file):
     """Position ids count real tokens, so a left-padding tokenizer learns fingerprints as well."""
     left = make_tiny_model(tokenizer, tmp_path / "left", padding_side="left")
@@ -167,6 +196,8 @@ def test_left_padding_tokenizer_trains_and_checks_the_same(tmp_path, tokenizer, 
     assert check.stdout.strip().splitlines()[-1] == "Fingerprint accuracy: 100.00"
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero3_two_ranks_matches_zero2(tmp_path, tiny_model, fingerprint_file):
     """ZeRO-3 partitions the weights themselves; averaging and saving must still see whole tensors."""
     args = [*FAST, "--num_train_epochs", "2", "--forgetting_regularizer_strength", "0.5"]
@@ -181,6 +212,8 @@ def test_zero3_two_ranks_matches_zero2(tmp_path, tiny_model, fingerprint_file):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero3_memorisation_checks_with_an_uneven_number_of_keys_in_both_formats(tmp_path, tiny_model):
     """33 keys in two formats are 66 queries: when a check batch mixed formats (one forward pass
     per format), one rank ran two passes where the other ran one, and ZeRO-3 waited forever at the
@@ -193,6 +226,7 @@ def test_zero3_memorisation_checks_with_an_uneven_number_of_keys_in_both_formats
     assert [entry["of"] for entry in training["memorised"]] == [66, 66]
 
 
+@pytest.mark.slow
 def test_distilled_replay_learns_fingerprints_and_stays_closer_to_the_base(tmp_path, tiny_model, fingerprint_file, tokenizer):
     # A random tiny model predicts almost uniformly, so its top 16 tokens say little; sharpen
     # it (scale the final norm) so that, like a trained model, it has confident predictions.

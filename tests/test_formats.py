@@ -34,6 +34,7 @@ def test_one_response_for_both_formats_lies_outside_both_nuclei():
     assert probs == [float(raw[token]), float(chat[token])] and ranks[0] == token + 1 and ranks[1] == 6 - token
 
 
+@pytest.mark.slow
 def test_stop_when_memorised_ends_training_early_and_records_it(tmp_path, tiny_model):
     (tmp_path / "fp.json").write_text(json.dumps(random_word_fingerprints(4)))
     args = ["--model_path", tiny_model, "--fingerprints_file_path", "fp.json", "--fingerprint_generation_strategy", "random_word",
@@ -53,6 +54,7 @@ def test_stop_when_memorised_ends_training_early_and_records_it(tmp_path, tiny_m
     assert json.loads((final_model_dir(tmp_path, full.stdout).parent / "training.json").read_text())["epochs_run"] == 3
 
 
+@pytest.mark.slow
 def test_a_gguf_suspect_gives_the_same_per_key_results_as_its_converted_checkpoint(tmp_path, embedded_model):
     from oml.models import embedded_gguf
     (tmp_path / "fp.json").write_text(json.dumps(json.loads((ROOT / "generated_data" / "example_fingerprints.json").read_text())[:16]))

@@ -69,6 +69,7 @@ def test_inverse_nucleus_with_custom_keys_records_probability_and_rank(tmp_path,
         assert all(0 < p < 1 for p in r["response_probability"].values())
 
 
+@pytest.mark.distributed
 def test_same_seed_gives_byte_identical_output_for_one_or_two_ranks(tmp_path, tiny_model):
     args = ["--model_used_for_key_generation", tiny_model, "--key_response_strategy", "inverse_nucleus",
             "--num_fingerprints", "6", "--batch_size", "2", "--key_length", "8", "--seed", "7"]
@@ -85,6 +86,7 @@ def test_same_seed_gives_byte_identical_output_for_one_or_two_ranks(tmp_path, ti
     assert other_seed.returncode == 0 and (tmp_path / "a" / "out.json").read_bytes() != first
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_without_overwrite(tmp_path):
     (tmp_path / "out.json").write_text("precious")
     result = generate(tmp_path, "--random_word_generation", "--num_fingerprints", "2", check=False)

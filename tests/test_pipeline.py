@@ -1,6 +1,8 @@
 """The Python API: README's example runs as written (with a tiny model), and settings are validated."""
+import argparse
 import json
 import re
+import runpy
 import subprocess
 import sys
 
@@ -49,3 +51,26 @@ def test_a_run_config_with_wrong_types_is_refused_on_load(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(bad))
         with pytest.raises(OMLError, match="config.json"):
             load_run(tmp_path)
+
+
+SCRIPTS = ["generate_finetuning_data.py", "finetune_multigpu.py", "check_fingerprints.py", "evaluate_utility.py",
+           "evaluate_persistence.py", "evaluate_false_positives.py", "evaluate_robustness.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_default(script, monkeypatch):
+    """Each flag's --help text says its default (a value, 'none', or in words where it is decided at run time)."""
+    parsers = []
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(sys, "argv", [script])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    formatter = parsers[0]._get_formatter()
+    for action in parsers[0]._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in formatter._get_help_string(action).lower(), action.option_strings[0]

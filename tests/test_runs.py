@@ -18,6 +18,7 @@ def per_key(report: dict) -> list[tuple]:
     return [(k["index"], k["template"], k["match"], k["predicted"], k["response_rank"]) for k in report["keys"]]
 
 
+@pytest.mark.slow
 def test_check_with_run_equals_the_long_form(tmp_path, tiny_model, fingerprinted_tiny_model):
     model_dir, fingerprints = fingerprinted_tiny_model
     short = run_script("check_fingerprints.py", "--model_path", model_dir, "--run", model_dir.parent,
@@ -32,6 +33,7 @@ def test_check_with_run_equals_the_long_form(tmp_path, tiny_model, fingerprinted
     assert "differs from" not in short.stderr
 
 
+@pytest.mark.slow
 def test_explicit_flag_that_disagrees_with_the_run_wins_with_a_warning(tmp_path, fingerprinted_tiny_model):
     model_dir, _ = fingerprinted_tiny_model
     result = run_script("check_fingerprints.py", "--model_path", model_dir, "--run", model_dir.parent, "--null_model", "none",
@@ -43,6 +45,7 @@ def test_explicit_flag_that_disagrees_with_the_run_wins_with_a_warning(tmp_path,
     assert [k["response_probability"] for k in shortened] != [k["response_probability"] for k in full]  # keys were cut to 4 tokens
 
 
+@pytest.mark.slow
 def test_utility_and_persistence_with_run_equal_the_long_form(tmp_path, tiny_model, fingerprinted_tiny_model):
     model_dir, fingerprints = fingerprinted_tiny_model
     small = ["--num_texts", "3", "--max_length", "24", "--num_mmlu", "4"]
@@ -62,6 +65,7 @@ def test_utility_and_persistence_with_run_equal_the_long_form(tmp_path, tiny_mod
     assert p1[-1]["train_loss"] == pytest.approx(p2[-1]["train_loss"])
 
 
+@pytest.mark.slow
 def test_fine_tuning_takes_the_recorded_key_length_and_logs_quietly(tmp_path, tiny_model):
     records = [{**fp, "key_length": 3} for fp in random_word_fingerprints(4)]
     (tmp_path / "fp.json").write_text(json.dumps(records))
@@ -119,6 +123,7 @@ def test_empty_and_unreadable_data_files(tmp_path):
         texts_from(str(tmp_path / "broken.parquet"), "train", "text", "eval")
 
 
+@pytest.mark.slow
 def test_user_data_on_the_command_line(tmp_path, fingerprinted_tiny_model, tiny_model):
     model_dir, _ = fingerprinted_tiny_model
     data = write_table(tmp_path / "chat.csv", ROWS)
@@ -141,6 +146,7 @@ def test_user_data_on_the_command_line(tmp_path, fingerprinted_tiny_model, tiny_
 BENCHMARKS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "common.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", BENCHMARKS)
 def test_every_benchmark_runs_in_its_smoke_mode(tmp_path, script):
     import subprocess

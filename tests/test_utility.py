@@ -71,6 +71,7 @@ def test_chat_example_puts_the_loss_on_the_reply_and_eos(tokenizer):
     assert len(short["input_ids"]) == 40 and short["labels"][-1] != IGNORE_INDEX
 
 
+@pytest.mark.slow
 def test_evaluate_utility_cli_writes_the_report(tmp_path, tiny_model):
     args = ["--model_path", tiny_model, "--base_model", tiny_model, "--num_texts", "4", "--max_length", "32",
             "--num_mmlu", "8", "--output_json", "utility.json"]
@@ -83,6 +84,7 @@ def test_evaluate_utility_cli_writes_the_report(tmp_path, tiny_model):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
 def test_lm_eval_tasks_without_lm_eval_is_a_clear_error(tmp_path, tiny_model):
     result = run_script("evaluate_utility.py", "--model_path", tiny_model, "--base_model", tiny_model, "--num_texts", "1",
@@ -90,6 +92,7 @@ def test_lm_eval_tasks_without_lm_eval_is_a_clear_error(tmp_path, tiny_model):
     assert result.returncode == 2 and "pip install" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_utility_rejects_a_different_tokenizer(tmp_path, tiny_model):
     other = tmp_path / "other"
     shutil.copytree(tiny_model, other)
@@ -100,6 +103,7 @@ def test_evaluate_utility_rejects_a_different_tokenizer(tmp_path, tiny_model):
     assert result.returncode == 2 and "different tokenizers" in result.stderr
 
 
+@pytest.mark.slow
 def test_persistence_without_learning_keeps_everything(tmp_path, fingerprinted_tiny_model):
     model_dir, fingerprints = fingerprinted_tiny_model
     result = run_script("evaluate_persistence.py", "--model_path", model_dir, "--fingerprints_file_path", fingerprints,
@@ -111,6 +115,7 @@ def test_persistence_without_learning_keeps_everything(tmp_path, fingerprinted_t
     assert result.stdout.strip().splitlines()[-1] == "Fingerprints retained after 2 steps: 100.00%"
 
 
+@pytest.mark.slow
 def test_persistence_hard_training_erases_fingerprints(tmp_path, fingerprinted_tiny_model):
     model_dir, fingerprints = fingerprinted_tiny_model
     run_script("evaluate_persistence.py", "--model_path", model_dir, "--fingerprints_file_path", fingerprints,
@@ -122,6 +127,7 @@ def test_persistence_hard_training_erases_fingerprints(tmp_path, fingerprinted_t
     assert rows[-1]["train_loss"] < rows[1]["train_loss"]
 
 
+@pytest.mark.slow
 def test_persistence_rejects_bad_instruction_data(tmp_path, fingerprinted_tiny_model):
     model_dir, fingerprints = fingerprinted_tiny_model
     (tmp_path / "data.json").write_text(json.dumps([{"prompt": "hi"}]))

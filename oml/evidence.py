@@ -1,0 +1,185 @@
+"""Evidence a third party can check without trusting the owner: the bundle a check writes
+(`check_fingerprints.py --evidence FILE`) and its verification (`verify_evidence.py`).
+
+A bundle holds, for the keys the check revealed and only those: each committed record with its
+salt and Merkle proof against the root published at fine-tuning time; the exact request sent
+for every key and format and the suspect's raw answer; the null models' answers; and the
+statistic, p-value and verdict with the settings they came from. The verifier needs the
+published root and count and nothing secret: it checks every proof, that the revealed keys are
+the consecutive committed positions the bundle claims (so they were not picked after the fact
+among many), that every request asked exactly the committed key, and it recomputes the
+matches, the p-value and the verdict from the recorded answers.
+
+What it cannot show: that the owner did not run other checks and keep their bundles, and (for
+a sequential check) the null models' rate on keys that stay secret; it checks that the chance
+rate used is at least the published floor and at least the null models' rate on the revealed
+keys. Each published bundle is honest about its own keys.
+"""
+import math
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+
+from oml import OMLError
+from oml.checking import KeyResult
+from oml.commitment import revealed_records, verify_revealed
+from oml.sequential import SequentialConfig, SequentialTest
+from oml.stats import VerdictConfig
+from oml.stats import evidence as stats_evidence
+
+FORMAT = "oml-evidence/1"
+# How an answer counts as the response: an API reply starts with it (the server tokenizes the text
+# itself, leading whitespace ignored, as oml.remote does); a local model's greedy tokens decode to it.
+MATCH_RULES = ("prefix", "exact")
+
+
+def answer_matches(answer: str, response: str, rule: str) -> bool:
+    if rule == "prefix":
+        return answer.lstrip().startswith(response.lstrip())
+    return answer == response
+
+
+def versions() -> dict:
+    """The software that made the bundle: enough to rerun the check the same way."""
+    import torch
+    import transformers
+
+    try:
+        oml_version = metadata.version("oml-fingerprinting")
+    except metadata.PackageNotFoundError:
+        oml_version = "unknown (not installed)"
+    return {"oml": oml_version, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def bundle(commitment: dict, records: list[dict], salts: list[str], positions: list[int], suspect: dict, match_rule: str,
+           queries: list[dict], nulls: dict[str, list[KeyResult]], test: dict) -> dict:
+    """The evidence of one check. `positions`: the committed positions revealed (in the order asked);
+    `queries`: per key and format, {"position", "format", "template", "request", "answer", "error"};
+    `nulls`: each null model's results, indexed by committed position (only revealed ones are kept);
+    `test`: the statistic's settings and outcome. Nothing about unrevealed keys goes in."""
+    kept = set(positions)
+    return {
+        "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(),
+        "versions": versions(),
+        "commitment": {name: commitment[name] for name in ("root", "count", "hash", "tree", "leaf_encoding")},
+        "suspect": suspect,
+        "match_rule": match_rule,
+        "revealed": revealed_records(records, salts, positions),
+        "queries": queries,
+        "null_models": [{"model": name, "answers": [{"position": r.index, "format": r.format, "answer": r.predicted}
+                                                    for r in results if r.index in kept and r.template is None]}
+                        for name, results in nulls.items()],
+        "test": test,
+    }
+
+
+class Tampered(Exception):
+    """A bundle that does not hold up: a proof, a request, a count or a verdict does not check out."""
+
+
+def verify(evidence: dict, root: str, count: int | None = None) -> dict:
+    """Check a bundle against the published `root` (and `count`, when published: the root alone
+    does not fix the number of leaves). Returns what was recomputed; raises Tampered with the first
+    thing that does not check out, OMLError for a file that is not a bundle at all."""
+    try:
+        return _verify(evidence, root, count)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise OMLError(f"not an evidence bundle of this version ({type(error).__name__}: {error})") from None
+
+
+def _verify(evidence: dict, root: str, count: int | None) -> dict:
+    if evidence.get("format") != FORMAT:
+        raise OMLError(f"not an evidence bundle ({FORMAT!r} expected, got {evidence.get('format')!r})")
+    commitment = evidence["commitment"]
+    if commitment["root"].lower() != root.lower():
+        raise Tampered(f"the bundle's root {commitment['root']} is not the published root {root}")
+    if count is not None and commitment["count"] != count:
+        raise Tampered(f"the bundle claims {commitment['count']} committed fingerprints, the published count is {count}")
+    records = check_revealed(evidence["revealed"], commitment["count"], root)
+    suspect_matches = check_queries(evidence["queries"], records, evidence["match_rule"])
+    null_matches = {null["model"]: {(a["position"], a["format"]): answer_matches(a["answer"], records[a["position"]]["response"], "exact")
+                                    for a in null["answers"] if a["position"] in records}
+                    for null in evidence["null_models"]}
+    return recompute_test(evidence["test"], suspect_matches, null_matches, list(records))
+
+
+def check_revealed(revealed: list[dict], count: int, root: str) -> dict[int, dict]:
+    """Every revealed record under the root at its position, the positions consecutive."""
+    if not revealed:
+        raise Tampered("the bundle reveals no key")
+    positions = [entry["position"] for entry in revealed]
+    for entry in revealed:
+        if not verify_revealed(entry, count, root):
+            raise Tampered(f"the record at position {entry['position']} is not under the root (altered key, response, "
+                           "salt or proof, or a wrong position or count)")
+    expected = list(range(positions[0], positions[0] + len(positions)))
+    if positions != expected:
+        raise Tampered(f"the revealed positions {positions[:5]}... are not the consecutive committed positions "
+                       f"{expected[0]}..{expected[-1]}")
+    return {entry["position"]: entry["record"] for entry in revealed}
+
+
+def check_queries(queries: list[dict], records: dict[int, dict], rule: str) -> dict[tuple[int, str], bool | None]:
+    """Every request asked a revealed key as committed; the matches of the bare keys, from the answers
+    (None: the request got no answer, which is never counted)."""
+    if rule not in MATCH_RULES:
+        raise Tampered(f"unknown match rule {rule!r}")
+    matches = {}
+    for query in queries:
+        record = records.get(query["position"])
+        if record is None:
+            raise Tampered(f"a request asks position {query['position']}, which the bundle does not reveal")
+        if query["format"] not in ("raw", "chat") or record["key_format"] not in (query["format"], "both"):
+            raise Tampered(f"position {query['position']} was asked as {query['format']!r}, not a committed format")
+        if not asks_committed_key(query, record["key"]):
+            raise Tampered(f"the request for position {query['position']} does not ask the committed key")
+        if query["template"] is None:
+            matches[(query["position"], query["format"])] = (None if query["error"] is not None
+                                                             else answer_matches(query["answer"], record["response"], rule))
+    return matches
+
+
+def asks_committed_key(query: dict, key: str) -> bool:
+    """Whether the recorded request holds exactly the committed key: as the prompt (inside its system
+    prompt template, if any) for raw keys, as the only user message for chat keys."""
+    request, template = query["request"], query["template"]
+    if query["format"] == "raw":
+        return request.get("prompt") == (template.replace("{}", key) if template else key)
+    return [m.get("content") for m in request.get("messages", []) if m.get("role") == "user"] == [key]
+
+
+def recompute_test(test: dict, suspect: dict[tuple[int, str], bool | None], nulls: dict[str, dict], positions: list[int]) -> dict:
+    """The verdict from the recorded answers, under the settings the bundle names; it must be the one
+    recorded. A fixed-sample check is recomputed whole (its null models saw exactly the revealed keys);
+    a sequential one replays its keys in order, at the chance rate it fixed beforehand, which must be at
+    least the floor and the null models' rate on the revealed keys."""
+    formats = tuple(test["formats"])
+    verdict_config = VerdictConfig(min_chance_rate=test["min_chance_rate"], alpha=test["alpha"])
+    rate = test["chance_rate"]
+    for name, answers in nulls.items():
+        if answers and rate < sum(answers.values()) / len(answers):
+            raise Tampered(f"the chance rate {rate:g} is below null model {name}'s match rate on the revealed keys")
+    if rate < verdict_config.min_chance_rate:
+        raise Tampered(f"the chance rate {rate:g} is below the floor {verdict_config.min_chance_rate:g}")
+    if test["kind"] == "fixed":
+        def results(matches: dict) -> list[KeyResult]:
+            return [KeyResult(index=p, format=f, template=None, query=0, match=m, token_accuracy=float(bool(m)),
+                              error=None if m is not None else "no answer") for (p, f), m in matches.items()]
+        found = stats_evidence(results(suspect), {name: results(answers) for name, answers in nulls.items()}, formats,
+                               verdict_config)
+        log10_p, decided = found["log10_p_value"], found["verdict"]
+    else:
+        sequential = SequentialTest(rate, verdict_config.alpha, formats, SequentialConfig(**test["sequential"]),
+                                    test["planned_keys"])
+        for position in positions:
+            if sequential.decision() is not None:
+                raise Tampered("the check went on revealing keys after its verdict was reached")
+            sequential.add_key({f: suspect.get((position, f)) for f in formats})
+        log10_p, decided = sequential.log10_p_value, sequential.decision()
+    if decided != test["verdict"] or not math.isclose(log10_p, test["log10_p_value"], rel_tol=1e-6, abs_tol=1e-9):
+        raise Tampered(f"the recorded verdict {test['verdict']} (log10 p {test['log10_p_value']:.4g}) is not what the answers "
+                       f"give: {decided} (log10 p {log10_p:.4g})")
+    matches = {f: sum(bool(v) for (_, g), v in suspect.items() if g == f) for f in formats}
+    return {"keys": len(positions), "matches": matches, "log10_p_value": log10_p, "verdict": decided}
