@@ -15,7 +15,7 @@ import logging
 
 from oml import OMLError, cli, distributed
 from oml.fingerprints import FingerprintSelection
-from oml.pipeline import CheckReport, check_suspect
+from oml.pipeline import CheckInterrupted, CheckReport, check_suspect
 from oml.remote import ApiConfig
 from oml.files import check_writable, write_json_atomic
 from oml.runs import load_run
@@ -52,15 +52,19 @@ def parse_args() -> argparse.Namespace:
                         help="Also write an evidence bundle that anyone can check with verify_evidence.py against the "
                              "run's published commitment (needs --run; the bundle reveals the keys it holds).")
     cli.add_output_args(parser, "the full report, per-key results included,")
-    parser.add_argument("--verbose_eval", action="store_true", help="Print each miss with the model's top-10 next tokens.")
+    parser.add_argument("--verbose_eval", action="store_true",
+                        help="Print each miss with the model's top-10 next tokens (and each failed request, as ERROR).")
     parser.add_argument("--wandb_run_name", default=None, help="Log the accuracy to this wandb run (needs wandb).")
     cli.add_common_args(parser)
     args = parser.parse_args()
     if (args.model_path is None) == (args.api_base is None):
         raise OMLError("name the suspect: --model_path MODEL, or --api_base URL with --api_model NAME")
-    if args.api_base and not args.api_model:
+    if args.api_base is not None and not args.api_model:
         raise OMLError("--api_base needs --api_model (the model name the server serves)")
-    if args.api_base and distributed.world_size() > 1:
+    if args.model_path is not None and (args.tokenizer or args.api_model):
+        raise OMLError(f"{'--tokenizer' if args.tokenizer else '--api_model'} is for --api_base suspects: a --model_path "
+                       "suspect is asked with its own tokenizer")
+    if args.api_base is not None and distributed.world_size() > 1:
         raise OMLError("API checks run in one process: start check_fingerprints.py with python")
     if args.wandb_run_name:
         cli.require_module("wandb", "--wandb_run_name", "pip install wandb")
@@ -87,7 +91,8 @@ def print_report(report: CheckReport, verbose: bool) -> None:
             if not r.match:
                 fingerprint = report.fingerprints[r.index]
                 top = ", ".join(f"{token!r} {prob:.3f}" for token, prob in r.top_tokens)
-                print(f"MISS [{r.index}] format={r.format} template={r.template!r} key={fingerprint['key']!r} "
+                label = "ERROR" if r.error else "REFUSED" if r.refused else "MISS"
+                print(f"{label} [{r.index}] format={r.format} template={r.template!r} key={fingerprint['key']!r} "
                       f"expected={fingerprint['response']!r} got={r.predicted!r} rank={r.response_rank} "
                       f"{'error=' + r.error if r.error else 'top-10: ' + top}")
     formats_ = [e["format"] for e in report.formats]
@@ -102,14 +107,16 @@ def print_report(report: CheckReport, verbose: bool) -> None:
             f"{sum(cell[(f, t)] for t in templates[1:]) / (len(templates) - 1):8.2f}" for f in formats_))
     for e in report.formats:
         nulls = ", ".join(f"{n['model']} {n['matches']}/{n['of']}" for n in e["null_models"]) or "none"
-        errors = f", {e['errors']} errors (not counted)" if e["errors"] else ""
+        errors = ((f", {e['refused']} refused" if e["refused"] else "")
+                  + (f", {e['errors']} errors (not counted)" if e["errors"] else ""))
         print(f"Format {e['format']}: {e['accuracy']:.2f} ({e['matches']}/{e['num_fingerprints']}{errors}); null models: {nulls}; "
               f"chance rate {e['chance_rate']:.4g}; p-value {format_p_value(e['log10_p_value'])}")
     n, needed = report.num_fingerprints, report.keys_needed
     if report.sequential:
         state = report.sequential
+        outcome = f"{state['decision']}: {state['reason']}" if state["decision"] else "no decision: the check was interrupted"
         print(f"Sequential check: {state['keys_used']} keys revealed in rounds of {state['round_size']} (at most "
-              f"{state['planned_keys']} planned); {state['decision']}: {state['reason']}")
+              f"{state['planned_keys']} planned); {outcome}")
     elif needed is None or n < needed:
         print(f"Note: with {n} keys even {n}/{n} matches cannot reach alpha {report.alpha:g}; "
               f"{'at least ' + str(needed) if needed else 'many more'} keys are needed")
@@ -131,15 +138,30 @@ def log_to_wandb(run_name: str, report: CheckReport) -> None:
     wandb.finish()
 
 
+def save_partial(args: argparse.Namespace, report: CheckReport) -> None:
+    """An interrupted check's results, printed and saved, marked partial (the exit code is then 130)."""
+    print_report(report, args.verbose_eval)
+    answered = sum(r.error is None for r in report.results)
+    print(f"Check interrupted: the results above are partial ({answered} of {len(report.results)} requests answered)",
+          flush=True)
+    cli.write_output(args, report.to_dict())
+    if args.evidence:
+        logger.warning("no evidence bundle is written for an interrupted check")
+
+
 def main() -> None:
     args = parse_args()
-    report = check_suspect(cli.settings_from(ApiConfig, args) if args.api_base else args.model_path,
-                           args.fingerprints_file_path, load_run(args.run) if args.run else None,
-                           cli.settings_from(FingerprintSelection, args), args.query_format, args.system_prompts,
-                           null_models(args.null_model), cli.settings_from(VerdictConfig, args), args.batch_size,
-                           args.tokenizer, args.trust_remote_code,
-                           None if args.check_all_keys else cli.settings_from(SequentialConfig, args), args.reuse_revealed,
-                           evidence=bool(args.evidence))
+    try:
+        report = check_suspect(cli.settings_from(ApiConfig, args) if args.api_base is not None else args.model_path,
+                               args.fingerprints_file_path, load_run(args.run) if args.run else None,
+                               cli.settings_from(FingerprintSelection, args), args.query_format, args.system_prompts,
+                               null_models(args.null_model), cli.settings_from(VerdictConfig, args), args.batch_size,
+                               args.tokenizer, args.trust_remote_code,
+                               None if args.check_all_keys else cli.settings_from(SequentialConfig, args), args.reuse_revealed,
+                               evidence=bool(args.evidence))
+    except CheckInterrupted as stop:
+        save_partial(args, stop.report)
+        raise
     if distributed.is_main_process():
         print_report(report, args.verbose_eval)
         cli.write_output(args, report.to_dict())

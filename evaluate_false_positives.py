@@ -11,6 +11,7 @@ beside it, to make visible what the floor is for.
 """
 import logging
 import statistics
+from pathlib import Path
 
 from oml import OMLError, cli
 from oml.attacks import innocent_derivative
@@ -38,10 +39,33 @@ def parse_args():
     cli.add_settings(parser, VerdictConfig)
     cli.add_output_args(parser, "the per-model results")
     args = cli.parse_evaluation_args(parser, "evaluate_false_positives.py")
+    args.models = distinct_models(args.models, args.base_model)
     if not args.models and not args.innocent_derivatives:
-        raise OMLError("nothing to test: give --models and/or --innocent_derivatives")
+        raise OMLError("nothing to test: give --models (other than the base model) and/or --innocent_derivatives")
     cli.check_output(args)
     return args
+
+
+def distinct_models(given: list[str], base: str) -> list[str]:
+    """The --models to test, each once. Every one is resolved first, so that a bad path fails before
+    minutes of checking the others; one given twice, or the base model again (under any spelling of
+    its path), would count twice among the models tested, and is tested once."""
+    seen = {model_identity(base): "the base model"}
+    distinct = []
+    for name in given:
+        identity = model_identity(name)
+        if identity in seen:
+            logger.warning("--models %s is %s; it is tested once", name, seen[identity])
+            continue
+        seen[identity] = f"the same model as {name}"
+        distinct.append(name)
+    return distinct
+
+
+def model_identity(name: str) -> str:
+    """A model as its resolved path (a hub id as it is), so that two spellings of one folder are one model."""
+    resolved = resolve_model(name)
+    return str(Path(resolved).resolve()) if Path(resolved).exists() else resolved
 
 
 def rank_statistics(results: list[KeyResult]) -> dict:

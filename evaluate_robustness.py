@@ -30,6 +30,9 @@ from oml.utility import chat_examples, compare_on_texts, suppressed_share, text_
 
 logger = logging.getLogger("evaluate_robustness")
 
+# Sampling below this is greedy decoding in all but name, and far below it logits / T overflow to inf (NaN probabilities).
+MIN_TEMPERATURE = 0.01
+
 
 @dataclass
 class Attack:
@@ -51,7 +54,7 @@ def parse_args():
     parser.add_argument("--attacks", nargs="+", default=None, help="Only these rows (names as printed); default: all.")
     parser.add_argument("--merge_weights", type=cli.unit_interval, nargs="+", default=[0.9, 0.7, 0.5],
                         help="Weight of the fingerprinted model in linear merges with an innocent derivative of the base.")
-    parser.add_argument("--temperatures", type=cli.positive_float, nargs="+", default=[0.7, 1.0],
+    parser.add_argument("--temperatures", type=cli.at_least_float(MIN_TEMPERATURE), nargs="+", default=[0.7, 1.0],
                         help="Sampling temperatures a deployer might serve at.")
     parser.add_argument("--finetune_learning_rates", type=cli.positive_float, nargs="+", default=[1e-5, 1e-4],
                         help="Learning rates of the full and LoRA fine-tuning rows.")

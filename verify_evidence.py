@@ -44,8 +44,10 @@ def parse_args():
     cli.single_process("verify_evidence.py")
     if len(args.root) != 64 or any(c not in "0123456789abcdefABCDEF" for c in args.root):
         raise OMLError(f"--root must be 64 hex digits (a SHA-256 root), not {args.root!r}")
-    if args.api_base and not args.api_model:
+    if args.api_base is not None and not args.api_model:
         raise OMLError("--api_base needs --api_model (the model name the server serves)")
+    if args.api_base is not None:
+        cli.settings_from(ApiConfig, args)  # a bad URL or key variable is refused before any work
     return args
 
 
@@ -79,7 +81,7 @@ def main() -> None:
         print(f"Proofs: {len(positions)} revealed keys at committed positions {positions[0]}..{positions[-1]} of "
               f"{evidence['commitment']['count']}, all under root {args.root.lower()}")
         print("Requests: every request asked its committed key")
-        matches = ", ".join(f"{f} {m}/{found['keys']}" for f, m in found["matches"].items())
+        matches = ", ".join(f"{f} {m['matched']}/{m['answered']}" for f, m in found["matches"].items())
         print(f"Recomputed: {matches}; {evidence['test']['kind']} test, p-value {format_p_value(found['log10_p_value'])}; "
               f"verdict {found['verdict']} (as recorded)")
         if args.base_model:
@@ -90,7 +92,7 @@ def main() -> None:
             print(f"Base model: none of the revealed responses is {args.base_model}'s own greedy answer")
     except Tampered as problem:
         cli.fail(f"NOT VERIFIED: {problem}", NOT_VERIFIED_EXIT_CODE)
-    if args.api_base:
+    if args.api_base is not None:
         live = ask_live(cli.settings_from(ApiConfig, args), evidence)
         print("Live suspect now: " + ", ".join(f"{f} {count}" for f, count in live.items()))
     print(f"Evidence verified: {found['verdict']} for {evidence['suspect'].get('model')}", flush=True)

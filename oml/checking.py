@@ -62,6 +62,9 @@ class KeyResult:
     top_tokens: list = field(default_factory=list)  # [token, probability] of the 10 likeliest first tokens
     error: str | None = None  # why an API request got no answer
     request: dict | None = None  # API only: the body the server was sent (evidence; no API key in it)
+    predicted_cut: bool = False  # API only: `predicted` is the start of a longer reply (a server may ignore max_tokens)
+    refused: bool = False  # API only: the suspect refused to answer (chat's `refusal` field): a non-match, counted apart
+    served_model: str | None = None  # API only: the model name the server said answered
 
     def to_dict(self) -> dict:
         return asdict(self)

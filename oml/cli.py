@@ -78,6 +78,10 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return flag_type(bound_at_least(minimum))
 
 
+def at_least_float(minimum: float) -> Callable[[str], float]:
+    return flag_type(Bound(float, lambda v: v >= minimum, f"a finite number >= {minimum:g}"))
+
+
 def add_settings(parser, cls: type[Settings], **defaults) -> None:
     """One flag per field of a settings dataclass, spelt as the field, with its help and default
     (`defaults` overrides some for one script): booleans that default to True also get --no-FLAG."""
@@ -101,8 +105,8 @@ def setup_logging() -> None:
     """Log to stderr so that stdout carries only the results users read (and parse)."""
     level = logging.INFO if is_main_process() else logging.WARNING
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Quieten libraries that log at INFO on every call.
-    for name in ("transformers", "accelerate", "DeepSpeed", "deepspeed", "torch.distributed", "httpx", "datasets"):
+    # Quieten libraries that log at INFO on every call (the openai client's HTTP library logs as httpx2).
+    for name in ("transformers", "accelerate", "DeepSpeed", "deepspeed", "torch.distributed", "httpx", "httpx2", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not torch.cuda.is_available():  # else DeepSpeed announces its CPU fallback on stdout

@@ -118,14 +118,18 @@ def load_table(source: str, split: str, columns: list[str]):
 
 
 def string_rows(table, columns: list[str], source: str, count: int | None) -> list[tuple[str, ...]]:
-    """Rows whose given columns are all non-empty strings (others are skipped), at most `count`."""
+    """Rows whose given columns are all non-empty strings (others are skipped), at most `count`. Text
+    that is not UTF-8 is read without complaint and fails only here, as each row is decoded."""
     rows = []
-    for row in table.select_columns(columns):
-        values = tuple(row[c] for c in columns)
-        if all(isinstance(v, str) and v.strip() for v in values):
-            rows.append(values)
-            if len(rows) == count:
-                break
+    try:
+        for row in table.select_columns(columns):
+            values = tuple(row[c] for c in columns)
+            if all(isinstance(v, str) and v.strip() for v in values):
+                rows.append(values)
+                if len(rows) == count:
+                    break
+    except UnicodeDecodeError:
+        raise OMLError(f"{source} holds text that is not UTF-8; save it as UTF-8") from None
     if not rows:
         raise OMLError(f"{source} has no row with non-empty text in {', '.join(columns)}")
     return rows

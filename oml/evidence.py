@@ -173,13 +173,19 @@ def recompute_test(test: dict, suspect: dict[tuple[int, str], bool | None], null
     else:
         sequential = SequentialTest(rate, verdict_config.alpha, formats, SequentialConfig(**test["sequential"]),
                                     test["planned_keys"])
-        for position in positions:
-            if sequential.decision() is not None:
+        asked = 0
+        while asked < len(positions):  # a round at a time, as the check sent them
+            if not sequential.next_round():
                 raise Tampered("the check went on revealing keys after its verdict was reached")
-            sequential.add_key({f: suspect.get((position, f)) for f in formats})
+            for position in positions[asked:asked + sequential.next_round()]:
+                sequential.add_key({f: suspect.get((position, f)) for f in formats})
+            asked = sequential.keys_seen
         log10_p, decided = sequential.log10_p_value, sequential.decision()
     if decided != test["verdict"] or not math.isclose(log10_p, test["log10_p_value"], rel_tol=1e-6, abs_tol=1e-9):
         raise Tampered(f"the recorded verdict {test['verdict']} (log10 p {test['log10_p_value']:.4g}) is not what the answers "
                        f"give: {decided} (log10 p {log10_p:.4g})")
-    matches = {f: sum(bool(v) for (_, g), v in suspect.items() if g == f) for f in formats}
+    matches = {f: {"matched": sum(bool(v) for (_, g), v in suspect.items() if g == f),
+                   "answered": sum(v is not None for (_, g), v in suspect.items() if g == f)} for f in formats}
+    if matches != test["matches"]:
+        raise Tampered(f"the recorded matches {test['matches']} are not what the answers give: {matches}")
     return {"keys": len(positions), "matches": matches, "log10_p_value": log10_p, "verdict": decided}

@@ -32,10 +32,11 @@ from oml.data import prompt_templates
 from oml.files import check_creatable_dir
 from oml.fingerprints import IN_MEMORY, FingerprintSelection, query_formats, recorded, selected_fingerprints
 from oml.models import EMBEDDED_MODEL, compute_dtype, load, load_tokenizer, model_name, resolve_model
-from oml.remote import ApiConfig, api_requests, check_over_api
+from oml.remote import ApiConfig, Interrupted, api_requests, base_url_of, check_over_api, shown_url
 from oml.runs import Run, committed_records, config_hash, dataset_csv, load_run, removed_on_failure, run_config, save_run
 from oml.sequential import SequentialConfig, SequentialTest
 from oml.stats import VerdictConfig, chance_rate, keys_needed
+from oml.stats import verdict as verdict_at
 from oml.stats import evidence as evidence_of
 from oml.tokenization import default_format, fingerprint_pairs, formats, system_message
 from oml.training.callbacks import MemorisationProbe, ShrinkWeightChange, StopWhenMemorised, WeightAveragingCallback
@@ -147,11 +148,21 @@ class CheckReport:
     results: list[KeyResult] = field(default_factory=list)
     fingerprints: list[dict] = field(default_factory=list)
     evidence: dict | None = None  # the bundle for third parties, when asked for (written separately)
+    served_models: list[str] = field(default_factory=list)  # API: the model names the server said answered
+    partial: bool = False  # interrupted (Ctrl-C): the results of the requests answered before
 
     def to_dict(self) -> dict:
         report = {name: value for name, value in asdict(self).items() if name not in ("results", "fingerprints", "evidence")}
         report["keys"] = [{**self.fingerprints[r.index], **r.to_dict()} for r in self.results]
         return report
+
+
+class CheckInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an API check: `report` holds the answers so far, marked partial (no evidence bundle)."""
+
+    def __init__(self, report: CheckReport):
+        super().__init__("interrupted")
+        self.report = report
 
 
 class Disclosure:
@@ -215,7 +226,8 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
     until the verdict is reached (None: every selected key). With a run, keys a server or a bundle
     has seen are spent: they are recorded in the run's ledger and not asked again (unless
     `reuse_revealed`). `evidence` adds a bundle a third party can verify against the run's
-    published commitment (`report.evidence`)."""
+    published commitment (`report.evidence`). Ctrl-C during an API check raises `CheckInterrupted`,
+    whose report holds the answers so far, marked partial."""
     run = load_run(run) if isinstance(run, (str, Path)) else run
     fingerprints, selection, fingerprints_file = selected_fingerprints(selection, fingerprints_file, run)
     own = run is not None and fingerprints_file != IN_MEMORY and Path(fingerprints_file).resolve() == run.fingerprints_file.resolve()
@@ -224,7 +236,7 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
     templates = [None] + (prompt_templates(system_prompts) if system_prompts else [])
     null_models = [run.base_model if run else EMBEDDED_MODEL] if null_models is None else null_models
     api = isinstance(suspect, ApiConfig)
-    name = f"{suspect.api_base} ({suspect.api_model})" if api else suspect
+    name = f"{shown_url(suspect.api_base)} ({suspect.api_model})" if api else suspect
     disclosure = Disclosure(run, own, selection.data_split, len(fingerprints), name, api or evidence, reuse_revealed)
     if api:
         if not suspect.api_base or not suspect.api_model:
@@ -245,10 +257,13 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
     nulls = {null: check_subset(null, fingerprints, disclosure.candidates, selection, queries_for(key_formats), batch_size,
                                 trust_remote_code=trust_remote_code) for null in null_models}
     if api and sequential is not None:
-        results, test = sequential_check(ask, disclosure, key_formats, nulls, verdict, sequential)
+        results, test, interrupted = sequential_check(ask, disclosure, key_formats, nulls, verdict, sequential)
         found, state = sequential_evidence(test, results, nulls, key_formats), test.summary()
     else:
-        results, state = ask(disclosure.reserve(len(disclosure.candidates), key_formats)), None
+        try:
+            results, state, interrupted = ask(disclosure.reserve(len(disclosure.candidates), key_formats)), None, False
+        except Interrupted as stop:
+            results, state, interrupted = stop.results, None, True
         found = evidence_of(results, nulls, key_formats, verdict)
     report = CheckReport(
         model=name, fingerprints_file=fingerprints_file, **found,
@@ -257,9 +272,15 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
                         for f in key_formats for t in templates],
         min_chance_rate=verdict.min_chance_rate, alpha=verdict.alpha,
         keys_needed=keys_needed(verdict.alpha, verdict.min_chance_rate, len(nulls)), sequential=state,
-        revealed=disclosure.summary(len(fingerprints)), results=results, fingerprints=fingerprints)
+        revealed=disclosure.summary(len(fingerprints)), results=results, fingerprints=fingerprints,
+        served_models=sorted({r.served_model for r in results if r.served_model}), partial=interrupted)
+    if interrupted:
+        raise CheckInterrupted(report)
     if evidence:
-        report.evidence = evidence_bundle(report, run, disclosure, api, nulls, key_formats, verdict, sequential if api else None)
+        about = ({"kind": "api", "endpoint": shown_url(base_url_of(suspect.api_base)), "model": suspect.api_model} if api
+                 else {"kind": "local", "model": suspect})
+        report.evidence = evidence_bundle(report, run, disclosure, about, nulls, key_formats, verdict,
+                                          sequential if api else None)
     return report
 
 
@@ -272,9 +293,10 @@ def check_subset(model: str, fingerprints: list[dict], indices: list[int], selec
 
 
 def sequential_check(ask, disclosure: Disclosure, key_formats: tuple[str, ...], nulls: dict[str, list[KeyResult]],
-                     verdict: VerdictConfig, config: SequentialConfig) -> tuple[list[KeyResult], SequentialTest]:
-    """Send keys in rounds until the sequential test decides. Its chance rate is fixed first, from the
-    null models on every candidate key (checked locally: that reveals nothing)."""
+                     verdict: VerdictConfig, config: SequentialConfig) -> tuple[list[KeyResult], SequentialTest, bool]:
+    """Send keys in rounds until the sequential test decides, or Ctrl-C interrupts (then True, with
+    the interrupted round's answers). Its chance rate is fixed first, from the null models on every
+    candidate key (checked locally: that reveals nothing)."""
     rate = chance_rate([(sum(bool(r.match) for r in null if r.format == f), sum(r.format == f for r in null))
                         for null in nulls.values() for f in key_formats if any(r.format == f for r in null)],
                        verdict.min_chance_rate)
@@ -284,12 +306,17 @@ def sequential_check(ask, disclosure: Disclosure, key_formats: tuple[str, ...], 
         indices = disclosure.reserve(test.next_round(), key_formats)
         if not indices:
             break
-        answers = ask(indices)
+        try:
+            answers, interrupted = ask(indices), False
+        except Interrupted as stop:
+            answers, interrupted = stop.results, True
         results += answers
         for i in indices:
             test.add_key({r.format: r.match for r in answers if r.index == i and r.template is None})
         logger.info("round of %d keys: %s", len(indices), test.decision() or "no verdict yet")
-    return sorted(results, key=lambda r: (r.query, r.index)), test
+        if interrupted:
+            break
+    return sorted(results, key=lambda r: (r.query, r.index)), test, interrupted
 
 
 def sequential_evidence(test: SequentialTest, results: list[KeyResult], nulls: dict[str, list[KeyResult]],
@@ -304,7 +331,7 @@ def sequential_evidence(test: SequentialTest, results: list[KeyResult], nulls: d
     best = min(found["formats"], key=lambda e: e["log10_p_value"])
     found.update({k: best[k] for k in ("format", "num_fingerprints", "accuracy", "fractional_accuracy", "matches", "null_models")})
     found.update(chance_rate=state["chance_rate"], log10_p_value=test.log10_p_value, p_value=10 ** test.log10_p_value,
-                 verdict=test.decision())
+                 verdict=test.decision() or verdict_at(test.log10_p_value, test.alpha))  # undecided: interrupted
     return found
 
 
@@ -323,7 +350,7 @@ def check_evidence_possible(run: Run | None, own: bool, selection: FingerprintSe
                        "--max_response_length")
 
 
-def evidence_bundle(report: CheckReport, run: Run, disclosure: Disclosure, api: bool, nulls: dict[str, list[KeyResult]],
+def evidence_bundle(report: CheckReport, run: Run, disclosure: Disclosure, suspect: dict, nulls: dict[str, list[KeyResult]],
                     key_formats: tuple[str, ...], verdict: VerdictConfig, sequential: SequentialConfig | None) -> dict:
     """The bundle of this check (see oml.evidence): the revealed records with salts and proofs, the
     requests and answers, the null models' answers and the test, recomputable from them."""
@@ -334,18 +361,18 @@ def evidence_bundle(report: CheckReport, run: Run, disclosure: Disclosure, api: 
     records = committed_records(tokenizer, pairs, run.training.key_format)
     offset = disclosure.offset
     queries = [{"position": offset + r.index, "format": r.format, "template": r.template,
-                "request": r.request if api else local_request(records[offset + r.index], r.format, r.template),
+                "request": r.request if suspect["kind"] == "api" else local_request(records[offset + r.index], r.format, r.template),
                 "answer": r.predicted, "error": r.error} for r in report.results]
     positions = [offset + i for i in disclosure.sent]
     test = {"kind": "sequential" if sequential is not None else "fixed", "formats": list(key_formats),
             "alpha": verdict.alpha, "min_chance_rate": verdict.min_chance_rate, "chance_rate": report.chance_rate,
-            "log10_p_value": report.log10_p_value, "verdict": report.verdict}
+            "log10_p_value": report.log10_p_value, "verdict": report.verdict,
+            "matches": {e["format"]: {"matched": e["matches"], "answered": e["num_fingerprints"]} for e in report.formats}}
     if sequential is not None:
         test.update(sequential=sequential.to_dict(), planned_keys=report.sequential["planned_keys"])
     shifted = {name: [replace(r, index=offset + r.index) for r in results] for name, results in nulls.items()}
-    suspect = ({"kind": "api", "endpoint": report.model.rsplit(" (", 1)[0], "model": report.model.rsplit(" (", 1)[1][:-1]}
-               if api else {"kind": "local", "model": report.model})
-    return evidence.bundle(commitment, records, salts, positions, suspect, "prefix" if api else "exact", queries, shifted, test)
+    rule = "prefix" if suspect["kind"] == "api" else "exact"
+    return evidence.bundle(commitment, records, salts, positions, suspect, rule, queries, shifted, test)
 
 
 def local_request(record: dict, key_format: str, template: str | None) -> dict:

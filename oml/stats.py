@@ -90,7 +90,8 @@ def keys_needed(alpha: float, floor: float, num_null_models: int, limit: int = 1
 
 def format_evidence(key_format: str, bare: list[KeyResult], null_bare: dict[str, list[KeyResult]], floor: float) -> dict:
     """Accuracy, null-model matches, chance rate and p-value of one key format, from per-key check
-    results of bare keys (results with an `error`, such as failed API requests, are not counted)."""
+    results of bare keys (results with an `error`, such as failed API requests, are not counted; refusals
+    are counted as misses, and apart)."""
     answered = [r for r in bare if r.error is None]
     exact, fractional = accuracy(answered)
     matches, n = sum(bool(r.match) for r in answered), len(answered)
@@ -98,8 +99,8 @@ def format_evidence(key_format: str, bare: list[KeyResult], null_bare: dict[str,
              for name, results in null_bare.items() if results]
     rate = chance_rate([(entry["matches"], entry["of"]) for entry in nulls], floor)
     return {"format": key_format, "accuracy": exact, "fractional_accuracy": fractional, "matches": matches,
-            "num_fingerprints": n, "errors": len(bare) - n, "null_models": nulls, "chance_rate": rate,
-            "log10_p_value": log10_p_value(matches, n, rate)}
+            "num_fingerprints": n, "errors": len(bare) - n, "refused": sum(r.refused for r in answered), "null_models": nulls,
+            "chance_rate": rate, "log10_p_value": log10_p_value(matches, n, rate)}
 
 
 def evidence(results: list[KeyResult], nulls: dict[str, list[KeyResult]], key_formats: tuple[str, ...],

@@ -1,6 +1,7 @@
 """Suspects behind an OpenAI-compatible API: a real `transformers serve` on 127.0.0.1, and a small
 stand-in server for what that one cannot show (refused keys, log-probabilities, retries)."""
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def per_key(report: dict) -> list[tuple]:
 def test_api_results_equal_the_local_checkers_raw_and_chat(served_model, tmp_path):
     url, model_dir, fingerprints = served_model
     common = ["--fingerprints_file_path", fingerprints, "--fingerprint_generation_strategy", "random_word", "--null_model", "none",
-              "--query_format", "both", "--alpha", "0.01"]
+              "--query_format", "both", "--alpha", "0.01", "--check_all_keys"]
     run_script("check_fingerprints.py", "--model_path", model_dir, *common, "--output_json", "local.json", cwd=tmp_path)
     api = run_script("check_fingerprints.py", "--api_base", url, "--api_model", model_dir, "--tokenizer", model_dir, *common,
                      "--output_json", "api.json", cwd=tmp_path)
@@ -67,6 +68,34 @@ def test_api_results_equal_the_local_checkers_raw_and_chat(served_model, tmp_pat
     assert per_key(remote) == per_key(local) and len(per_key(local)) == 16
     assert [(e["format"], e["matches"]) for e in remote["formats"]] == [("raw", 8), ("chat", 8)]
     assert remote["verdict"] == local["verdict"] == "MATCH" and api.stdout.strip().endswith("Fingerprint accuracy: 100.00")
+
+
+@pytest.mark.server
+def test_a_sequential_api_check_reveals_few_keys_and_agrees_with_the_local_check(served_model, tmp_path):
+    """The default for API suspects: keys in rounds until the verdict, recorded in the run's ledger
+    before they are sent, with an evidence bundle that verifies; the same verdict and per-key
+    results as the local check of the same keys."""
+    url, model_dir, _ = served_model
+    run = tmp_path / "run"
+    shutil.copytree(Path(model_dir).parent, run, ignore=shutil.ignore_patterns("revealed.jsonl*"))
+    common = ["--run", run, "--alpha", "0.01", "--round_size", "2"]
+    run_script("check_fingerprints.py", "--model_path", model_dir, *common, "--output_json", "local.json", cwd=tmp_path)
+    api = run_script("check_fingerprints.py", "--api_base", url, "--api_model", model_dir, *common, "--output_json", "api.json",
+                     "--evidence", "bundle.json", cwd=tmp_path)
+    local, remote = (json.loads((tmp_path / name).read_text()) for name in ("local.json", "api.json"))
+    asked = {k["index"] for k in remote["keys"]}
+    assert remote["sequential"]["decision"] == remote["verdict"] == local["verdict"] == "MATCH"
+    assert len(asked) == remote["sequential"]["keys_used"] < 8 and "Sequential check:" in api.stdout
+    assert per_key(remote) == [k for k in per_key(local) if k[0] in asked]
+    ledger = [json.loads(line) for line in (run / "revealed.jsonl").read_text().splitlines()]
+    assert sorted(p for entry in ledger for p in entry["positions"]) == sorted(asked) == remote["revealed"]["positions"]
+    assert all(entry["suspect"] == f"{url} ({model_dir})" for entry in ledger)
+    root = json.loads((run / "commitment.json").read_text())["root"]
+    verified = run_script("verify_evidence.py", tmp_path / "bundle.json", "--root", root, "--count", "8", cwd=tmp_path)
+    assert "Evidence verified: MATCH" in verified.stdout
+    bundle = json.loads((tmp_path / "bundle.json").read_text())
+    assert bundle["suspect"] == {"kind": "api", "endpoint": url + "/v1", "model": str(model_dir)}
+    assert all(q["request"]["temperature"] == 0.0 for q in bundle["queries"])
 
 
 @pytest.mark.slow

@@ -57,6 +57,21 @@ def test_false_positive_script_on_tiny_models(tmp_path, tokenizer):
     assert result.stdout.strip().splitlines()[-1] == "False accusations: 0 of 2 models"
 
 
+@pytest.mark.slow
+def test_false_positives_count_each_model_once(tmp_path, tokenizer, tiny_model, fingerprint_file):
+    """A model given twice (by two paths), or the base given again, would be counted as another innocent model."""
+    other = make_tiny_model(tokenizer, tmp_path / "other", seed=3)
+    (tmp_path / "other_again").symlink_to(other)
+    result = run_script("evaluate_false_positives.py", "--fingerprints_file_path", fingerprint_file, "--base_model", tiny_model,
+                        "--models", other, tmp_path / "other_again", tiny_model, "--query_format", "raw",
+                        "--output_json", "fp_report.json", cwd=tmp_path)
+    rows = json.loads((tmp_path / "fp_report.json").read_text())["models"]
+    assert [row["model"] for row in rows] == [str(tiny_model), str(other)]
+    assert f"--models {tmp_path / 'other_again'} is the same model as {other}; it is tested once" in result.stderr
+    assert f"--models {tiny_model} is the base model; it is tested once" in result.stderr
+    assert result.stdout.strip().splitlines()[-1].endswith("of 2 models")
+
+
 def test_quantization_round_trip_keeps_weights_close_and_coarser_types_further(tmp_path, tokenizer):
     model_dir = make_tiny_model(tokenizer, tmp_path / "m", seed=4)
     original = load_model(str(model_dir))

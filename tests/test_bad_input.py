@@ -53,6 +53,7 @@ def workdir(tmp_path, tiny_model):
     (tmp_path / "dup_keys.json").write_text(json.dumps(["same key", "other key", "same key"]))
     (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
     (tmp_path / "empty.csv").write_text("prompt,response\n")
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "café", "prompt": "café?", "response": "olé"}\n'.encode("latin-1"))
     pickled = tmp_path / "pickle_model"
     pickled.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -123,6 +124,7 @@ FINETUNE = MODEL_AND_FINGERPRINTS + [
     (["--results_dir", "afile"], "is a file"),
     (["--results_dir", UNWRITABLE_DIR], "cannot write in"),
     (["--benign_data", "chat.jsonl"], "has no column text"),
+    (["--benign_data", "latin1.jsonl"], "not UTF-8"),
     (["--model_path", "nan_model"], "training loss became nan"),
 ]
 
@@ -159,6 +161,7 @@ PERSISTENCE = [
     (["--instruction_data", "empty.csv"], "no data"),
     (["--instruction_data", "chat.jsonl", "--response_column", "answer"], "has no column answer"),
     (["--instruction_data", UNREADABLE + ".json"], "data file not found"),
+    (["--instruction_data", "latin1.jsonl"], "not UTF-8"),
     (["--output_json", "existing.json"], "already exists"),
     (["--model_path", "nan_model", "--steps", "3", "--eval_every", "3"], "training loss became nan"),
 ]
@@ -166,7 +169,13 @@ PERSISTENCE = [
 ROBUSTNESS = [
     (["--attacks", "none", "GGUF Q4"], "unknown --attacks 'GGUF Q4'"),
     (["--merge_weights", "1.5"], "not between 0 and 1"),
+    (["--temperatures", "1e-300"], "not a finite number >= 0.01"),
     (["--output_json", "existing.json"], "already exists"),
+]
+
+FALSE_POSITIVES = [
+    (["--models", "model", "mymodel_dir_typo"], "does not exist"),  # before minutes of checking the good one
+    (["--models", "model"], "nothing to test"),  # the base model again
 ]
 
 CASES = ([("generate_finetuning_data.py", ["--output_file_path", "out.json"], c) for c in GENERATE]
@@ -177,7 +186,9 @@ CASES = ([("generate_finetuning_data.py", ["--output_file_path", "out.json"], c)
          + [("evaluate_utility.py", ["--model_path", "model", "--base_model", "model", "--num_mmlu", "0"], c) for c in UTILITY]
          + [("evaluate_persistence.py", ["--model_path", "model", "--fingerprints_file_path", "fp.json"], c) for c in PERSISTENCE]
          + [("evaluate_robustness.py", ["--model_path", "model", "--fingerprints_file_path", "fp.json", "--base_model", "model"], c)
-            for c in ROBUSTNESS])
+            for c in ROBUSTNESS]
+         + [("evaluate_false_positives.py", ["--fingerprints_file_path", "fp.json", "--base_model", "model"], c)
+            for c in FALSE_POSITIVES])
 
 
 def case_params():

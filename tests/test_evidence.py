@@ -59,6 +59,7 @@ def test_a_bundle_verifies_and_every_kind_of_tampering_is_caught(run_copy, tmp_p
     assert "not under the root" in tampered(lambda b: b["revealed"][1]["record"].update(response=" other"))
     assert "not under the root" in tampered(lambda b: b["revealed"][2].update(position=7))
     assert "not what the answers give" in tampered(lambda b: [q.update(answer=" nope") for q in b["queries"][:3]])
+    assert "not what the answers give" in tampered(lambda b: b["queries"][-1].update(answer=" nope"))  # one chat answer
     assert "not what the answers give" in tampered(lambda b: b["test"].update(verdict="NO MATCH"))
     assert "consecutive" in tampered(lambda b: b["revealed"].pop(2))
     assert "does not ask the committed key" in tampered(lambda b: b["queries"][0]["request"].update(prompt="another key"))

@@ -1,10 +1,13 @@
 import json
+import logging
+from types import SimpleNamespace
 
 import pytest
 
 from oml import OMLError
 from oml.data import words
-from oml.fingerprints import load_fingerprints, load_keys, select_fingerprints, warn_on_key_length_mismatch
+from oml.fingerprints import (FingerprintSelection, load_fingerprints, load_keys, select_fingerprints, selected_fingerprints,
+                              warn_on_key_length_mismatch)
 
 
 def write(tmp_path, content: str):
@@ -66,3 +69,19 @@ def test_key_length_mismatch_is_warned(caplog):
     caplog.clear()
     warn_on_key_length_mismatch(records, 32)
     assert caplog.text == ""
+
+
+def test_a_fingerprints_file_other_than_the_runs_is_used_with_a_warning(tmp_path, caplog):
+    """--run with a different --fingerprints_file_path checks the given file, and says so."""
+    own, other = tmp_path / "own.json", tmp_path / "other.json"
+    own.write_text(json.dumps([{"key": "own key", "response": " a"}]))
+    other.write_text(json.dumps([{"key": "other key", "response": " b"}]))
+    run = SimpleNamespace(fingerprints_file=own, directory=tmp_path, config=None)
+    with caplog.at_level(logging.WARNING):
+        fingerprints, _, used = selected_fingerprints(FingerprintSelection(), str(other), run)
+    assert used == str(other) and fingerprints[0]["key"] == "other key"
+    assert f"is not the fingerprints of --run {tmp_path}; checking the given file" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert selected_fingerprints(FingerprintSelection(), str(own), run).file == str(own)
+    assert "is not the fingerprints" not in caplog.text
