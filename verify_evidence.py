@@ -1,6 +1,6 @@
 """Verify an evidence bundle (check_fingerprints.py --evidence) against a published commitment.
 
-    python verify_evidence.py BUNDLE.json --root ROOT --count N
+    python verify_evidence.py BUNDLE.json --root ROOT --count N   [--alpha A --min_chance_rate R]
     python verify_evidence.py BUNDLE.json --root ROOT --count N --base_model HUB_ID_OR_PATH
     python verify_evidence.py BUNDLE.json --root ROOT --count N --api_base URL --api_model NAME
 
@@ -8,7 +8,9 @@ Needs no run folder and no secret: only the bundle and the root (and count) the 
 with the model, e.g. on its model card. Checks that every revealed key is under the root at the
 committed position it claims, that the positions are consecutive, that every request asked
 exactly the committed key, and recomputes the matches, the p-value and the verdict from the
-recorded answers. With --base_model it also confirms that no revealed response is the base
+recorded answers, under the verifier's own verdict rule (--alpha, --min_chance_rate and the
+sequential settings, by default the published defaults): a bundle that used a weaker rule, or
+whose MATCH rests on leaving out unanswered requests, does not verify. With --base_model it also confirms that no revealed response is the base
 model's own greedy answer (such a key would prove nothing); with --api_base it asks the live
 suspect the revealed keys again.
 
@@ -23,7 +25,8 @@ from oml.evidence import Tampered, verify
 from oml.files import read_json
 from oml.models import load
 from oml.remote import ApiConfig, ApiRequest, check_over_api
-from oml.stats import format_p_value
+from oml.sequential import SequentialConfig
+from oml.stats import VerdictConfig, format_p_value
 from oml.tokenization import encode
 
 logger = logging.getLogger("verify_evidence")
@@ -34,8 +37,10 @@ def parse_args():
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("bundle", help="The evidence bundle (JSON) to verify.")
     parser.add_argument("--root", required=True, help="The published commitment root (64 hex digits).")
-    parser.add_argument("--count", type=cli.positive_int, default=None,
+    parser.add_argument("--count", type=cli.positive_int, required=True,
                         help="The published number of committed fingerprints (the root alone does not fix it).")
+    cli.add_settings(parser, VerdictConfig)
+    cli.add_settings(parser, SequentialConfig)
     parser.add_argument("--base_model", default=None,
                         help="The public model that was fingerprinted: confirm no revealed response is its own greedy answer.")
     cli.add_settings(parser, ApiConfig)
@@ -55,7 +60,8 @@ def base_model_answers(base_model: str, evidence: dict, trust_remote_code: bool)
     """How many revealed (key, format) pairs the base model itself answers with the response."""
     model, tokenizer = load(base_model, trust_remote_code)
     records = [entry["record"] for entry in evidence["revealed"]]
-    pairs = [(encode(tokenizer, r["key"]), encode(tokenizer, r["response"])) for r in records]
+    pairs = [(encode(tokenizer, r["key"])[:r["key_length"]], encode(tokenizer, r["response"])[:r["response_length"]])
+             for r in records]
     queries = [Query(f) for f in evidence["test"]["formats"]]
     return sum(bool(r.match) for r in check_model(model, tokenizer, pairs, queries, 64, description="base model"))
 
@@ -76,7 +82,8 @@ def main() -> None:
     if not isinstance(evidence, dict):
         raise OMLError(f"{args.bundle} is not an evidence bundle (a JSON object)")
     try:
-        found = verify(evidence, args.root, args.count)
+        found = verify(evidence, args.root, args.count, cli.settings_from(VerdictConfig, args),
+                       cli.settings_from(SequentialConfig, args))
         positions = [entry["position"] for entry in evidence["revealed"]]
         print(f"Proofs: {len(positions)} revealed keys at committed positions {positions[0]}..{positions[-1]} of "
               f"{evidence['commitment']['count']}, all under root {args.root.lower()}")

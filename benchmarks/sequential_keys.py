@@ -22,7 +22,7 @@ from oml.models import load_tokenizer, resolve_model
 from oml.remote import ApiConfig, api_requests, check_over_api
 from oml.runs import load_run
 from oml.sequential import SequentialConfig, SequentialTest
-from oml.stats import DEFAULT_MIN_CHANCE_RATE, chance_rate
+from oml.stats import DEFAULT_MIN_CHANCE_RATE, null_chance_rate
 from oml.tokenization import fingerprint_pairs
 
 RUN_OF_1024 = 1024
@@ -41,11 +41,7 @@ def replay(answers: list[dict], order: list[int], rate: float, alpha: float, key
            config: SequentialConfig) -> tuple[str, int]:
     """The sequential check's verdict and keys revealed, asking keys in `order`, a round at a time."""
     test = SequentialTest(rate, alpha, key_formats, config, len(order))
-    asked = 0
-    while test.next_round():
-        for i in order[asked:asked + test.next_round()]:
-            test.add_key(answers[i])
-        asked = test.keys_seen
+    test.replay([answers[i] for i in order])
     return test.decision(), test.keys_seen
 
 
@@ -82,8 +78,7 @@ def main() -> None:
     else:
         suspect = local(fingerprinted)
     base_results = local(base)
-    rate = chance_rate([(sum(bool(r.match) for r in base_results if r.format == f), sum(r.format == f for r in base_results))
-                        for f in key_formats], DEFAULT_MIN_CHANCE_RATE)
+    rate = null_chance_rate({"base": base_results}, key_formats, DEFAULT_MIN_CHANCE_RATE)
     models = {"fingerprinted": suspect, "base": base_results, "innocent derivative": local(derivative)}
     rng = random.Random(0)
     orders = [rng.sample(range(len(fingerprints)), len(fingerprints)) for _ in range(args.orders)]

@@ -2,16 +2,18 @@
 
 The Python API (see `oml.pipeline` and README, "Python API"): `generate_fingerprints`,
 `fingerprint_model` and `check_suspect`, with their settings `GenerationConfig`,
-`FingerprintSelection`, `TrainingConfig`, `VerdictConfig` and `ApiConfig`; the results are a
-`Run` and a `CheckReport`.
+`FingerprintSelection`, `TrainingConfig`, `VerdictConfig`, `SequentialConfig` and `ApiConfig`;
+the results are a `Run` and a `CheckReport` of `KeyResult`s (keys asked as `Query`s).
 
 Each module holds one concept: the fingerprint file format and selection (`fingerprints`),
 typed settings (`settings`), model loading (`models`), tokenisation and loss masking
 (`tokenization`), fingerprint generation (`generation`), fine-tuning (`training/`: settings,
 dataset and replay, loss and trainer, callbacks, weight algebra, backend), the run folder
-(`runs`), checking (`checking`), suspects behind an API (`remote`), the statistics of a check
-(`stats`), benign evaluation data (`data`), attacks (`attacks`), utility measures (`utility`),
-process ranks (`distributed`) and the command-line plumbing (`cli`).
+(`runs`), its commitment (`commitment`) and ledger of revealed keys (`ledger`), checking
+(`checking`), suspects behind an API (`remote`), the statistics of a check (`stats`) and its
+sequential form (`sequential`), evidence bundles (`evidence`), benign evaluation data (`data`),
+attacks (`attacks`), utility measures (`utility`), process ranks (`distributed`) and the
+command-line plumbing (`cli`).
 """
 import importlib
 
@@ -24,7 +26,8 @@ class OMLError(Exception):
 _API = {"generate_fingerprints": "oml.generation", "GenerationConfig": "oml.generation",
         "fingerprint_model": "oml.pipeline", "check_suspect": "oml.pipeline", "CheckReport": "oml.pipeline",
         "FingerprintSelection": "oml.fingerprints", "TrainingConfig": "oml.training.config", "VerdictConfig": "oml.stats",
-        "ApiConfig": "oml.remote", "Run": "oml.runs", "load_run": "oml.runs", "KeyResult": "oml.checking"}
+        "ApiConfig": "oml.remote", "SequentialConfig": "oml.sequential", "Run": "oml.runs", "load_run": "oml.runs",
+        "KeyResult": "oml.checking", "Query": "oml.checking", "CheckInterrupted": "oml.pipeline"}
 __all__ = ["OMLError", *_API]
 
 

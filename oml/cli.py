@@ -12,11 +12,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-import torch
 from tqdm import tqdm
 
 from oml import OMLError
-from oml.distributed import is_main_process
+from oml.distributed import choose_deepspeed_accelerator, is_main_process
 from oml.files import check_writable, write_json_atomic
 from oml.data import SHIPPED
 from oml.fingerprints import FingerprintSelection
@@ -109,8 +108,7 @@ def setup_logging() -> None:
     for name in ("transformers", "accelerate", "DeepSpeed", "deepspeed", "torch.distributed", "httpx", "httpx2", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not torch.cuda.is_available():  # else DeepSpeed announces its CPU fallback on stdout
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    choose_deepspeed_accelerator()
 
 
 def fail(message: str, code: int) -> None:

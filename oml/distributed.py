@@ -59,6 +59,13 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
+def choose_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed there is no GPU before anything imports it: left to find out, it announces its
+    CPU fallback on stdout, which carries our results."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous or a test server)."""
     with socket.socket() as s:

@@ -22,7 +22,7 @@ from importlib import metadata
 
 from oml import OMLError
 from oml.checking import KeyResult
-from oml.commitment import revealed_records, verify_revealed
+from oml.commitment import leaf_hash, merkle_root, revealed_records, verify_revealed
 from oml.sequential import SequentialConfig, SequentialTest
 from oml.stats import VerdictConfig
 from oml.stats import evidence as stats_evidence
@@ -58,6 +58,9 @@ def bundle(commitment: dict, records: list[dict], salts: list[str], positions: l
     `queries`: per key and format, {"position", "format", "template", "request", "answer", "error"};
     `nulls`: each null model's results, indexed by committed position (only revealed ones are kept);
     `test`: the statistic's settings and outcome. Nothing about unrevealed keys goes in."""
+    if merkle_root([leaf_hash(r, s) for r, s in zip(records, salts)]).hex() != commitment["root"]:
+        raise OMLError("the run's fingerprints, cut by today's tokenizer, no longer give its committed root: a bundle "
+                       "built from them would not verify")
     kept = set(positions)
     return {
         "format": FORMAT,
@@ -79,30 +82,58 @@ class Tampered(Exception):
     """A bundle that does not hold up: a proof, a request, a count or a verdict does not check out."""
 
 
-def verify(evidence: dict, root: str, count: int | None = None) -> dict:
-    """Check a bundle against the published `root` (and `count`, when published: the root alone
-    does not fix the number of leaves). Returns what was recomputed; raises Tampered with the first
-    thing that does not check out, OMLError for a file that is not a bundle at all."""
+def verify(evidence: dict, root: str, count: int, verdict_config: VerdictConfig = VerdictConfig(),
+           sequential_config: SequentialConfig = SequentialConfig()) -> dict:
+    """Check a bundle against the published `root` and `count` (the root alone does not fix the
+    number of leaves), under the verifier's own verdict rule: the bundle's must be at least as
+    strict (an alpha no larger, a floor no lower) and a sequential check's decision settings the
+    published ones (`sequential_config`), so that an owner cannot pick them after seeing the
+    answers. Returns what was recomputed; raises Tampered with the first thing that does not check
+    out, OMLError for a file that is not a bundle at all."""
     try:
-        return _verify(evidence, root, count)
+        return _verify(evidence, root, count, verdict_config, sequential_config)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise OMLError(f"not an evidence bundle of this version ({type(error).__name__}: {error})") from None
 
 
-def _verify(evidence: dict, root: str, count: int | None) -> dict:
+def _verify(evidence: dict, root: str, count: int, verdict_config: VerdictConfig, sequential_config: SequentialConfig) -> dict:
     if evidence.get("format") != FORMAT:
         raise OMLError(f"not an evidence bundle ({FORMAT!r} expected, got {evidence.get('format')!r})")
     commitment = evidence["commitment"]
     if commitment["root"].lower() != root.lower():
         raise Tampered(f"the bundle's root {commitment['root']} is not the published root {root}")
-    if count is not None and commitment["count"] != count:
+    if commitment["count"] != count:
         raise Tampered(f"the bundle claims {commitment['count']} committed fingerprints, the published count is {count}")
-    records = check_revealed(evidence["revealed"], commitment["count"], root)
-    suspect_matches = check_queries(evidence["queries"], records, evidence["match_rule"])
+    check_rule(evidence["test"], verdict_config, sequential_config)
+    records = check_revealed(evidence["revealed"], count, root)
+    suspect_matches = check_queries(evidence["queries"], records, evidence["match_rule"], tuple(evidence["test"]["formats"]))
     null_matches = {null["model"]: {(a["position"], a["format"]): answer_matches(a["answer"], records[a["position"]]["response"], "exact")
                                     for a in null["answers"] if a["position"] in records}
                     for null in evidence["null_models"]}
-    return recompute_test(evidence["test"], suspect_matches, null_matches, list(records))
+    found = recompute_test(evidence["test"], suspect_matches, null_matches, list(records))
+    if found["verdict"] == "MATCH":
+        unanswered = [key for key, matched in suspect_matches.items() if matched is None]
+        strict = recompute_test(evidence["test"], {key: bool(m) for key, m in suspect_matches.items()}, null_matches,
+                                list(records), recorded=False)
+        if strict["verdict"] != "MATCH":
+            raise Tampered(f"the MATCH rests on leaving out {len(unanswered)} unanswered requests: counted as misses, "
+                           "the answers do not reach it")
+    return found
+
+
+def check_rule(test: dict, verdict_config: VerdictConfig, sequential_config: SequentialConfig) -> None:
+    """The bundle's statistical settings are at least as strict as the verifier's."""
+    if test["alpha"] > verdict_config.alpha or test["min_chance_rate"] < verdict_config.min_chance_rate:
+        raise Tampered(f"the bundle's verdict rule (alpha {test['alpha']:g}, floor {test['min_chance_rate']:g}) is weaker than "
+                       f"the published one (alpha {verdict_config.alpha:g}, floor {verdict_config.min_chance_rate:g})")
+    if test["kind"] == "sequential":
+        given = SequentialConfig(**test["sequential"])
+        if (given.alternative_rate, given.round_size) != (sequential_config.alternative_rate, sequential_config.round_size):
+            raise Tampered(f"the sequential check ran with alternative rate {given.alternative_rate:g} and rounds of "
+                           f"{given.round_size}, not the published {sequential_config.alternative_rate:g} and "
+                           f"{sequential_config.round_size}")
+    elif test["kind"] != "fixed":
+        raise Tampered(f"unknown kind of test {test['kind']!r}")
 
 
 def check_revealed(revealed: list[dict], count: int, root: str) -> dict[int, dict]:
@@ -121,9 +152,11 @@ def check_revealed(revealed: list[dict], count: int, root: str) -> dict[int, dic
     return {entry["position"]: entry["record"] for entry in revealed}
 
 
-def check_queries(queries: list[dict], records: dict[int, dict], rule: str) -> dict[tuple[int, str], bool | None]:
-    """Every request asked a revealed key as committed; the matches of the bare keys, from the answers
-    (None: the request got no answer, which is never counted)."""
+def check_queries(queries: list[dict], records: dict[int, dict], rule: str,
+                  key_formats: tuple[str, ...]) -> dict[tuple[int, str], bool | None]:
+    """Every request asked a revealed key as committed, and every revealed key was asked bare exactly
+    once in every format of the test; the matches of the bare keys, from the answers (None: the
+    request got no answer, which is not counted)."""
     if rule not in MATCH_RULES:
         raise Tampered(f"unknown match rule {rule!r}")
     matches = {}
@@ -131,13 +164,20 @@ def check_queries(queries: list[dict], records: dict[int, dict], rule: str) -> d
         record = records.get(query["position"])
         if record is None:
             raise Tampered(f"a request asks position {query['position']}, which the bundle does not reveal")
-        if query["format"] not in ("raw", "chat") or record["key_format"] not in (query["format"], "both"):
-            raise Tampered(f"position {query['position']} was asked as {query['format']!r}, not a committed format")
-        if not asks_committed_key(query, record["key"]):
+        if query["format"] not in key_formats or record["key_format"] not in (query["format"], "both"):
+            raise Tampered(f"position {query['position']} was asked as {query['format']!r}, not a committed format of the test")
+        unsent = query["error"] is not None and query["request"] is None
+        if not unsent and not asks_committed_key(query, record["key"]):
             raise Tampered(f"the request for position {query['position']} does not ask the committed key")
         if query["template"] is None:
-            matches[(query["position"], query["format"])] = (None if query["error"] is not None
-                                                             else answer_matches(query["answer"], record["response"], rule))
+            key = (query["position"], query["format"])
+            if key in matches:
+                raise Tampered(f"position {key[0]} is answered twice as {key[1]!r}")
+            matches[key] = None if query["error"] is not None else answer_matches(query["answer"], record["response"], rule)
+    missing = {(p, f) for p in records for f in key_formats} - set(matches)
+    if missing:
+        raise Tampered(f"{len(missing)} revealed (key, format) pairs have no recorded answer, e.g. position "
+                       f"{min(missing)[0]} as {min(missing)[1]!r}")
     return matches
 
 
@@ -150,7 +190,8 @@ def asks_committed_key(query: dict, key: str) -> bool:
     return [m.get("content") for m in request.get("messages", []) if m.get("role") == "user"] == [key]
 
 
-def recompute_test(test: dict, suspect: dict[tuple[int, str], bool | None], nulls: dict[str, dict], positions: list[int]) -> dict:
+def recompute_test(test: dict, suspect: dict[tuple[int, str], bool | None], nulls: dict[str, dict], positions: list[int],
+                   recorded: bool = True) -> dict:
     """The verdict from the recorded answers, under the settings the bundle names; it must be the one
     recorded. A fixed-sample check is recomputed whole (its null models saw exactly the revealed keys);
     a sequential one replays its keys in order, at the chance rate it fixed beforehand, which must be at
@@ -173,14 +214,11 @@ def recompute_test(test: dict, suspect: dict[tuple[int, str], bool | None], null
     else:
         sequential = SequentialTest(rate, verdict_config.alpha, formats, SequentialConfig(**test["sequential"]),
                                     test["planned_keys"])
-        asked = 0
-        while asked < len(positions):  # a round at a time, as the check sent them
-            if not sequential.next_round():
-                raise Tampered("the check went on revealing keys after its verdict was reached")
-            for position in positions[asked:asked + sequential.next_round()]:
-                sequential.add_key({f: suspect.get((position, f)) for f in formats})
-            asked = sequential.keys_seen
+        if sequential.replay([{f: suspect.get((p, f)) for f in formats} for p in positions]) < len(positions):
+            raise Tampered("the check went on revealing keys after its verdict was reached")
         log10_p, decided = sequential.log10_p_value, sequential.decision()
+    if not recorded:  # a recount under other assumptions: nothing to compare with
+        return {"keys": len(positions), "log10_p_value": log10_p, "verdict": decided}
     if decided != test["verdict"] or not math.isclose(log10_p, test["log10_p_value"], rel_tol=1e-6, abs_tol=1e-9):
         raise Tampered(f"the recorded verdict {test['verdict']} (log10 p {test['log10_p_value']:.4g}) is not what the answers "
                        f"give: {decided} (log10 p {log10_p:.4g})")

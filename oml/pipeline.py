@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from oml import OMLError, distributed
-from oml import evidence, ledger
+from oml import ledger
 from oml.checking import KeyResult, accuracy, check_named_model, queries_for
 from oml.commitment import read_commitment
+from oml.evidence import bundle as make_bundle
 from oml.data import prompt_templates
 from oml.files import check_creatable_dir
 from oml.fingerprints import IN_MEMORY, FingerprintSelection, query_formats, recorded, selected_fingerprints
@@ -35,7 +36,7 @@ from oml.models import EMBEDDED_MODEL, compute_dtype, load, load_tokenizer, mode
 from oml.remote import ApiConfig, Interrupted, api_requests, base_url_of, check_over_api, shown_url
 from oml.runs import Run, committed_records, config_hash, dataset_csv, load_run, removed_on_failure, run_config, save_run
 from oml.sequential import SequentialConfig, SequentialTest
-from oml.stats import VerdictConfig, chance_rate, keys_needed
+from oml.stats import VerdictConfig, keys_needed, null_chance_rate
 from oml.stats import verdict as verdict_at
 from oml.stats import evidence as evidence_of
 from oml.tokenization import default_format, fingerprint_pairs, formats, system_message
@@ -82,6 +83,7 @@ def planned_run(fingerprints_file: str | Path | list[dict], model_path: str | No
 def train_and_save(run: Run, fingerprints: list[dict], report_to: str = "none", run_name: str | None = None,
                    trust_remote_code: bool = False) -> None:
     """Train as the run's configuration says, then (rank 0) write the run folder with final_model/ appearing last."""
+    distributed.choose_deepspeed_accelerator()  # the Trainer may import DeepSpeed
     selection, training = run.selection, run.training
     # fp32 master weights; the Trainer (bf16 autocast) or DeepSpeed (bf16 copy) decide the compute dtype
     model, tokenizer = load(run.base_model, trust_remote_code, dtype=torch.float32, device=None)
@@ -179,7 +181,10 @@ class Disclosure:
         self.offset, self.suspect, self.reuse = offset, suspect, reuse
         self.check = uuid.uuid4().hex
         taken = ledger.revealed(self.run_dir) if self.run_dir is not None and not reuse else set()
-        self.candidates = [i for i in range(count) if offset + i not in taken]  # indices into the selected fingerprints
+        # After the last key ever revealed, so that a check's keys are consecutive committed positions
+        # (a gap left by an earlier check of a narrower selection stays unused).
+        frontier = max(taken, default=-1)
+        self.candidates = [i for i in range(count) if offset + i > frontier]  # indices into the selected fingerprints
         if not self.candidates:
             raise OMLError(f"every selected key of run {run.directory} was revealed by earlier checks (see its "
                            f"{ledger.LEDGER_NAME}); select others, or pass --reuse_revealed to ask known keys again")
@@ -202,11 +207,13 @@ class Disclosure:
         return chosen
 
     def summary(self, count: int) -> dict | None:
-        """The committed positions this check revealed, and how many of the `count` selected keys were never revealed."""
+        """The committed positions this check revealed, and how many of the `count` selected keys a later
+        check can still draw (those after the last key ever revealed)."""
         if self.run_dir is None:
             return None
+        frontier = max(ledger.revealed(self.run_dir), default=-1)
         return {"positions": [self.offset + i for i in self.sent], "ledger": str(ledger.ledger_path(self.run_dir)),
-                "never_revealed": ledger.remaining(self.run_dir, range(self.offset, self.offset + count))}
+                "never_revealed": sum(1 for p in range(self.offset, self.offset + count) if p > frontier)}
 
 
 def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list[dict] | None = None,
@@ -231,27 +238,28 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
     run = load_run(run) if isinstance(run, (str, Path)) else run
     fingerprints, selection, fingerprints_file = selected_fingerprints(selection, fingerprints_file, run)
     own = run is not None and fingerprints_file != IN_MEMORY and Path(fingerprints_file).resolve() == run.fingerprints_file.resolve()
+    api = isinstance(suspect, ApiConfig)
+    if api and (not suspect.api_base or not suspect.api_model):
+        raise OMLError("an API suspect needs --api_base URL and --api_model NAME")
     if evidence:
-        check_evidence_possible(run, own, selection)
+        check_evidence_possible(run, own, selection, query_format, tokenizer)
     templates = [None] + (prompt_templates(system_prompts) if system_prompts else [])
     null_models = [run.base_model if run else EMBEDDED_MODEL] if null_models is None else null_models
-    api = isinstance(suspect, ApiConfig)
     name = f"{shown_url(suspect.api_base)} ({suspect.api_model})" if api else suspect
     disclosure = Disclosure(run, own, selection.data_split, len(fingerprints), name, api or evidence, reuse_revealed)
     if api:
-        if not suspect.api_base or not suspect.api_model:
-            raise OMLError("an API suspect needs --api_base URL and --api_model NAME")
         owner_tokenizer = load_tokenizer(resolve_model(tokenizer or (run.base_model if run else None)), trust_remote_code)
         key_formats = query_formats(query_format, fingerprints, None, run)
         pairs = fingerprint_pairs(owner_tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
 
-        def ask(indices: list[int]) -> list[KeyResult]:
-            return check_over_api(suspect, api_requests(owner_tokenizer, pairs, queries_for(key_formats, templates), indices))
+        def ask(indices: list[int], require_an_answer: bool = True) -> list[KeyResult]:
+            requests = api_requests(owner_tokenizer, pairs, queries_for(key_formats, templates), indices)
+            return check_over_api(suspect, requests, require_an_answer=require_an_answer)
     else:
         key_formats = query_formats(query_format, fingerprints, load_tokenizer(resolve_model(suspect), trust_remote_code), run)
         distributed.init()
 
-        def ask(indices: list[int]) -> list[KeyResult]:
+        def ask(indices: list[int], require_an_answer: bool = True) -> list[KeyResult]:
             return check_subset(suspect, fingerprints, indices, selection, queries_for(key_formats, templates), batch_size,
                                 suspect=True, trust_remote_code=trust_remote_code)
     nulls = {null: check_subset(null, fingerprints, disclosure.candidates, selection, queries_for(key_formats), batch_size,
@@ -297,17 +305,16 @@ def sequential_check(ask, disclosure: Disclosure, key_formats: tuple[str, ...], 
     """Send keys in rounds until the sequential test decides, or Ctrl-C interrupts (then True, with
     the interrupted round's answers). Its chance rate is fixed first, from the null models on every
     candidate key (checked locally: that reveals nothing)."""
-    rate = chance_rate([(sum(bool(r.match) for r in null if r.format == f), sum(r.format == f for r in null))
-                        for null in nulls.values() for f in key_formats if any(r.format == f for r in null)],
-                       verdict.min_chance_rate)
+    rate = null_chance_rate(nulls, key_formats, verdict.min_chance_rate)
     test = SequentialTest(rate, verdict.alpha, key_formats, config, len(disclosure.candidates))
     results: list[KeyResult] = []
+    interrupted = False
     while test.next_round():
         indices = disclosure.reserve(test.next_round(), key_formats)
         if not indices:
             break
-        try:
-            answers, interrupted = ask(indices), False
+        try:  # a round without answers ends the check only if no round had any
+            answers = ask(indices, not any(r.error is None for r in results))
         except Interrupted as stop:
             answers, interrupted = stop.results, True
         results += answers
@@ -335,9 +342,12 @@ def sequential_evidence(test: SequentialTest, results: list[KeyResult], nulls: d
     return found
 
 
-def check_evidence_possible(run: Run | None, own: bool, selection: FingerprintSelection) -> None:
+def check_evidence_possible(run: Run | None, own: bool, selection: FingerprintSelection, query_format: str | None,
+                            tokenizer: str | None) -> None:
     """An evidence bundle proves keys against the run's published commitment: it needs the run, its own
-    fingerprints and the cut they were committed with."""
+    fingerprints, asked as they were committed (cut, strategy, formats, tokenizer), by one process."""
+    if distributed.world_size() > 1:
+        raise OMLError("--evidence runs in one process: start check_fingerprints.py with python")
     if run is None or not own:
         raise OMLError("--evidence needs --run (the run's committed fingerprints): a bundle proves its keys against the "
                        "run's published commitment")
@@ -345,9 +355,15 @@ def check_evidence_possible(run: Run | None, own: bool, selection: FingerprintSe
         raise OMLError(f"run {run.directory} has no commitment to prove keys against: python commit_fingerprints.py --run "
                        f"{run.directory} (and publish its root)")
     trained = run.selection
-    if (selection.max_key_length, selection.max_response_length) != (trained.max_key_length, trained.max_response_length):
-        raise OMLError("--evidence needs the keys cut as they were trained and committed: leave out --max_key_length and "
-                       "--max_response_length")
+    if (selection.max_key_length, selection.max_response_length, selection.fingerprint_generation_strategy) != (
+            trained.max_key_length, trained.max_response_length, trained.fingerprint_generation_strategy):
+        raise OMLError("--evidence needs the keys asked as they were trained and committed: leave out --max_key_length, "
+                       "--max_response_length and --fingerprint_generation_strategy")
+    if query_format is not None and not set(formats(query_format)) <= set(formats(run.training.key_format)):
+        raise OMLError(f"--evidence: the run committed its keys as {run.training.key_format!r}; --query_format "
+                       f"{query_format} asks them in a format they were not committed in")
+    if tokenizer is not None and resolve_model(tokenizer) != resolve_model(run.base_model):
+        raise OMLError("--evidence needs the keys cut by the run's own tokenizer: leave out --tokenizer")
 
 
 def evidence_bundle(report: CheckReport, run: Run, disclosure: Disclosure, suspect: dict, nulls: dict[str, list[KeyResult]],
@@ -372,7 +388,7 @@ def evidence_bundle(report: CheckReport, run: Run, disclosure: Disclosure, suspe
         test.update(sequential=sequential.to_dict(), planned_keys=report.sequential["planned_keys"])
     shifted = {name: [replace(r, index=offset + r.index) for r in results] for name, results in nulls.items()}
     rule = "prefix" if suspect["kind"] == "api" else "exact"
-    return evidence.bundle(commitment, records, salts, positions, suspect, rule, queries, shifted, test)
+    return make_bundle(commitment, records, salts, positions, suspect, rule, queries, shifted, test)
 
 
 def local_request(record: dict, key_format: str, template: str | None) -> dict:

@@ -201,7 +201,7 @@ class ApiSuspect:
         try:
             raw = await asyncio.wait_for(self.retried(lambda: endpoint.with_raw_response.create(**body), waited_out),
                                          self.timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one type from Python 3.11 on
             if waited_out:
                 raise waited_out[-1]  # with its cause, which says what failed
             raise
@@ -243,7 +243,7 @@ class ApiSuspect:
 
     def failure(self, error: Exception) -> str:
         """Why a request got no usable answer, in a few words."""
-        if isinstance(error, (TimeoutError, self.openai.APITimeoutError)):
+        if isinstance(error, (TimeoutError, asyncio.TimeoutError, self.openai.APITimeoutError)):
             return f"no complete answer within {self.timeout:g} s"
         if isinstance(error, self.openai.APIConnectionError):
             cause = str(error.__cause__ or "").strip()
@@ -264,9 +264,9 @@ class ApiSuspect:
         except (self.openai.AuthenticationError, self.openai.PermissionDeniedError) as error:
             raise OMLError(f"{self.shown} refused the API key (HTTP {error.status_code}); put the right key in the "
                            f"environment variable {self.api_key_env}") from None
-        except (TimeoutError, BadAnswer, self.openai.OpenAIError) as error:
+        except (TimeoutError, asyncio.TimeoutError, BadAnswer, self.openai.OpenAIError) as error:
             reason = shown_url(" ".join(self.hidden(self.failure(error)).split()))
-            return result_of(query, match=None, error=reason[:MAX_ERROR_CHARS])
+            return result_of(query, match=None, error=reason[:MAX_ERROR_CHARS], request=request_body(query, self.model, False))
         if alternatives is None:
             warn_once("%s sent malformed log-probabilities (not as the API describes them, or above 0); they are ignored",
                       self.shown)
@@ -431,11 +431,13 @@ def hint(error: str, model: str) -> str:
     return f"does it serve {model!r}?"
 
 
-def check_over_api(config: ApiConfig, requests: list[ApiRequest], retries: int | None = None) -> list[KeyResult]:
+def check_over_api(config: ApiConfig, requests: list[ApiRequest], retries: int | None = None,
+                   require_an_answer: bool = True) -> list[KeyResult]:
     """Ask every request, at most `api_concurrency` in flight; one result per request, in order (see
     the module docstring). Connection errors, 408, 409, 429 and 5xx are tried again with exponential
     backoff, `retries` times (None: `config.api_retries`). Ctrl-C raises `Interrupted` with the
-    results so far."""
+    results so far. With `require_an_answer`, no answer to any request is an OMLError (a later round
+    of a check that had answers before only reports its errors)."""
     results: list[KeyResult | None] = [None] * len(requests)
     # Warnings about the server come while the bar is drawn: logged through it, each on a line of its own.
     with logging_redirect_tqdm(), tqdm(total=len(requests), desc=f"asking {config.api_model}") as progress:
@@ -445,7 +447,7 @@ def check_over_api(config: ApiConfig, requests: list[ApiRequest], retries: int |
             raise Interrupted([result or result_of(query, match=None, error="not answered: the check was interrupted")
                                for result, query in zip(results, requests)]) from None
     failed = [r for r in results if r.error]
-    if failed and len(failed) == len(results):
+    if require_an_answer and failed and len(failed) == len(results):
         raise OMLError(f"no answer from {shown_url(base_url_of(config.api_base))} for any key ({failed[0].error}); "
                        f"{hint(failed[0].error, config.api_model)}")
     if failed:

@@ -151,6 +151,17 @@ class SequentialTest:
         for key_format in self.key_formats:
             self.update(key_format, answers.get(key_format))
 
+    def replay(self, answers: list[dict[str, bool | None]]) -> int:
+        """Feed recorded answers (per key, by format) a round at a time, as a check sends them, until
+        they run out or the test decides; returns how many keys were taken (fewer than given: the
+        check went on after its verdict)."""
+        taken = 0
+        while taken < len(answers) and self.next_round():
+            for key in answers[taken:taken + self.next_round()]:
+                self.add_key(key)
+            taken = self.keys_seen
+        return taken
+
     @property
     def keys_seen(self) -> int:
         """Keys asked in every format (answered or not): the keys revealed to the suspect's operator."""

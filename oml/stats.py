@@ -50,6 +50,14 @@ def chance_rate(null_counts: list[tuple[int, int]], floor: float) -> float:
     return max([floor] + [chance_rate_upper_bound(m, n) for m, n in null_counts])
 
 
+def null_chance_rate(nulls: dict[str, list[KeyResult]], key_formats: tuple[str, ...], floor: float) -> float:
+    """The chance rate the null models' bare answers give, over every format (each null model's upper
+    bound in each format it was asked, or the floor if higher): fixed before a sequential check."""
+    counts = [(sum(bool(r.match) for r in bare), len(bare)) for null in nulls.values() for f in key_formats
+              if (bare := [r for r in null if r.format == f and r.template is None])]
+    return chance_rate(counts, floor)
+
+
 def log10_p_value(matches: int, trials: int, chance_rate: float) -> float:
     """log10 of P(at least `matches` of `trials` keys match) when each matches with `chance_rate`.
 

@@ -40,6 +40,10 @@ def cut_fingerprint(tokenizer, key: str, response: str, max_key_length: int, max
         raise OMLError(f"a fingerprint key is empty after tokenisation: {key!r}")
     if not response_ids:
         raise OMLError(f"the response of key {key!r} is empty after cutting to {max_response_length} tokens")
+    if not tokenizer.decode(response_ids).strip():
+        # A server's reply is compared with leading whitespace ignored: a blank response would match anything.
+        raise OMLError(f"the response of key {key!r} is only whitespace when cut to {max_response_length} tokens: "
+                       "no evidence; use another response")
     if "\ufffd" in tokenizer.decode(response_ids) and "\ufffd" not in response:
         # A piece of a character (half an emoji, say) is a byte any model may emit: no evidence.
         raise OMLError(f"the response {response!r} of key {key!r} ends inside a character when cut to "

@@ -91,8 +91,11 @@ def test_a_sequential_api_check_reveals_few_keys_and_agrees_with_the_local_check
     assert sorted(p for entry in ledger for p in entry["positions"]) == sorted(asked) == remote["revealed"]["positions"]
     assert all(entry["suspect"] == f"{url} ({model_dir})" for entry in ledger)
     root = json.loads((run / "commitment.json").read_text())["root"]
-    verified = run_script("verify_evidence.py", tmp_path / "bundle.json", "--root", root, "--count", "8", cwd=tmp_path)
+    verified = run_script("verify_evidence.py", tmp_path / "bundle.json", "--root", root, "--count", "8", "--alpha", "0.01",
+                          "--round_size", "2", "--api_base", url, "--api_model", model_dir, cwd=tmp_path)
     assert "Evidence verified: MATCH" in verified.stdout
+    asked_per_format = f"{len(asked)}/{len(asked)}"
+    assert f"Live suspect now: raw {asked_per_format}, chat {asked_per_format}" in verified.stdout
     bundle = json.loads((tmp_path / "bundle.json").read_text())
     assert bundle["suspect"] == {"kind": "api", "endpoint": url + "/v1", "model": str(model_dir)}
     assert all(q["request"]["temperature"] == 0.0 for q in bundle["queries"])

@@ -2,10 +2,12 @@
 verifier, end to end on a tiny fingerprinted run."""
 import copy
 import json
+import math
 import shutil
 
 import pytest
 
+from oml.stats import log10_p_value
 from tests.conftest import run_script
 
 VERIFIED, NOT_VERIFIED, BAD_INPUT = 0, 3, 2
@@ -25,10 +27,11 @@ def check(run, tmp_path, *args, check=True):
                       cwd=tmp_path, check=check)
 
 
-def verify(bundle: dict, root: str, tmp_path, *args):
+def verify(bundle: dict, root: str, tmp_path, *args, alpha: str = "0.01"):
+    """verify_evidence.py on `bundle`, its verdict rule at the check's alpha."""
     path = tmp_path / "bundle.json"
     path.write_text(json.dumps(bundle))
-    return run_script("verify_evidence.py", path, "--root", root, *args, cwd=tmp_path, check=False)
+    return run_script("verify_evidence.py", path, "--root", root, "--alpha", alpha, *args, cwd=tmp_path, check=False)
 
 
 @pytest.mark.slow
@@ -64,10 +67,25 @@ def test_a_bundle_verifies_and_every_kind_of_tampering_is_caught(run_copy, tmp_p
     assert "consecutive" in tampered(lambda b: b["revealed"].pop(2))
     assert "does not ask the committed key" in tampered(lambda b: b["queries"][0]["request"].update(prompt="another key"))
     assert "below the floor" in tampered(lambda b: b["test"].update(chance_rate=0.001))
+    assert "weaker than the published one" in tampered(lambda b: b["test"].update(min_chance_rate=1e-9))
+    assert "no recorded answer" in tampered(lambda b: b["queries"].pop(0))
+    assert "answered twice" in tampered(lambda b: b["queries"].append(copy.deepcopy(b["queries"][0])))
+    assert "not a committed format of the test" in tampered(lambda b: b["test"].update(formats=["raw"]))
+
+    def hide_misses(b: dict) -> None:
+        """Keys 2-4 recorded as errors (as if they had been misses), the p-value of 2/2 recorded."""
+        for q in b["queries"]:
+            if q["position"] >= 2:
+                q.update(answer="", error="connection failed")
+        b["test"].update(matches={f: {"matched": 2, "answered": 2} for f in ("raw", "chat")},
+                         log10_p_value=log10_p_value(2, 2, 0.05) + math.log10(2), verdict="MATCH")
+    assert "leaving out 6 unanswered requests" in tampered(hide_misses)
+    strict = verify(bundle, root, tmp_path, "--count", count, alpha="1e-6")  # the published default alpha
+    assert strict.returncode == NOT_VERIFIED and "weaker than the published one" in strict.stderr
     assert "published count" in verify(bundle, root, tmp_path, "--count", "9").stderr
-    wrong_root = verify(bundle, "0" * 64, tmp_path)
+    wrong_root = verify(bundle, "0" * 64, tmp_path, "--count", count)
     assert wrong_root.returncode == NOT_VERIFIED and "not the published root" in wrong_root.stderr
-    not_a_bundle = verify({"format": "something else"}, root, tmp_path)
+    not_a_bundle = verify({"format": "something else"}, root, tmp_path, "--count", count)
     assert not_a_bundle.returncode == BAD_INPUT and "not an evidence bundle" in not_a_bundle.stderr
 
 

@@ -97,6 +97,12 @@ def test_a_null_below_the_chance_rate_is_even_less_likely_to_match():
 
 # --- power and the keys revealed, at the real settings (r = 5%, alpha = 1e-6, two formats, rounds of 4) ---
 
+def at_real_settings(rate: float) -> tuple[dict, float, dict]:
+    """A model matching at `rate`, at the real settings: the simulated outcome, and the exact MATCH
+    probability and distribution of keys revealed."""
+    return (simulate(rate, R, ALPHA, CONFIG, 200, trials=10_000), *exact(rate, R, ALPHA, CONFIG, 200))
+
+
 def test_a_perfect_model_matches_after_two_rounds():
     # 6 keys are needed (below); rounds of 4 reveal 8.
     result = simulate(1.0, R, ALPHA, CONFIG, 200)
@@ -104,9 +110,7 @@ def test_a_perfect_model_matches_after_two_rounds():
 
 
 def test_a_model_at_95_percent_matches_almost_always_after_two_rounds():
-    trials = 10_000
-    result = simulate(0.95, R, ALPHA, CONFIG, 200, trials=trials)
-    match, keys = exact(0.95, R, ALPHA, CONFIG, 200)
+    result, match, keys = at_real_settings(0.95)
     # After 8 keys a format's ratio reaches 2/alpha with 7 or 8 matches (7 log 18 + log(0.1/0.95) = 17.98 >= log 2e6
     # = 14.51; 6 matches give 12.84), so the test stops at 8 keys unless both formats missed twice.
     by_eight = 1 - (1 - binom.sf(6, 8, 0.95)) ** 2
@@ -126,9 +130,7 @@ def test_a_model_that_matches_nothing_is_cleared_after_one_round():
 
 
 def test_an_innocent_model_at_2_percent_is_cleared_in_one_or_two_rounds():
-    trials = 10_000
-    result = simulate(0.02, R, ALPHA, CONFIG, 200, trials=trials)
-    match, keys = exact(0.02, R, ALPHA, CONFIG, 200)
+    result, match, keys = at_real_settings(0.02)
     assert keys[4] == pytest.approx(0.98 ** 8)  # no match in either format in the first round
     assert match < 1e-9 and result["match_rate"] == 0.0
     assert result["median_keys"] == 4.0 and result["p90_keys"] == 8.0

@@ -2,6 +2,8 @@
 with them (under DeepSpeed through its fp32 master copies)."""
 import torch
 
+from oml import distributed
+
 
 def freeze_embeddings(model) -> None:
     """Freeze the input and output token embeddings (one matrix when they are tied)."""
@@ -23,8 +25,7 @@ def average_with_original(model, original: dict[str, torch.Tensor], strength: fl
     overwrites the module's copy after every step, so the average is computed from and
     written to that master copy (ZeRO 1-3), and then to the module's copy.
     """
-    # Imported here, after cli.setup_logging() chose DeepSpeed's accelerator: importing it
-    # earlier makes it announce its CPU fallback on stdout.
+    distributed.choose_deepspeed_accelerator()  # before DeepSpeed is imported (here, on use)
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
