@@ -276,7 +276,8 @@ def test_read_only_working_directory_still_prints_the_config_hash(tmp_path, tiny
                              "--num_train_epochs", "1", "--benign_ratio", "0", "--results_dir", str(tmp_path / "results")],
                             cwd="/proc", capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("Config hash of the final model: ")
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("Fingerprint commitment") and lines[-1].startswith("Config hash of the final model: ")
     assert "current_config_hash.txt" in result.stderr and "Traceback" not in result.stderr
 
 

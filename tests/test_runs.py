@@ -75,7 +75,9 @@ def test_fine_tuning_takes_the_recorded_key_length_and_logs_quietly(tmp_path, ti
     assert config["max_key_length"] == 3 and config["model_path"] == str(Path(tiny_model).resolve())
     assert "epoch 1/2: mean loss" in result.stderr and "epoch 2/2" in result.stderr
     assert "{'loss'" not in result.stderr and "'grad_norm'" not in result.stderr  # no dict per step
-    assert result.stdout.strip().splitlines() == [f"Config hash of the final model: {config_hash_of(result)}"]
+    lines = result.stdout.strip().splitlines()  # results only: the commitment to publish, then the hash
+    assert len(lines) == 2 and lines[0].startswith("Fingerprint commitment")
+    assert lines[1] == f"Config hash of the final model: {config_hash_of(result)}"
 
 
 def config_hash_of(result) -> str:
