@@ -22,6 +22,7 @@ from importlib import metadata
 
 from oml import OMLError
 from oml.checking import KeyResult
+from oml.remote import is_match
 from oml.commitment import leaf_hash, merkle_root, revealed_records, verify_revealed
 from oml.sequential import SequentialConfig, SequentialTest
 from oml.stats import VerdictConfig
@@ -34,9 +35,7 @@ MATCH_RULES = ("prefix", "exact")
 
 
 def answer_matches(answer: str, response: str, rule: str) -> bool:
-    if rule == "prefix":
-        return answer.lstrip().startswith(response.lstrip())
-    return answer == response
+    return is_match(answer, response) if rule == "prefix" else answer == response
 
 
 def versions() -> dict:
