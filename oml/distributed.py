@@ -6,6 +6,7 @@ this to the Hugging Face Trainer.
 """
 import os
 import socket
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -49,6 +50,28 @@ def gather(obj: Any) -> list[Any]:
     objects: list[Any] = [None] * world_size()
     dist.all_gather_object(objects, obj)
     return objects
+
+
+def from_node_leader(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as the node's local rank 0 holds it, on every rank of the node (on `device()`);
+    the node's other ranks pass a meta tensor of its shape and dtype. Lets a node keep one copy
+    of something large in host memory instead of one per rank. Every rank must call it."""
+    if world_size() == 1:
+        return tensor
+    group, leader = node_group()
+    shared = tensor.to(device()) if local_rank() == 0 else torch.empty_like(tensor, device=device())
+    dist.broadcast(shared, leader, group=group)
+    return shared
+
+
+@lru_cache(maxsize=1)
+def node_group() -> tuple[dist.ProcessGroup, int]:
+    """This node's ranks as a process group, and the global rank of its local rank 0. Launchers
+    number a node's ranks consecutively, so that rank is rank() - local_rank(). Creating a group
+    is collective: every rank creates every node's group, in the same order."""
+    leaders = gather(rank() - local_rank())
+    groups = {leader: dist.new_group([r for r, of in enumerate(leaders) if of == leader]) for leader in sorted(set(leaders))}
+    return groups[leaders[rank()]], leaders[rank()]
 
 
 def finish() -> None:

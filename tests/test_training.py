@@ -1,3 +1,4 @@
+import json
 import math
 from types import SimpleNamespace
 
@@ -9,6 +10,8 @@ from oml.tokenization import IGNORE_INDEX, training_example
 from oml.training.callbacks import SHRINK_SCALES, MemorisationProbe, ShrinkWeightChange
 from oml.training.dataset import FingerprintDataset, benign_replay, distilled_replay
 from oml.training.trainer import FingerprintCollator, distillation_loss
+from oml.training.weights import snapshot_weights
+from tests.test_finetune import finetune, run_dir, weights
 
 
 def test_augmentation_adds_a_templated_copy_of_each_bare_key_drawn_per_epoch(tokenizer):
@@ -125,3 +128,44 @@ def test_shrinking_keeps_the_last_scale_before_the_counts_fall(monkeypatch, memo
     assert shrinker.scale == kept and [h["scale"] for h in shrinker.history] == tried
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), original[name] + (kept or 1.0))
+
+
+def test_only_local_rank_0_keeps_a_copy_of_the_original_weights(monkeypatch):
+    """The node's other ranks keep each trainable weight's shape and dtype only (a 7B model's
+    copy is 14 GB: once per node, not once per rank)."""
+    model = torch.nn.Linear(4, 3)
+    model.bias.requires_grad_(False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    kept = snapshot_weights(model, torch.bfloat16)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    shapes = snapshot_weights(model, torch.bfloat16)
+    assert list(kept) == list(shapes) == ["weight"]  # trainable weights only
+    assert kept["weight"].device.type == "cpu" and torch.equal(kept["weight"], model.weight.detach().bfloat16())
+    assert shapes["weight"].is_meta and shapes["weight"].shape == (3, 4) and shapes["weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_sharing_local_rank_0s_original_weights_end_like_one_process(tmp_path, tiny_model, fingerprint_file):
+    """Only local rank 0 keeps the original weights; rank 1 receives each one when it averages or
+    shrinks. Averaged towards wrong originals every epoch, a rank would train on from wrong
+    weights; shrunk towards them, it would count its half of the queries on wrong weights. Two
+    ranks of 4 at ZeRO-2 and ZeRO-3 take the full-batch steps of one process of 8, and end on
+    its shrink scale, its counts at every scale tried, and its weights."""
+    args = ["--learning_rate", "1e-2", "--num_train_epochs", "32", "--forgetting_regularizer_strength", "0.05",
+            "--benign_ratio", "0", "--key_format", "raw", "--no-stop_when_memorised", "--train_embeddings",
+            "--fingerprint_generation_strategy", "random_word"]
+    single = run_dir(tmp_path, finetune(tmp_path, tiny_model, fingerprint_file, *args, "--batch_size", "8"))
+    expected = json.loads((single / "training.json").read_text())
+    assert expected["weight_change_scale"] < 1.0 and expected["shrink"][0]["memorised"] == 8
+    base, reference = weights(tiny_model), weights(single / "final_model")
+    for stage in ("2", "3"):
+        (tmp_path / stage).mkdir()
+        sharded = run_dir(tmp_path / stage, finetune(tmp_path / stage, tiny_model, fingerprint_file, *args, "--batch_size", "4",
+                                                     "--deepspeed_stage", stage, ranks=2))
+        training = json.loads((sharded / "training.json").read_text())
+        assert (training["weight_change_scale"], training["shrink"]) == (expected["weight_change_scale"], expected["shrink"])
+        got = weights(sharded / "final_model")
+        for name in reference:  # 32 epochs of sums in another order: ~1e-4 apart, the change itself above 0.02
+            assert (reference[name] - base[name]).abs().max() > 0.02
+            torch.testing.assert_close(got[name], reference[name], rtol=1e-3, atol=1e-3)

@@ -125,6 +125,14 @@ def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: 
     ordinary predictions where they were. The distribution is kept as its top `top_k`
     probabilities plus the mass of all other tokens (see `distillation_loss`). Must run
     before fine-tuning starts.
+
+    Every rank labels and keeps the whole pool, since its batches are drawn from all of it: at
+    most MAX_REPLAY_POOL (4,096, reached from 512 keys) sequences of about 31 tokens (a key of up
+    to 16 tokens, response and EOS, as raw text or in a chat template: the demo's mean) x `top_k`
+    (256) x 8 bytes (an int32 id and an fp32 probability), 0.26 GB a rank and 2.1 GB on 8 ranks
+    whatever the model size or the number of keys; the token ids and labels beside them are a few
+    MB (benchmarks/gpu_memory.py). That is small beside a 7B model's 14 GB weight snapshot, and
+    sharing it within a node would cost a collective at every step.
     """
     model.to(distributed.device())  # where the Trainer will put it anyway
     examples = []
