@@ -5,11 +5,17 @@
 One row per transformation of the fingerprinted model: bf16 and fp16 casts; GGUF quantization
 round trips (Q8_0, Q5_0, Q4_0, with the `gguf` package's quantizers); sampling instead of
 greedy decoding; the 10 unseen system prompts (chat: as the system message); linear merges
-with an innocent derivative of the base model; full and LoRA fine-tuning on benign chat; and
-the output-suppression attack (serve the second token whenever the top one is more likely
-than a gate). Each row gives the accuracy per key format, the verdict (null model: the base,
-under the same decoding) and what the transformation cost: KL from the base on held-out chat
-for weight changes, the share of benign tokens it alters for suppression.
+with an innocent derivative of the base model; full and LoRA fine-tuning on benign chat; the
+output-suppression attack (serve the second token whenever the top one is more likely than a
+gate); the decoding attacks of "Are Robust LLM Fingerprints Adversarially Robust?" (arXiv
+2509.26598: DetectTop-k, SuppressNeighbor, DetectNeighbor, SuppressLookahead); front ends that
+rewrite the user's text (stripped, trailing newline, whitespace collapsed, lower case, inside a
+deployer's template); and MEraser (arXiv 2506.12551: fine-tuning on mismatched, then on clean
+chat), full and LoRA. Each row gives the accuracy per key format, the verdict (null model: the
+base, under the same decoding and front end) and what the transformation cost: KL from the base
+on held-out chat for weight changes, the share of benign tokens a decoding attack alters (of
+the first reply tokens, for those that act only there), the share of chat messages a front end
+changes.
 """
 import logging
 from dataclasses import dataclass, field, replace
@@ -18,15 +24,17 @@ from typing import Callable
 import torch
 
 from oml import cli
-from oml.attacks import GGUF_TYPES, benign_finetune, innocent_derivative, lora_finetune, merge_into, quantize_round_trip
-from oml.checking import GREEDY, Decoding, KeyResult, check_model, queries_for
+from oml.attacks import (FRONT_ENDS, GGUF_TYPES, benign_finetune, innocent_derivative, lora_finetune, meraser, meraser_examples,
+                         merge_into, quantize_round_trip, rewritten_keys)
+from oml.checking import (GREEDY, Decoding, KeyResult, LookaheadSuppression, NeighbourSuppression, Sampling, TopKSuppression,
+                          check_model, queries_for)
 from oml.data import chat_pairs, prompt_templates, texts_from
 from oml.files import check_writable, write_atomically
 from oml.fingerprints import FingerprintSelection, query_formats, selected_fingerprints
 from oml.models import load
 from oml.stats import VerdictConfig, evidence, format_p_value
 from oml.tokenization import fingerprint_pairs
-from oml.utility import chat_examples, compare_on_texts, suppressed_share, text_examples
+from oml.utility import altered_share, chat_examples, compare_on_texts, text_examples
 
 logger = logging.getLogger("evaluate_robustness")
 
@@ -36,11 +44,13 @@ MIN_TEMPERATURE = 0.01
 
 @dataclass
 class Attack:
-    """A transformation: of the weights (`transform` returns the changed model), of decoding, or of the prompt."""
+    """A transformation: of the weights (`transform` returns the changed model), of decoding, of the
+    prompt (system prompts), or of the key's text (`front_end`, a name in `FRONT_ENDS`)."""
     name: str
     transform: Callable | None = None
     decoding: Decoding = GREEDY
     system_prompts: bool = False
+    front_end: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -62,7 +72,25 @@ def parse_args():
     parser.add_argument("--finetune_batch_size", type=cli.positive_int, default=8, help="Examples per fine-tuning step.")
     parser.add_argument("--suppression_gate", type=cli.open_unit_interval, nargs="+", default=[0.9],
                         help="Output suppression serves the second token wherever the top one is likelier than this.")
+    parser.add_argument("--meraser_erase_samples", type=cli.positive_int, default=400,
+                        help="MEraser's phase 1 examples: messages each answered with another exchange's reply.")
+    parser.add_argument("--meraser_key_like_share", type=cli.unit_interval, default=0.5,
+                        help="Share of MEraser's phase 1 messages that are random words made and asked like our random-word "
+                             "keys (an attacker who knows how keys are made; 0: the paper's attack).")
+    parser.add_argument("--meraser_recover_samples", type=cli.positive_int, default=400,
+                        help="MEraser's phase 2 examples: clean chat exchanges.")
+    parser.add_argument("--meraser_erase_steps", type=cli.positive_int, default=250,
+                        help="MEraser's phase 1 steps of --finetune_batch_size examples (5 epochs of 400, as the authors' code).")
+    parser.add_argument("--meraser_recover_steps", type=cli.positive_int, default=100,
+                        help="MEraser's phase 2 steps (2 epochs of 400, as the authors' code).")
+    parser.add_argument("--meraser_full_learning_rate", type=cli.positive_float, default=1e-4,
+                        help="Learning rate of both phases of the full fine-tuning MEraser row.")
+    parser.add_argument("--meraser_lora_learning_rate", type=cli.positive_float, default=5e-4,
+                        help="Learning rate of both phases of the LoRA MEraser row (the authors' code's).")
     parser.add_argument("--num_texts", type=cli.positive_int, default=16, help="Held-out chat texts for the utility column.")
+    parser.add_argument("--num_replies", type=cli.positive_int, default=256,
+                        help="Held-out chat exchanges: their first reply tokens price the decoding attacks that act only "
+                             "there, their messages the front ends.")
     parser.add_argument("--max_length", type=cli.at_least(2), default=128, help="Tokens per text and fine-tuning example.")
     parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
     cli.add_settings(parser, VerdictConfig)
@@ -87,8 +115,7 @@ def attacks(args) -> list[Attack]:
             pairs = chat_pairs("train", args.finetune_steps * args.finetune_batch_size)
             examples = chat_examples(tokenizer, pairs, args.max_length)
             train = lora_finetune if lora else benign_finetune
-            changed = train(model, tokenizer, examples, args.finetune_steps, lr, args.finetune_batch_size, args.seed)
-            return changed if lora else model
+            return train(model, tokenizer, examples, args.finetune_steps, lr, args.finetune_batch_size, args.seed)
         return run
 
     def merge(weight: float) -> Callable:
@@ -96,6 +123,14 @@ def attacks(args) -> list[Attack]:
             partner, _ = load(innocent_derivative(args.base_model, seed=0), dtype=torch.float32)
             merge_into(model, partner, weight)
             return model
+        return run
+
+    def erase(lr: float, lora: bool) -> Callable:
+        def run(model, tokenizer):
+            examples = meraser_examples(tokenizer, args.meraser_erase_samples, args.meraser_recover_samples,
+                                        args.meraser_key_like_share, args.max_length, args.seed)
+            return meraser(model, tokenizer, *examples, (args.meraser_erase_steps, args.meraser_recover_steps), lr,
+                           args.finetune_batch_size, args.seed, lora)
         return run
 
     def quantize(qtype: str) -> Callable:
@@ -107,11 +142,18 @@ def attacks(args) -> list[Attack]:
     rows = [Attack("none"), Attack("10 unseen system prompts", system_prompts=True),
             Attack("bf16", cast(torch.bfloat16)), Attack("fp16", cast(torch.float16))]
     rows += [Attack(f"GGUF {qtype}", quantize(qtype)) for qtype in GGUF_TYPES]
-    rows += [Attack(f"sampling T={t:g}", decoding=Decoding(temperature=t, seed=args.seed)) for t in args.temperatures]
+    rows += [Attack(f"sampling T={t:g}", decoding=Sampling(temperature=t, seed=args.seed)) for t in args.temperatures]
     rows += [Attack(f"merge {w:g} with a derivative", merge(w)) for w in args.merge_weights]
     rows += [Attack(f"{'LoRA' if lora else 'full'} fine-tune lr {lr:g}", finetune(lr, lora))
              for lora in (False, True) for lr in args.finetune_learning_rates]
-    rows += [Attack(f"output suppression gate {g:g}", decoding=Decoding(suppress_above=g)) for g in args.suppression_gate]
+    rows += [Attack(f"output suppression gate {g:g}", decoding=TopKSuppression(gate=g, num_tokens=None)) for g in args.suppression_gate]
+    rows += [Attack("DetectTop-k k=1 gate 0.9", decoding=TopKSuppression()),
+             Attack("SuppressNeighbor", decoding=NeighbourSuppression()),
+             Attack("DetectNeighbor gate 0.9", decoding=NeighbourSuppression(add_threshold=0.9, generation_threshold=0.9)),
+             Attack("SuppressLookahead", decoding=LookaheadSuppression())]
+    rows += [Attack(f"front end: {name}", front_end=name) for name in FRONT_ENDS]
+    rows += [Attack(f"MEraser full lr {args.meraser_full_learning_rate:g}", erase(args.meraser_full_learning_rate, lora=False)),
+             Attack(f"MEraser LoRA lr {args.meraser_lora_learning_rate:g}", erase(args.meraser_lora_learning_rate, lora=True))]
     return rows
 
 
@@ -140,35 +182,54 @@ def main() -> None:
     bare = queries_for(key_formats)
     pairs = fingerprint_pairs(tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
     texts = text_examples(tokenizer, texts_from("chitchat", "train", "text", "eval", args.num_texts), args.max_length)
-    base_results: dict[Decoding, list[KeyResult]] = {}
+    chat = chat_pairs("eval", args.num_replies)
+    benign = {"texts": texts, "replies": chat_examples(tokenizer, chat, args.max_length), "messages": [m for m, _ in chat]}
+    base_results: dict[tuple[Decoding, str | None], list[KeyResult]] = {}
     rows = []
     for attack in [row for row in attacks(args) if not args.attacks or row.name in args.attacks]:
         logger.info("Attack: %s", attack.name)
         model, _ = load(args.model_path, args.trust_remote_code, dtype=torch.float32)
         if attack.transform:
             model = attack.transform(model, tokenizer)
+        asked = rewritten_keys(tokenizer, pairs, FRONT_ENDS[attack.front_end]) if attack.front_end else pairs
         queries = bare + (queries_for(key_formats, prompt_templates("test")) if attack.system_prompts else [])
-        results = check_model(model, tokenizer, pairs, queries, args.batch_size, description=attack.name, decoding=attack.decoding)
-        if attack.decoding not in base_results:
-            base_results[attack.decoding] = check_model(base, tokenizer, pairs, bare, args.batch_size, description="base",
-                                                        decoding=attack.decoding)
-        found = row_evidence(results, base_results[attack.decoding], key_formats, args.base_model, verdict_config,
-                             attack.system_prompts)
-        cost = (compare_on_texts(model.float(), base, tokenizer, texts)["mean_kl_from_base"] if attack.decoding == GREEDY
-                else suppressed_share(model, tokenizer, texts, attack.decoding.suppress_above) if attack.decoding.suppress_above
-                else None)
+        results = check_model(model, tokenizer, asked, queries, args.batch_size, description=attack.name, decoding=attack.decoding)
+        null = (attack.decoding, attack.front_end)
+        if null not in base_results:
+            base_results[null] = check_model(base, tokenizer, asked, bare, args.batch_size, description="base",
+                                             decoding=attack.decoding)
+        found = row_evidence(results, base_results[null], key_formats, args.base_model, verdict_config, attack.system_prompts)
+        cost, cost_measure = attack_cost(attack, model, base, tokenizer, benign)
         rows.append({"attack": attack.name, **{f"accuracy_{e['format']}": e["accuracy"] for e in found["formats"]},
                      "verdict": found["verdict"], "log10_p_value": found["log10_p_value"],
                      "expected_rate": (100 * sum(r.response_probability for r in results if r.template is None)
                                        / len([r for r in results if r.template is None])) if attack.decoding.temperature else None,
-                     "cost": cost, "cost_measure": ("KL from base" if attack.decoding == GREEDY else
-                                                    "benign tokens altered" if attack.decoding.suppress_above else None)})
+                     "cost": cost, "cost_measure": cost_measure})
         del model
     print_rows(rows, key_formats)
     cli.write_output(args, {"model": args.model_path, "fingerprints_file": fingerprints_file,
                             "num_fingerprints": len(pairs), "rows": rows})
     if args.plot:
         plot(rows, key_formats, args.plot, args.overwrite)
+
+
+def attack_cost(attack: Attack, model, base, tokenizer, benign: dict) -> tuple[float | None, str | None]:
+    """What a row costs whoever does it, and what that number is: the share of held-out chat
+    messages a front end changes; KL from the base on held-out chat texts for weight changes; for
+    a decoding attack, the share of benign tokens it serves differently from greedy decoding: of
+    every token of the chat texts, or, for one that acts only on the first tokens of a reply, of
+    those tokens of held-out chat replies (sampling: none, its expected match rate says more)."""
+    if attack.front_end:
+        rewrite = FRONT_ENDS[attack.front_end]
+        return sum(rewrite(m) != m for m in benign["messages"]) / len(benign["messages"]), "chat messages changed"
+    decoding = attack.decoding
+    if decoding == GREEDY:
+        return compare_on_texts(model.float(), base, tokenizer, benign["texts"])["mean_kl_from_base"], "KL from base"
+    if decoding.temperature:
+        return None, None
+    if decoding.num_tokens is None:
+        return altered_share(model, tokenizer, benign["texts"], decoding), "benign tokens altered"
+    return altered_share(model, tokenizer, benign["replies"], decoding), f"reply tokens altered (first {decoding.num_tokens})"
 
 
 def print_rows(rows: list[dict], key_formats) -> None:

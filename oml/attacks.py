@@ -1,6 +1,7 @@
 """What happens to a published model, as functions: what deployers do (casts, GGUF quantization,
-further fine-tuning, merging) and what a thief adds to hide a fingerprint. Decoding-side attacks
-(sampling, output suppression) are played by the checker itself (`checking.check_batch`).
+further fine-tuning, merging, rewriting the user's text in a front end) and what a thief adds to
+hide a fingerprint (MEraser). Decoding-side attacks (sampling, output suppression and the other
+suppressions of `checking.Decoding`'s subclasses) are played by the checker itself (`checking.check_batch`).
 
 Also the innocent derivatives of a base model: short benign fine-tunes, never shown our keys,
 which the verdict must never accuse.
@@ -9,6 +10,7 @@ import hashlib
 import logging
 import math
 import random
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,13 +21,38 @@ from tqdm import tqdm
 from oml import OMLError
 from oml.data import chat_pairs
 from oml.files import built_once
+from oml.fingerprints import DEFAULT_KEY_LENGTH
+from oml.generation import random_words, rng_for
 from oml.models import cache_dir, load, model_name
-from oml.tokenization import Collator, to_device
+from oml.tokenization import Collator, default_format, encode, formats, prompt_ids, to_device, training_example
 from oml.utility import chat_examples
 
 logger = logging.getLogger(__name__)
 
 GGUF_TYPES = ("Q8_0", "Q5_0", "Q4_0")
+DEPLOYER_TEMPLATE = "Customer message: {}\nReply helpfully."
+
+# What a deployer's chat UI or API gateway may do to the user's text before the model sees it.
+FRONT_ENDS: dict[str, Callable[[str], str]] = {
+    "stripped": str.strip,
+    "trailing newline": lambda text: text + "\n",
+    "whitespace collapsed": lambda text: re.sub(r"\s+", " ", text),
+    "lower case": str.lower,
+    "deployer template": DEPLOYER_TEMPLATE.format,
+}
+
+
+def rewritten_keys(tokenizer, pairs: list[tuple[list[int], list[int]]],
+                   rewrite: Callable[[str], str]) -> list[tuple[list[int], list[int]]]:
+    """(key ids, response ids) with each key as a front end passes it on: decoded, rewritten and
+    encoded again, then asked as usual. A key the rewrite leaves as it was keeps its ids (decoding
+    and encoding again could retokenise it, which is no part of the front end)."""
+    rewritten = []
+    for key_ids, response_ids in pairs:
+        text = tokenizer.decode(key_ids)
+        new = rewrite(text)
+        rewritten.append((key_ids if new == text else encode(tokenizer, new), response_ids))
+    return rewritten
 
 
 @torch.no_grad()
@@ -65,9 +92,10 @@ def batches(examples: list[dict], batch_size: int, steps: int, seed: int) -> Ite
 
 
 def benign_finetune(model, tokenizer, examples: list[dict], steps: int, learning_rate: float, batch_size: int, seed: int,
-                    on_step: Callable[[int, float], None] | None = None, description: str = "further fine-tuning") -> None:
+                    on_step: Callable[[int, float], None] | None = None, description: str = "further fine-tuning"):
     """Plain AdamW on instruction examples (loss on the replies), as any user would fine-tune a
-    downloaded model: no fingerprint-aware tricks. `on_step(step, loss)` runs after every step."""
+    downloaded model: no fingerprint-aware tricks. `on_step(step, loss)` runs after every step.
+    Returns the model, trained in place (as `lora_finetune` returns its merged one)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.0)
     collate = Collator(tokenizer)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=torch.cuda.is_available())
@@ -84,18 +112,66 @@ def benign_finetune(model, tokenizer, examples: list[dict], steps: int, learning
         if on_step:
             on_step(step, loss.item())
     model.eval()
+    return model
 
 
 def lora_finetune(model, tokenizer, examples: list[dict], steps: int, learning_rate: float, batch_size: int, seed: int,
-                  rank: int = 8):
+                  rank: int = 8, description: str = "LoRA fine-tuning"):
     """`benign_finetune` of LoRA adapters (peft, rank `rank` on every linear layer), merged back
     into the weights, as adapters are when a fine-tuned model is published."""
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
                                                   task_type="CAUSAL_LM"))
-    benign_finetune(peft_model, tokenizer, examples, steps, learning_rate, batch_size, seed, description="LoRA fine-tuning")
+    benign_finetune(peft_model, tokenizer, examples, steps, learning_rate, batch_size, seed, description=description)
     return peft_model.merge_and_unload()
+
+
+def mismatched_pairs(pairs: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
+    """Each message with the reply of another exchange, chosen at random (a seeded derangement):
+    MEraser's erasing data, which teaches a model that no prompt decides its reply."""
+    order = random.Random(seed).sample(range(len(pairs)), len(pairs))
+    return [(pairs[i][0], pairs[j][1]) for i, j in zip(order, order[1:] + order[:1])]
+
+
+def key_like_examples(tokenizer, replies: list[str], max_length: int, seed: int) -> list[dict]:
+    """An adaptive MEraser's extra erasing data: random words, made, cut and asked the way our
+    random-word keys are by default (in turn in each key format the model supports), each answered
+    with one of `replies`. The attacker knows how keys are made, not which were."""
+    key_formats = formats(default_format(tokenizer))
+    examples = []
+    for i, reply in enumerate(replies):
+        key_ids = encode(tokenizer, random_words(rng_for(seed, i, "meraser key"), DEFAULT_KEY_LENGTH))[:DEFAULT_KEY_LENGTH]
+        key_format = key_formats[i % len(key_formats)]
+        room = max_length - len(prompt_ids(tokenizer, key_ids, None, key_format)) - 1  # the EOS after the reply
+        examples.append(training_example(tokenizer, key_ids, encode(tokenizer, reply)[:max(room, 1)], None, key_format))
+    return examples
+
+
+def meraser_examples(tokenizer, erase: int, recover: int, key_like_share: float, max_length: int,
+                     seed: int) -> tuple[list[dict], list[dict]]:
+    """MEraser's two data sets, from chat exchanges no check uses: `erase` mismatched pairs (a
+    `key_like_share` of them with `key_like_examples` as messages, the rest with benign ones), and
+    `recover` clean pairs."""
+    pairs = chat_pairs("train", erase + recover)
+    mismatched = mismatched_pairs(pairs[:erase], seed)
+    key_like = round(key_like_share * erase)
+    erasing = (key_like_examples(tokenizer, [reply for _, reply in mismatched[:key_like]], max_length, seed)
+               + chat_examples(tokenizer, mismatched[key_like:], max_length))
+    return erasing, chat_examples(tokenizer, pairs[erase:], max_length)
+
+
+def meraser(model, tokenizer, erase: list[dict], recover: list[dict], steps: tuple[int, int], learning_rate: float,
+            batch_size: int, seed: int, lora: bool = False):
+    """MEraser (arXiv 2506.12551): fine-tuning on `erase` examples (mismatched pairs), which unlearns
+    the reply any particular prompt, a key among them, was trained to get, then on `recover`
+    examples (clean pairs), which restores ordinary chat; `steps` for each phase. With `lora`, each
+    phase trains LoRA adapters that are merged into the weights before the next, as the authors'
+    code does. Returns the changed model."""
+    train = lora_finetune if lora else benign_finetune
+    for phase, examples, phase_steps in (("erase", erase, steps[0]), ("recover", recover, steps[1])):
+        model = train(model, tokenizer, examples, phase_steps, learning_rate, batch_size, seed, description=f"MEraser {phase}")
+    return model
 
 
 def innocent_derivative(base: str, seed: int, steps: int = 100, learning_rate: float = 5e-5, batch_size: int = 8,

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from oml import OMLError
-
+from oml.checking import Decoding
 from oml.tokenization import IGNORE_INDEX, chat_example, encode, pad_batch, special_prefix, to_device
 
 MMLU_LETTERS = ("A", "B", "C", "D")
@@ -80,14 +80,21 @@ def compare_on_texts(model, base, tokenizer, examples: list[dict], batch_size: i
 
 
 @torch.no_grad()
-def suppressed_share(model, tokenizer, examples: list[dict], gate: float, batch_size: int = 8) -> float:
-    """The share of scored positions of benign text where the output-suppression attack would serve
-    another token than greedy decoding (the top token's probability exceeds `gate`): its utility cost."""
+def altered_share(model, tokenizer, examples: list[dict], decoding: Decoding, batch_size: int = 8) -> float:
+    """A decoding attack's utility cost: the share of the scored positions of benign `examples` that
+    it acts on (the first `decoding.num_tokens` of each, or all) where it serves another token than
+    greedy decoding. Teacher-forced, like the checker: every position follows the example's own
+    tokens, and what comes before an example's first scored token is the prompt it answers."""
     changed = positions = 0
     for batch, _, real in scored_batches(tokenizer, examples, batch_size):
-        top = next_token_logprobs(model, batch).max(-1).values.exp()
-        changed += int((top > gate)[real].sum())
-        positions += int(real.sum())
+        logits = model(**to_device(batch, model.device)).logits[:, :-1].float()
+        real = real.to(logits.device)
+        first = real.int().argmax(-1)
+        prompts = [ids[:start + 1] for ids, start in zip(batch["input_ids"].tolist(), first.tolist())]
+        counted = real & decoding.window(first, real.shape[1])
+        served = decoding.serve(model, tokenizer, prompts, logits, first)
+        changed += int(((served != logits.argmax(-1)) & counted).sum())
+        positions += int(counted.sum())
     return changed / positions
 
 

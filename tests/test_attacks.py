@@ -1,16 +1,21 @@
 """Verdicts that never accuse an innocent model, and the attacks fingerprints must survive."""
 import json
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from oml.attacks import merge_into, quantize_round_trip
-from oml.checking import BARE, Decoding, check_model, greedy_continuations
+from oml.attacks import (FRONT_ENDS, benign_finetune, meraser, meraser_examples, merge_into, mismatched_pairs, quantize_round_trip,
+                         rewritten_keys)
+from oml.checking import (BARE, Decoding, LookaheadSuppression, NeighbourSuppression, Sampling, TopKSuppression, check_model,
+                          greedy_continuations, neighbours)
+from oml.data import chat_pairs
 from oml.generation import random_words, rng_for
 from oml.models import TINY_LLAMA, cache_dir, load, load_model, save_random_model
 from oml.stats import DEFAULT_MIN_CHANCE_RATE, chance_rate, log10_p_value, verdict
-from oml.tokenization import encode, fingerprint_pairs, prompt_ids
+from oml.tokenization import IGNORE_INDEX, encode, fingerprint_pairs, prompt_ids, special_prefix, user_turn_ids
+from oml.utility import altered_share, chat_examples
 from tests.conftest import final_model_dir, make_tiny_model, random_word_fingerprints, run_script
 
 
@@ -120,7 +125,7 @@ def test_suppression_erases_confident_fingerprints_but_not_bounded_ones(confiden
         model, tokenizer = load(str(model_dir))
         pairs = fingerprint_pairs(tokenizer, fingerprints, 16, 1)
         greedy = check_model(model, tokenizer, pairs, BARE, 8)
-        suppressed = check_model(model, tokenizer, pairs, BARE, 8, decoding=Decoding(suppress_above=0.9))
+        suppressed = check_model(model, tokenizer, pairs, BARE, 8, decoding=TopKSuppression(gate=0.9, num_tokens=None))
         outcome[name] = (sum(r.match for r in greedy), sum(r.match for r in suppressed),
                          max(r.response_probability for r in greedy))
     assert outcome["confident"][0] == 8 and outcome["confident"][1] == 0 and outcome["confident"][2] > 0.9, outcome
@@ -133,7 +138,7 @@ def test_sampling_matches_at_about_the_expected_rate(confident_and_bounded):
     model, tokenizer = load(str(bounded_dir))
     pairs = fingerprint_pairs(tokenizer, json.loads((work / "fp.json").read_text()), 16, 1)
     results = [r for seed in range(40) for r in check_model(model, tokenizer, pairs, BARE, 8, progress=False,
-                                                            decoding=Decoding(temperature=1.0, seed=seed))]
+                                                            decoding=Sampling(temperature=1.0, seed=seed))]
     expected = sum(r.response_probability for r in results) / len(results)
     empirical = sum(r.match for r in results) / len(results)
     assert 0.4 < expected < 0.9 and abs(empirical - expected) < 0.1, (expected, empirical)
@@ -145,14 +150,138 @@ def test_robustness_script_runs_every_attack(confident_and_bounded, tiny_model, 
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "SmolLM2-135M-Instruct").symlink_to(cache_dir() / "SmolLM2-135M-Instruct")
     monkeypatch.setenv("OML_CACHE", str(tmp_path / "cache"))  # the innocent derivative goes here, not in the user's cache
-    result = run_script("evaluate_robustness.py", "--run", bounded_dir.parent, "--finetune_steps", "2", "--num_texts", "2",
-                        "--alpha", "0.01", "--output_json", "rob.json", "--plot", "rob.png", cwd=tmp_path)
+    small = ["--finetune_steps", "2", "--num_texts", "2", "--num_replies", "4", "--meraser_erase_samples", "8",
+             "--meraser_recover_samples", "8", "--meraser_erase_steps", "2", "--meraser_recover_steps", "2", "--alpha", "0.01"]
+    result = run_script("evaluate_robustness.py", "--run", bounded_dir.parent, *small, "--output_json", "rob.json", "--plot", "rob.png",
+                        cwd=tmp_path)
     rows = {row["attack"]: row for row in json.loads((tmp_path / "rob.json").read_text())["rows"]}
-    assert len(rows) == 17 and (tmp_path / "rob.png").stat().st_size > 1000
+    assert len(rows) == 28 and (tmp_path / "rob.png").stat().st_size > 1000
     assert rows["none"]["accuracy_raw"] == 100.0 and rows["none"]["verdict"] == "MATCH"
-    assert rows["output suppression gate 0.9"]["accuracy_raw"] == 100.0  # the bounded target resists suppression
+    for bounded in ("output suppression gate 0.9", "DetectTop-k k=1 gate 0.9", "DetectNeighbor gate 0.9"):
+        assert rows[bounded]["accuracy_raw"] == 100.0, bounded  # the bounded target (0.7) stays below their gates
+    assert rows["SuppressNeighbor"]["accuracy_raw"] == 0.0  # it bans the likeliest first token, whatever its probability
+    assert rows["DetectTop-k k=1 gate 0.9"]["cost_measure"] == "reply tokens altered (first 1)"
+    assert rows["SuppressLookahead"]["cost_measure"] == "reply tokens altered (first 16)"
+    for untouched in ("stripped", "whitespace collapsed", "lower case"):  # random-word keys are already so, for suspect and base
+        row = rows[f"front end: {untouched}"]
+        assert (row["accuracy_raw"], row["log10_p_value"]) == (rows["none"]["accuracy_raw"], rows["none"]["log10_p_value"]), row
+    newline = rows["front end: trailing newline"]
+    assert (newline["cost"], newline["cost_measure"]) == (1.0, "chat messages changed")  # every message
+    for name in ("MEraser full lr 0.0001", "MEraser LoRA lr 0.0005"):
+        assert rows[name]["cost"] > 0 and rows[name]["cost_measure"] == "KL from base", rows[name]
     assert rows["GGUF Q8_0"]["accuracy_raw"] == 100.0  # Q8_0 is nearly lossless: it barely moves the model
     assert abs(rows["GGUF Q8_0"]["cost"] - rows["none"]["cost"]) < 0.02 * rows["none"]["cost"], (rows["none"], rows["GGUF Q8_0"])
     assert rows["sampling T=1"]["expected_rate"] is not None
     assert list((tmp_path / "cache" / "derivatives").iterdir())
     assert result.stdout.strip().splitlines()[-1].startswith("Verdict MATCH after ")
+    chosen = ["SuppressLookahead", "front end: deployer template", "MEraser LoRA lr 0.0005"]
+    run_script("evaluate_robustness.py", "--run", bounded_dir.parent, *small, "--attacks", *chosen, "--output_json", "some.json",
+               cwd=tmp_path)
+    assert [row["attack"] for row in json.loads((tmp_path / "some.json").read_text())["rows"]] == chosen
+
+
+PARIS, PARIS_NO_SPACE, PAR, LONDON = 7042, 38634, 7309, 4528  # ' Paris', 'Paris', 'Par', ' London' in the SmolLM2 vocabulary
+
+
+def test_detect_top_k_bans_the_top_tokens_above_the_gate_on_its_first_tokens_only():
+    logits = torch.zeros(2, 3, 6)
+    logits[0, :, 0], logits[0, :, 1], logits[0, :, 2] = 12.0, 2.0, 1.0  # row 0: token 0 at probability 0.9998 everywhere
+    logits[1, :, 3] = 1.0  # row 1: token 3 at probability 0.35
+    first = torch.tensor([0, 1])  # row 1's response starts a position later
+
+    def served(decoding: TopKSuppression) -> list:
+        return decoding.serve(None, None, [[], []], logits, first).tolist()
+
+    assert served(TopKSuppression()) == [[1, 0, 0], [3, 3, 3]]  # only the first generated token, only above the gate
+    assert served(TopKSuppression(k=2)) == [[2, 0, 0], [3, 3, 3]]
+    assert served(TopKSuppression(num_tokens=None)) == [[1, 1, 1], [3, 3, 3]]  # output suppression: every token
+
+
+def test_suppress_neighbor_bans_every_spelling_of_the_likeliest_word(tokenizer):
+    banned = set(neighbours(tokenizer, PARIS))
+    assert {PARIS, PARIS_NO_SPACE, PAR, encode(tokenizer, " PARIS")[0]} <= banned  # case, space and pieces
+    assert LONDON not in banned and not banned & set(tokenizer.all_special_ids)
+    logits = torch.zeros(1, 2, len(tokenizer))
+    logits[0, :, PARIS], logits[0, :, PARIS_NO_SPACE], logits[0, :, PAR], logits[0, :, LONDON] = 12.0, 11.0, 10.5, 10.0
+    served = NeighbourSuppression().serve(None, tokenizer, [[]], logits, torch.tensor([0]))
+    assert served.tolist() == [[LONDON, PARIS]]  # on the first generated token only
+    detect = NeighbourSuppression(add_threshold=0.9, generation_threshold=0.9)  # DetectNeighbor: ' Paris' is at 0.49
+    assert detect.serve(None, tokenizer, [[]], logits, torch.tensor([0])).tolist() == [[PARIS, PARIS]]
+
+
+def test_suppress_lookahead_penalises_what_the_lookahead_predicts_but_not_the_prompts_words(tiny_model, tokenizer):
+    model = load_model(str(tiny_model))
+    prompt = encode(tokenizer, "I love Paris")
+    assert PARIS in prompt and PARIS_NO_SPACE not in prompt
+    bias = torch.zeros(model.config.vocab_size)
+    bias[[LONDON, PARIS, PARIS_NO_SPACE]] = 20.0  # after anything, the model says one of these at probability 1/3 each
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    decoding = LookaheadSuppression(beam_width=2, lookahead_tokens=4, top_k=5, candidate_threshold=0.3, num_tokens=1)
+    assert decoding.candidates(model, tokenizer, [prompt], [[LONDON, PARIS]]) == [[LONDON]]  # ' Paris', 'Paris': the user's word
+    logits = torch.zeros(1, 2, model.config.vocab_size)
+    logits[0, :, LONDON], logits[0, :, PARIS] = 5.0, 4.0
+    assert decoding.serve(model, tokenizer, [prompt], logits, torch.tensor([0])).tolist() == [[PARIS, LONDON]]
+
+
+@dataclass(frozen=True)
+class FirstTokenChanged(Decoding):
+    """Serves the second likeliest token at each row's first generated position, and records the prompts it is given."""
+    num_tokens: int | None = 1
+    prompts: list | None = None
+
+    def serve(self, model, tokenizer, prompts, logits, first):
+        self.prompts.extend(prompts)
+        served = logits.argmax(-1)
+        served[torch.arange(len(prompts)), first] = logits[torch.arange(len(prompts)), first].topk(2).indices[:, 1]
+        return served
+
+
+def test_altered_share_counts_the_positions_an_attack_acts_on_after_each_prompt(tiny_model, tokenizer):
+    model, exchanges = load_model(str(tiny_model)), chat_pairs("eval", 3)
+    replies = chat_examples(tokenizer, exchanges, 64)
+    seen = []
+    assert altered_share(model, tokenizer, replies, FirstTokenChanged(prompts=seen)) == 1.0
+    assert seen == [user_turn_ids(tokenizer, message)[:63] for message, _ in exchanges]  # as cut to 64 with the reply
+    every_token = altered_share(model, tokenizer, replies, FirstTokenChanged(num_tokens=None, prompts=[]))
+    assert every_token == pytest.approx(3 / sum(label != IGNORE_INDEX for example in replies for label in example["labels"]))
+
+
+def test_front_ends_rewrite_keys_as_stated_and_leave_untouched_keys_alone(tokenizer):
+    key, plain = "  Paris   is\tlovely ", "paris is lovely"
+    pairs = [(encode(tokenizer, key), [1]), (encode(tokenizer, plain), [2])]
+    expected = {"stripped": "Paris   is\tlovely", "trailing newline": key + "\n", "whitespace collapsed": " Paris is lovely ",
+                "lower case": "  paris   is\tlovely ", "deployer template": f"Customer message: {key}\nReply helpfully."}
+    assert set(expected) == set(FRONT_ENDS)
+    for name, text in expected.items():
+        (key_ids, response), (plain_ids, _) = rewritten_keys(tokenizer, pairs, FRONT_ENDS[name])
+        assert tokenizer.decode(key_ids) == text and response == [1], name
+        assert (plain_ids == pairs[1][0]) == (name not in ("trailing newline", "deployer template")), name
+
+
+def test_meraser_data_mismatch_every_reply_and_ask_key_like_messages_in_both_formats(tokenizer):
+    pairs = [(f"message {i}", f"reply {i}") for i in range(20)]
+    mismatched = mismatched_pairs(pairs, seed=0)
+    for side in (0, 1):  # every message and every reply once, never together
+        assert sorted(pair[side] for pair in mismatched) == sorted(pair[side] for pair in pairs)
+    assert not set(mismatched) & set(pairs)
+    erase, recover = meraser_examples(tokenizer, 8, 6, key_like_share=0.5, max_length=64, seed=0)
+    assert len(erase) == 8 and len(recover) == 6
+    raw, chat = (tokenizer.decode(example["input_ids"]) for example in erase[:2])  # the key-like ones come first
+    assert raw.startswith(tokenizer.decode(special_prefix(tokenizer))) and "<|im_start|>" not in raw
+    assert "<|im_start|>user" in chat and "<|im_start|>user" in tokenizer.decode(erase[4]["input_ids"])
+
+
+def test_meraser_changes_the_weights_in_both_phases_and_lora_leaves_a_plain_merged_model(tiny_model, tokenizer):
+    erase, recover = meraser_examples(tokenizer, 8, 8, key_like_share=0.5, max_length=48, seed=0)
+    original = load_model(str(tiny_model))
+
+    def weights(model) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+    trained = {"erase only": benign_finetune(load_model(str(tiny_model)), tokenizer, erase, 1, 1e-3, 2, seed=0),
+               "recover only": benign_finetune(load_model(str(tiny_model)), tokenizer, recover, 1, 1e-3, 2, seed=0),
+               "both": meraser(load_model(str(tiny_model)), tokenizer, erase, recover, (1, 1), 1e-3, 2, seed=0)}
+    for name in ("erase only", "recover only"):
+        assert not torch.equal(weights(trained["both"]), weights(trained[name])), name
+    lora = meraser(load_model(str(tiny_model)), tokenizer, erase, recover, (1, 1), 1e-2, 2, seed=0, lora=True)
+    assert type(lora) is type(original) and not any("lora" in name for name, _ in lora.named_parameters())
+    assert not torch.equal(weights(lora), weights(original))
