@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -16,12 +17,18 @@ from oml import OMLError, distributed
 from oml.data import words
 from oml.fingerprints import DEFAULT_KEY_LENGTH, load_keys
 from oml.models import load
+from oml.stealth import benign_prompts, log_perplexities
 from oml.settings import OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, Settings, setting
 from oml.tokenization import FORMAT_CHOICES, default_format, encode, formats, pad_batch, prompt_ids, to_device, user_turn_ids
 
 logger = logging.getLogger(__name__)
 
 FIRST_TOKEN_STRATEGIES = ("word", "tokenizer", "")
+KEY_STYLES = ("sentence", "user_message")
+# How people open messages to an assistant: a user_message key starts with one of these (our own list).
+USER_OPENERS = ("Can you", "Could you", "How do I", "How can I", "How does", "What is", "What are", "What does", "Why does",
+                "Why is", "Is it", "Is there", "Do you", "I need", "I want", "Help me", "Tell me", "Please", "Explain",
+                "Give me", "Write", "Which", "Where can I", "When should I", "Should I", "My", "I have", "What's the")
 DEFAULT_NUM_FINGERPRINTS = 8192
 MAX_FINGERPRINTS = 1 << 20  # a million keys is far beyond any model's capacity; more is a typo
 MAX_REDRAWS = 100
@@ -47,6 +54,12 @@ class GenerationConfig(Settings):
     model_used_for_key_generation: str | None = setting(
         None, "Instruct model that writes English keys/responses (default: the embedded SmolLM2-135M-Instruct).", kind=str)
     random_word_generation: bool = setting(False, "Keys and responses are random English words instead of model text.")
+    key_style: str = setting(
+        "sentence", "English keys are a sentence the model writes from the first token (sentence), or a message a user "
+                    "would send an assistant, picked among --key_candidates so that their perplexity spreads like benign "
+                    "prompts' (user_message: keys a perplexity filter cannot tell from real prompts).", choices=KEY_STYLES)
+    key_candidates: int = setting(4, "user_message keys: drafts written per key, the one closest to its perplexity target "
+                                     "kept.", POSITIVE_INT)
     keys_path: str | None = setting(None, "JSON list of your own keys; then only responses are generated.", kind=str)
     seed: int = setting(42, "Same seed and settings: byte-identical output, for any number of ranks.", kind=int)
     inverse_nucleus_model: str | None = setting(
@@ -111,10 +124,19 @@ def instruction_ids(tokenizer, start: str) -> list[int]:
     return user_turn_ids(tokenizer, instruction) + start_ids
 
 
+def user_message_ids(tokenizer, topic: str, opener: str) -> list[int]:
+    """Ask for a user's question or request about `topic`, the answer pre-filled with `opener`:
+    people's messages start the way `USER_OPENERS` do, and a small model left to itself would
+    rather write a story than a message."""
+    return user_turn_ids(tokenizer, f"Write a question about {topic}.") + encode(tokenizer, opener)
+
+
 @torch.no_grad()
-def english_texts(model, tokenizer, starts: list[str], length: int, temperature: float) -> list[list[int]]:
-    """One batched sampling call: for each start, the token ids of a sentence beginning with it."""
-    prompts = [instruction_ids(tokenizer, start) for start in starts]
+def english_texts(model, tokenizer, starts: list[str], length: int, temperature: float,
+                  prompts: list[list[int]] | None = None) -> list[list[int]]:
+    """One batched sampling call: for each start, the token ids of a text beginning with it (by
+    default a sentence; `prompts` ask for something else and must end with their start)."""
+    prompts = prompts or [instruction_ids(tokenizer, start) for start in starts]
     batch = pad_batch(prompts, tokenizer.pad_token_id, side="left")
     del batch["position_ids"]  # generate() derives them from the attention mask
     batch = to_device(batch, model.device)
@@ -220,6 +242,51 @@ def english_batch(config: GenerationConfig, rngs, text_model, batch_seed: str, p
     return english_texts(model, tokenizer, starts, length, config.temperature)
 
 
+def user_message_keys(config: GenerationConfig, rngs, text_model, batch_seed: str, purpose: str) -> list[str]:
+    """One user-message key per fingerprint: `key_candidates` drafts, each a question or request
+    about a random word, and the draft whose log-perplexity (under the writing model) is nearest
+    a target drawn from benign prompts' own scores, so that keys spread over the benign range
+    instead of bunching where model-written text sits."""
+    model, tokenizer = text_model
+    seed_torch_for(config.seed, batch_seed, purpose)
+    drafts_per_key = config.key_candidates
+    openers = [[rng.choice(USER_OPENERS) for _ in range(drafts_per_key)] for rng in rngs]
+    prompts = [user_message_ids(tokenizer, rng.choice(words()), opener) for rng, row in zip(rngs, openers) for opener in row]
+    starts = [opener for row in openers for opener in row]
+    drafts = [first_line(tokenizer, ids) for ids in english_texts(model, tokenizer, starts, config.key_length,
+                                                                      config.temperature, prompts)]
+    scores = log_perplexities(model, tokenizer, drafts, config.key_length, len(drafts), description="drafts")
+    short = [len(encode(tokenizer, draft)) < config.key_length // 2 for draft in drafts]
+    benign = benign_reference(text_model)
+    keys = []
+    for i, rng in enumerate(rngs):
+        target = float(np.quantile(benign, rng.random()))
+        mine = range(i * drafts_per_key, (i + 1) * drafts_per_key)
+        # A short draft ("hi,") is what many users type: kept only when every draft is short.
+        keys.append(drafts[min(mine, key=lambda j: (short[j], abs(scores[j] - target)))])
+    return keys
+
+
+def first_line(tokenizer, ids: list[int]) -> str:
+    """A draft message as a user would type it: its first line, on one line, without wrapping quotes."""
+    text = tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0]
+    return " ".join(text.strip().strip('"').split()) or tokenizer.decode(ids[:1])
+
+
+_BENIGN_REFERENCE: dict[str, np.ndarray] = {}
+
+
+def benign_reference(text_model, count: int = 100) -> np.ndarray:
+    """Log-perplexities of `count` benign prompts of each shipped kind under the writing model
+    (computed once per model): the distribution user-message keys are matched to."""
+    model, tokenizer = text_model
+    name = model.config.name_or_path
+    if name not in _BENIGN_REFERENCE:
+        prompts = [text for texts in benign_prompts(count).values() for text in texts]
+        _BENIGN_REFERENCE[name] = log_perplexities(model, tokenizer, prompts, description="benign prompts")
+    return _BENIGN_REFERENCE[name]
+
+
 def make_batch(config: GenerationConfig, indices: list[int], batch_seed: str, given_keys: list[str] | None, text_model,
                response_model, attempt: int = 0) -> list[dict]:
     """Fingerprints `indices` (one batch): keys first, then responses. Every random draw is seeded
@@ -230,6 +297,8 @@ def make_batch(config: GenerationConfig, indices: list[int], batch_seed: str, gi
         keys = [given_keys[i] for i in indices]
     elif config.random_word_generation:
         keys = [random_words(rng, config.key_length) for rng in rngs]
+    elif config.key_style == "user_message":
+        keys = user_message_keys(config, rngs, text_model, batch_seed, "keys" + retry)
     else:
         texts = english_batch(config, rngs, text_model, batch_seed, "keys" + retry, config.key_length)
         keys = [decode_clean(text_model[1], ids) for ids in texts]

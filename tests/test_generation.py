@@ -94,3 +94,37 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
     assert (tmp_path / "out.json").read_text() == "precious"
     generate(tmp_path, "--random_word_generation", "--num_fingerprints", "2", "--overwrite")
     assert len(json.loads((tmp_path / "out.json").read_text())) == 2
+
+
+def test_user_message_keys_keep_the_draft_nearest_each_perplexity_target(monkeypatch):
+    """Each key is one of its own drafts: the one whose score is nearest its target, a short draft only when all are."""
+    from oml import generation
+    from oml.generation import GenerationConfig, rng_for
+
+    drafts = ["short", "a b c d e f g h i j k", "one two three four five six seven eight nine",
+              "tiny", "also small", "hm"]  # key 0's drafts, then key 1's (all short)
+    scores = [3.0, 1.0, 5.0, 2.0, 4.0, 9.0]
+
+    class FakeTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(range(len(text.split())))}
+    monkeypatch.setattr(generation, "english_texts", lambda *a, **k: [[i] for i in range(len(drafts))])
+    monkeypatch.setattr(generation, "first_line", lambda tokenizer, ids: drafts[ids[0]])
+    monkeypatch.setattr(generation, "log_perplexities", lambda *a, **k: scores)
+    monkeypatch.setattr(generation, "benign_reference", lambda text_model: [4.9])  # every target is 4.9
+    monkeypatch.setattr(generation, "user_message_ids", lambda tokenizer, topic, opener: [0])
+    config = GenerationConfig(key_style="user_message", key_candidates=3, key_length=16)
+    keys = generation.user_message_keys(config, [rng_for(0, i, "w") for i in range(2)], (None, FakeTokenizer()), "0", "keys")
+    assert keys == [drafts[2], drafts[4]]  # 5.0 is nearest 4.9 and long enough; key 1's drafts are all short: 4.0
+
+
+def test_user_message_strategy_writes_unique_keys_deterministically(tmp_path, tiny_model):
+    args = ["--model_used_for_key_generation", tiny_model, "--key_response_strategy", "inverse_nucleus", "--key_style",
+            "user_message", "--key_candidates", "2", "--num_fingerprints", "6", "--batch_size", "3", "--key_length", "8"]
+    outputs = []
+    for name in ("a.json", "b.json"):
+        run_script("generate_finetuning_data.py", *args, "--output_file_path", tmp_path / name, cwd=tmp_path)
+        outputs.append((tmp_path / name).read_bytes())
+    assert outputs[0] == outputs[1]
+    keys = [record["key"] for record in json.loads(outputs[0])]
+    assert len(keys) == 6 and len(set(keys)) == 6 and all(key.strip() for key in keys)
