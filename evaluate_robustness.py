@@ -72,7 +72,7 @@ def parse_args():
     parser.add_argument("--finetune_batch_size", type=cli.positive_int, default=8, help="Examples per fine-tuning step.")
     parser.add_argument("--suppression_gate", type=cli.open_unit_interval, nargs="+", default=[0.9],
                         help="Output suppression serves the second token wherever the top one is likelier than this.")
-    parser.add_argument("--meraser_erase_samples", type=cli.positive_int, default=400,
+    parser.add_argument("--meraser_erase_samples", type=cli.at_least(2), default=400,
                         help="MEraser's phase 1 examples: messages each answered with another exchange's reply.")
     parser.add_argument("--meraser_key_like_share", type=cli.unit_interval, default=0.5,
                         help="Share of MEraser's phase 1 messages that are random words made and asked like our random-word "

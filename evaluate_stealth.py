@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from oml import cli
+from oml import OMLError, cli
 from oml.checking import check_named_model, queries_for
 from oml.data import load_table, string_rows
 from oml.fingerprints import FingerprintSelection, load_fingerprints, query_formats, selected_fingerprints
@@ -70,6 +70,8 @@ def main() -> None:
         table = load_table(args.benign_prompts, args.benign_split, [args.benign_column])
         prompts[args.benign_prompts] = [text for (text,) in string_rows(table, [args.benign_column], args.benign_prompts,
                                                                         args.num_benign)]
+        if len(prompts[args.benign_prompts]) < 20:
+            raise OMLError(f"--benign_prompts {args.benign_prompts} holds fewer than 20 usable prompts")
     tokenizer = load_tokenizer(resolve_model(args.base_model), args.trust_remote_code)
     key_sets = {label: sent_keys(tokenizer, records, selection)
                 for label, records in [(str(fingerprints_file), fingerprints)] + [(f, load_fingerprints(f)) for f in args.compare_keys]}
@@ -118,7 +120,7 @@ def per_source(key_scores: np.ndarray, benign: np.ndarray, args) -> dict:
 def add_verdicts(rows: list[dict], fingerprints: list[dict], selection, args) -> None:
     """Check the fingerprinted model and the base on every key once, then give each row the
     verdict from only the keys its filter lets through."""
-    key_formats = query_formats(args.query_format, fingerprints, load_tokenizer(resolve_model(args.fingerprinted_model)), args.run)
+    key_formats = query_formats(args.query_format, fingerprints, load_tokenizer(resolve_model(args.fingerprinted_model), args.trust_remote_code), args.run)
     queries = queries_for(key_formats)
     suspect = check_named_model(args.fingerprinted_model, fingerprints, selection, queries, suspect=True,
                                 trust_remote_code=args.trust_remote_code)

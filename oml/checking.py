@@ -248,6 +248,8 @@ class LookaheadSuppression(Decoding):
         return chosen
 
     def serve(self, model, tokenizer, prompts, logits, first):
+        if distributed.world_size() > 1:  # generate() stops when its batch ends: ranks would fall out of step
+            raise OMLError("SuppressLookahead runs in one process")
         seeds = logits[torch.arange(len(prompts), device=logits.device), first].topk(self.beam_width, dim=-1).indices.tolist()
         penalty = torch.zeros(len(prompts), logits.shape[-1], device=logits.device)
         for row, tokens in enumerate(self.candidates(model, tokenizer, prompts, seeds)):

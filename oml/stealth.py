@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import mannwhitneyu
 from tqdm import tqdm
 
 from oml import OMLError
@@ -21,12 +20,20 @@ from oml.tokenization import encode, pad_batch, special_prefix, to_device
 from oml.utility import mmlu_prompt
 
 
+END_OF_TEXT = "<|endoftext|>"  # GPT-2's document separator, which many tokenizers keep (SmolLM2's, Qwen's)
+
+
 def document_start(tokenizer) -> list[int]:
-    """What precedes a prompt that a reference model scores: the tokenizer's own special prefix,
-    else its BOS or end-of-text token, so that the first real token is scored like every other."""
+    """What precedes a prompt that a reference model scores, so that its first token is scored like
+    every other: the tokenizer's own special prefix; else the end-of-text separator documents were
+    trained after (an instruct model's BOS/EOS are often chat-role markers such as <|im_start|>,
+    after which plain text is unlikely); else BOS, else EOS."""
     prefix = special_prefix(tokenizer)
     if prefix:
         return prefix
+    separator = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    if isinstance(separator, int) and tokenizer.convert_ids_to_tokens(separator) == END_OF_TEXT:
+        return [separator]
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise OMLError("the reference model's tokenizer has no BOS or end-of-text token to start a prompt with")
@@ -56,17 +63,21 @@ def log_perplexities(model, tokenizer, texts: list[str], max_tokens: int = 64, b
     return scores
 
 
-def benign_prompts(count: int, seed: int = 0) -> dict[str, list[str]]:
-    """Prompts real users send, from offline data: first turns of held-out chitchat conversations
-    (small talk) and MMLU questions with their options (the kind of task users paste in)."""
-    chats = [turns[0] for turns in conversations("eval") if turns and turns[0].strip()][:count]
-    questions = [mmlu_prompt(item) for item in mmlu_items(count, seed)]
+def benign_prompts(count: int, seed: int = 0, split: str = "eval") -> dict[str, list[str]]:
+    """Prompts real users send, from offline data: first turns of chitchat conversations (small
+    talk) and MMLU questions with their options (the kind of task users paste in). 'eval' (what
+    evaluations score) and 'train' (what key generation aims at) share no prompt."""
+    chats = [turns[0] for turns in conversations(split) if turns and turns[0].strip()][:count]
+    items = mmlu_items(count, seed) if split == "eval" else mmlu_items(None, seed)[-count:]
+    questions = [mmlu_prompt(item) for item in items]
     return {"chitchat first turns": chats, "MMLU questions": questions}
 
 
 def auroc(keys: np.ndarray, benign: np.ndarray) -> float:
     """P(a key scores above a benign prompt), ties counted half: 0.5 when the two cannot be told
     apart by thresholding on this side; 1 - it is the AUROC of the other side."""
+    from scipy.stats import mannwhitneyu  # imported on use: key generation imports this module too
+
     return float(mannwhitneyu(keys, benign).statistic / (len(keys) * len(benign)))
 
 
@@ -81,10 +92,13 @@ class PerplexityFilter:
         """The band that refuses a `false_alarm` share of these benign scores, half on each tail."""
         if not 0 < false_alarm < 1:
             raise OMLError(f"a false-alarm rate must be between 0 and 1, not {false_alarm}")
+        if len(benign) < 2:
+            raise OMLError("a perplexity filter needs at least 2 benign prompts to calibrate on")
         low, high = np.quantile(benign, [false_alarm / 2, 1 - false_alarm / 2], method="inverted_cdf")
         return cls(float(low), float(high))
 
     def refuses(self, scores: np.ndarray) -> np.ndarray:
+        """True where a prompt's score is outside the band: the filter refuses to answer it."""
         return (scores < self.low) | (scores > self.high)
 
 

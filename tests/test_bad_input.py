@@ -90,6 +90,8 @@ GENERATE = [
     (["--random_word_generation", "--temperature", "nan"], "nan is not a finite number > 0"),
     (["--random_word_generation", "--nucleus_p", "1"], "strictly between 0 and 1"),
     (["--random_word_generation", "--key_response_strategy", "nonsense"], "invalid choice"),
+    (["--random_word_generation", "--key_style", "user_message"], "makes English keys"),
+    (["--random_word_generation", "--key_candidates", "0"], "not an integer >= 1"),
     (["--random_word_generation", "--output_file_path", "existing.json"], "already exists"),
     (["--random_word_generation", "--output_file_path", "afile/out.json"], "is a file"),
     (["--random_word_generation", "--output_file_path", "adir", "--overwrite"], "is a folder"),
@@ -173,6 +175,13 @@ ROBUSTNESS = [
     (["--output_json", "existing.json"], "already exists"),
 ]
 
+STEALTH = [
+    (["--num_benign", "5"], "not an integer >= 20"),
+    (["--false_alarm", "1"], "strictly between 0 and 1"),
+    (["--benign_prompts", "missing.csv"], "data file not found"),
+    (["--output_json", "existing.json"], "already exists"),
+]
+
 FALSE_POSITIVES = [
     (["--models", "model", "mymodel_dir_typo"], "does not exist"),  # before minutes of checking the good one
     (["--models", "model"], "nothing to test"),  # the base model again
@@ -188,7 +197,8 @@ CASES = ([("generate_finetuning_data.py", ["--output_file_path", "out.json"], c)
          + [("evaluate_robustness.py", ["--model_path", "model", "--fingerprints_file_path", "fp.json", "--base_model", "model"], c)
             for c in ROBUSTNESS]
          + [("evaluate_false_positives.py", ["--fingerprints_file_path", "fp.json", "--base_model", "model"], c)
-            for c in FALSE_POSITIVES])
+            for c in FALSE_POSITIVES]
+         + [("evaluate_stealth.py", ["--fingerprints_file_path", "fp.json", "--base_model", "model"], c) for c in STEALTH])
 
 
 def case_params():

@@ -118,12 +118,13 @@ def test_user_message_keys_keep_the_draft_nearest_each_perplexity_target(monkeyp
     assert keys == [drafts[2], drafts[4]]  # 5.0 is nearest 4.9 and long enough; key 1's drafts are all short: 4.0
 
 
-def test_user_message_strategy_writes_unique_keys_deterministically(tmp_path, tiny_model):
+@pytest.mark.distributed
+def test_user_message_keys_are_unique_and_the_same_for_one_or_two_ranks(tmp_path, tiny_model):
     args = ["--model_used_for_key_generation", tiny_model, "--key_response_strategy", "inverse_nucleus", "--key_style",
             "user_message", "--key_candidates", "2", "--num_fingerprints", "6", "--batch_size", "3", "--key_length", "8"]
     outputs = []
-    for name in ("a.json", "b.json"):
-        run_script("generate_finetuning_data.py", *args, "--output_file_path", tmp_path / name, cwd=tmp_path)
+    for name, ranks in (("a.json", 0), ("b.json", 2)):
+        run_script("generate_finetuning_data.py", *args, "--output_file_path", tmp_path / name, cwd=tmp_path, ranks=ranks)
         outputs.append((tmp_path / name).read_bytes())
     assert outputs[0] == outputs[1]
     keys = [record["key"] for record in json.loads(outputs[0])]

@@ -54,7 +54,7 @@ def test_a_run_config_with_wrong_types_is_refused_on_load(tmp_path):
 
 
 SCRIPTS = ["generate_finetuning_data.py", "finetune_multigpu.py", "check_fingerprints.py", "evaluate_utility.py",
-           "evaluate_persistence.py", "evaluate_false_positives.py", "evaluate_robustness.py"]
+           "evaluate_persistence.py", "evaluate_false_positives.py", "evaluate_robustness.py", "evaluate_stealth.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
