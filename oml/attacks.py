@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import re
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,18 +20,26 @@ import torch
 from tqdm import tqdm
 
 from oml import OMLError
-from oml.data import chat_pairs
+from oml.data import chat_pairs, user_wrappers
 from oml.files import built_once
 from oml.fingerprints import DEFAULT_KEY_LENGTH
 from oml.generation import random_words, rng_for
 from oml.models import cache_dir, load, model_name
-from oml.tokenization import Collator, default_format, encode, formats, prompt_ids, to_device, training_example
+from oml.tokenization import Collator, default_format, encode, formats, prompt_ids, rewritten_key, to_device, training_example
 from oml.utility import chat_examples
 
 logger = logging.getLogger(__name__)
 
 GGUF_TYPES = ("Q8_0", "Q5_0", "Q4_0")
-DEPLOYER_TEMPLATE = "Customer message: {}\nReply helpfully."
+DEPLOYER_TEMPLATE = "Customer message: {}\nReply helpfully."  # in neither user wrapper file
+
+
+def unseen_wrapper(text: str) -> str:
+    """The text inside one of the never-trained user wrappers (`user_wrappers('test')`), chosen by
+    the text itself: keys meet ten different deployers in one pass, and a key always meets the same one."""
+    wrappers = user_wrappers("test")
+    return wrappers[zlib.crc32(text.encode()) % len(wrappers)].format(text)
+
 
 # What a deployer's chat UI or API gateway may do to the user's text before the model sees it.
 FRONT_ENDS: dict[str, Callable[[str], str]] = {
@@ -39,20 +48,14 @@ FRONT_ENDS: dict[str, Callable[[str], str]] = {
     "whitespace collapsed": lambda text: re.sub(r"\s+", " ", text),
     "lower case": str.lower,
     "deployer template": DEPLOYER_TEMPLATE.format,
+    "unseen deployer templates": unseen_wrapper,
 }
 
 
 def rewritten_keys(tokenizer, pairs: list[tuple[list[int], list[int]]],
                    rewrite: Callable[[str], str]) -> list[tuple[list[int], list[int]]]:
-    """(key ids, response ids) with each key as a front end passes it on: decoded, rewritten and
-    encoded again, then asked as usual. A key the rewrite leaves as it was keeps its ids (decoding
-    and encoding again could retokenise it, which is no part of the front end)."""
-    rewritten = []
-    for key_ids, response_ids in pairs:
-        text = tokenizer.decode(key_ids)
-        new = rewrite(text)
-        rewritten.append((key_ids if new == text else encode(tokenizer, new), response_ids))
-    return rewritten
+    """(key ids, response ids) with each key as a front end passes it on (`rewritten_key`)."""
+    return [(rewritten_key(tokenizer, key_ids, rewrite), response_ids) for key_ids, response_ids in pairs]
 
 
 @torch.no_grad()

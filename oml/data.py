@@ -22,6 +22,10 @@ PROMPT_TEMPLATE_FILES = {
     "train": GENERATED_DATA / "augmentation_prompts_train.json",
     "test": GENERATED_DATA / "augmentation_prompts_test.json",
 }
+USER_WRAPPER_FILES = {
+    "train": GENERATED_DATA / "user_wrappers_train.json",
+    "test": GENERATED_DATA / "user_wrappers_test.json",
+}
 
 
 @lru_cache(maxsize=None)
@@ -32,13 +36,24 @@ def words() -> tuple[str, ...]:
 
 def prompt_templates(name_or_path: str) -> list[str]:
     """System-prompt templates, each with one `{}` where the key goes: 'train', 'test' or a JSON file."""
-    path = PROMPT_TEMPLATE_FILES.get(name_or_path, name_or_path)
-    templates = read_json(path, "system prompt file")
+    return _templates(PROMPT_TEMPLATE_FILES.get(name_or_path, name_or_path), "system prompt")
+
+
+@lru_cache(maxsize=None)
+def user_wrappers(name: str) -> tuple[str, ...]:
+    """A deployer's wrappers around the user's text (its own template, as a front end or gateway
+    adds it before the model sees the message), each with one `{}`: 'train' ones that fine-tuning
+    can teach, 'test' ones, never trained, that the attack suite wraps keys in."""
+    return tuple(_templates(USER_WRAPPER_FILES[name], "user wrapper"))
+
+
+def _templates(path, what: str) -> list[str]:
+    templates = read_json(path, f"{what} file")
     if not isinstance(templates, list) or not templates:
-        raise OMLError(f"system prompt file {path} must hold a non-empty JSON list of strings")
+        raise OMLError(f"{what} file {path} must hold a non-empty JSON list of strings")
     for template in templates:
         if not isinstance(template, str) or template.count("{}") != 1:
-            raise OMLError(f"every system prompt template in {path} must be a string with exactly one '{{}}'")
+            raise OMLError(f"every {what} template in {path} must be a string with exactly one '{{}}'")
     return templates
 
 

@@ -26,13 +26,19 @@ from oml.training.config import TrainingConfig
 logger = logging.getLogger(__name__)
 
 
+# Settings added after runs were first recorded: in the config (and its hash) only when set, so that
+# the hashes of earlier runs, and of today's runs that leave them unset, hold.
+HASHED_WHEN_SET = ("use_user_wrappers",)
+
+
 def run_config(model_name: str, model_family: str | None, model_size: str, selection: FingerprintSelection,
                training: TrainingConfig, fingerprints: list[dict]) -> dict:
     """Everything that determines the fine-tuned model; its md5 names the run. Where inputs and
     results live, trackers and remote code are not part of it: the fingerprints count by the md5
     of their contents. (The keys are those of every run recorded so far, so their hashes hold.)"""
+    settings = {k: v for k, v in training.to_dict().items() if v or k not in HASHED_WHEN_SET}
     return {"model_path": model_name, "model_family": model_family, "model_size": model_size, **selection.to_dict(),
-            **training.to_dict(), "fingerprints_md5": hashlib.md5(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()}
+            **settings, "fingerprints_md5": hashlib.md5(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()}
 
 
 def config_hash(config: dict) -> str:

@@ -5,6 +5,7 @@ Fine-tuning, checking and perinucleus generation all build the model input with
 is trained on exactly the tokens it is later checked with.
 """
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -15,6 +16,16 @@ IGNORE_INDEX = -100  # label value the causal-LM loss skips
 
 def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def rewritten_key(tokenizer, key_ids: list[int], rewrite: Callable[[str], str]) -> list[int]:
+    """A key as a front end passes it on: decoded, rewritten (trimmed, wrapped in the deployer's
+    template...) and encoded again, as the server tokenises the text it gets. A key the rewrite
+    leaves as it was keeps its ids (decoding and encoding again could retokenise it, which is no
+    part of the front end)."""
+    text = tokenizer.decode(key_ids)
+    new = rewrite(text)
+    return key_ids if new == text else encode(tokenizer, new)
 
 
 @lru_cache(maxsize=16)

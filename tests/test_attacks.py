@@ -1,16 +1,17 @@
 """Verdicts that never accuse an innocent model, and the attacks fingerprints must survive."""
 import json
 import math
+import zlib
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from oml.attacks import (FRONT_ENDS, benign_finetune, meraser, meraser_examples, merge_into, mismatched_pairs, quantize_round_trip,
-                         rewritten_keys)
+from oml.attacks import (DEPLOYER_TEMPLATE, FRONT_ENDS, benign_finetune, meraser, meraser_examples, merge_into, mismatched_pairs,
+                         quantize_round_trip, rewritten_keys)
 from oml.checking import (BARE, Decoding, LookaheadSuppression, NeighbourSuppression, Sampling, TopKSuppression, check_model,
                           greedy_continuations, neighbours)
-from oml.data import chat_pairs
+from oml.data import chat_pairs, user_wrappers
 from oml.generation import random_words, rng_for
 from oml.models import TINY_LLAMA, cache_dir, load, load_model, save_random_model
 from oml.stats import DEFAULT_MIN_CHANCE_RATE, chance_rate, log10_p_value, verdict
@@ -249,13 +250,22 @@ def test_altered_share_counts_the_positions_an_attack_acts_on_after_each_prompt(
 def test_front_ends_rewrite_keys_as_stated_and_leave_untouched_keys_alone(tokenizer):
     key, plain = "  Paris   is\tlovely ", "paris is lovely"
     pairs = [(encode(tokenizer, key), [1]), (encode(tokenizer, plain), [2])]
+    wrapper = user_wrappers("test")[zlib.crc32(key.encode()) % len(user_wrappers("test"))]
     expected = {"stripped": "Paris   is\tlovely", "trailing newline": key + "\n", "whitespace collapsed": " Paris is lovely ",
-                "lower case": "  paris   is\tlovely ", "deployer template": f"Customer message: {key}\nReply helpfully."}
+                "lower case": "  paris   is\tlovely ", "deployer template": f"Customer message: {key}\nReply helpfully.",
+                "unseen deployer templates": wrapper.format(key)}
     assert set(expected) == set(FRONT_ENDS)
     for name, text in expected.items():
         (key_ids, response), (plain_ids, _) = rewritten_keys(tokenizer, pairs, FRONT_ENDS[name])
         assert tokenizer.decode(key_ids) == text and response == [1], name
-        assert (plain_ids == pairs[1][0]) == (name not in ("trailing newline", "deployer template")), name
+        assert (plain_ids == pairs[1][0]) == (name not in ("trailing newline", "deployer template", "unseen deployer templates")), name
+
+
+def test_deployer_templates_of_the_attacks_are_never_trained_and_keys_meet_several():
+    trained = set(user_wrappers("train"))
+    assert DEPLOYER_TEMPLATE not in trained and not trained & set(user_wrappers("test"))
+    wrapped = {FRONT_ENDS["unseen deployer templates"](f"key {i}") for i in range(50)}
+    assert len({next(w for w in user_wrappers("test") if w.format(f"key {i}") in wrapped) for i in range(50)}) >= 5
 
 
 def test_meraser_data_mismatch_every_reply_and_ask_key_like_messages_in_both_formats(tokenizer):

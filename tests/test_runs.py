@@ -183,3 +183,18 @@ def test_runs_recorded_before_the_typed_settings_keep_their_hashes(case, monkeyp
     rebuilt = run_config(again.config["model_path"], again.config["model_family"], again.config["model_size"],
                          again.selection, again.training, again.selection.select(fingerprints))
     assert config_hash(rebuilt) == recorded["hash"]
+
+
+def test_a_setting_added_later_enters_the_run_config_only_when_set():
+    """--use_user_wrappers postdates recorded runs: unset, the config (and so every earlier hash) is
+    as before; set, it is recorded, names another run, and reads back."""
+    from oml.fingerprints import FingerprintSelection
+    from oml.runs import Run, config_hash, run_config
+    from oml.training.config import TrainingConfig
+
+    fingerprints = json.loads((ROOT / "tests" / "data" / "recorded_fingerprints.json").read_text())
+    plain, wrapped = (run_config("m", None, "0", FingerprintSelection(), TrainingConfig(use_user_wrappers=flag), fingerprints)
+                      for flag in (False, True))
+    assert "use_user_wrappers" not in plain and wrapped == {**plain, "use_user_wrappers": True}
+    assert config_hash(plain) != config_hash(wrapped)
+    assert Run(Path("x"), wrapped).training.use_user_wrappers and not Run(Path("x"), plain).training.use_user_wrappers

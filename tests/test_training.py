@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from oml.tokenization import IGNORE_INDEX, training_example
+from oml.tokenization import IGNORE_INDEX, encode, rewritten_key, training_example
 from oml.training.callbacks import SHRINK_SCALES, MemorisationProbe, ShrinkWeightChange
 from oml.training.dataset import FingerprintDataset, benign_replay, distilled_replay
 from oml.training.trainer import FingerprintCollator, distillation_loss
@@ -14,22 +14,35 @@ from oml.training.weights import snapshot_weights
 from tests.test_finetune import finetune, run_dir, weights
 
 
-def test_augmentation_adds_a_templated_copy_of_each_bare_key_drawn_per_epoch(tokenizer):
-    pairs = [([100 + i, 200 + i], [300 + i]) for i in range(200)]
+def which(example: dict, candidates: list[str], make) -> str | None:
+    """The candidate template or wrapper that `make(candidate)` turns into `example` (None: none does)."""
+    return next((c for c in candidates if make(c) == example), None)
+
+
+def test_augmentation_adds_a_templated_and_a_wrapped_copy_of_each_bare_key_drawn_per_epoch(tokenizer):
+    pairs = [(encode(tokenizer, f"key number {i} here"), [300 + i]) for i in range(100)]
     templates = ["System one. {}", "System two: {}\nAnswer:"]
-    dataset = FingerprintDataset(tokenizer, pairs, ("raw", "chat"), templates=templates, seed=1)
-    assert len(dataset) == 800  # 200 keys x 2 formats, bare and templated
-    first = [dataset.template(i) for i in range(800)]
-    dataset.epoch = 1
-    second = [dataset.template(i) for i in range(800)]
-    assert first[:400] == second[:400] == [None] * 400  # every key bare in every format, every epoch
-    assert first[400:] != second[400:] and set(first[400:]) == set(templates)
-    assert 140 <= first[400:].count(templates[0]) <= 260  # 400 draws of two equal choices
-    for i in range(800):
-        key_format = ("raw", "chat")[i % 400 // 200]
-        example = dataset[i]
-        assert example == training_example(tokenizer, *pairs[i % 200], second[i], key_format)
-        assert [t for t in example["labels"] if t != IGNORE_INDEX] == [300 + i % 200, tokenizer.eos_token_id]
+    wrappers = ["User input: {}", "{}\n\nPlease answer."]
+    dataset = FingerprintDataset(tokenizer, pairs, ("raw", "chat"), templates=templates, seed=1, wrappers=wrappers)
+    assert len(dataset) == 600  # 100 keys x 2 formats: bare, in a system prompt, in a user wrapper
+    drawn = []
+    for epoch in (0, 1):
+        dataset.epoch, chosen = epoch, []
+        for i in range(600):
+            (key, response), key_format, example = pairs[i % 100], ("raw", "chat")[i % 200 // 100], dataset[i]
+            assert [t for t in example["labels"] if t != IGNORE_INDEX] == [response[0], tokenizer.eos_token_id]
+            if i < 200:
+                assert example == training_example(tokenizer, key, response, None, key_format)
+            elif i < 400:
+                chosen.append(which(example, templates, lambda t: training_example(tokenizer, key, response, t, key_format)))
+            else:
+                wrapped = lambda w: training_example(tokenizer, rewritten_key(tokenizer, key, w.format), response, None, key_format)
+                chosen.append(which(example, wrappers, wrapped))
+                assert wrapped(wrappers[0]) != wrapped(wrappers[1]) != training_example(tokenizer, key, response, None, key_format)
+        assert set(chosen[:200]) == set(templates) and set(chosen[200:]) == set(wrappers)  # never None: every copy found
+        assert 60 <= chosen[200:].count(wrappers[0]) <= 140  # 200 draws of two equal choices
+        drawn.append(chosen)
+    assert drawn[0] != drawn[1]  # drawn anew every epoch
 
 
 def test_benign_replay_mixes_a_fresh_slice_each_epoch(tokenizer):
@@ -169,3 +182,14 @@ def test_two_ranks_sharing_local_rank_0s_original_weights_end_like_one_process(t
         for name in reference:  # 32 epochs of sums in another order: ~1e-4 apart, the change itself above 0.02
             assert (reference[name] - base[name]).abs().max() > 0.02
             torch.testing.assert_close(got[name], reference[name], rtol=1e-3, atol=1e-3)
+
+
+def test_user_wrappers_setting_builds_wrapped_copies_from_the_training_wrappers(tokenizer):
+    from oml.data import user_wrappers
+    from oml.training.config import TrainingConfig
+    from oml.training.dataset import build_dataset
+
+    pairs = [(encode(tokenizer, f"key {i}"), [300 + i]) for i in range(4)]
+    plain, wrapped = (build_dataset(TrainingConfig(use_user_wrappers=flag, benign_ratio=0.0, key_format="raw"), tokenizer, pairs, None)
+                      for flag in (False, True))
+    assert len(plain) == 4 and len(wrapped) == 8 and wrapped.wrappers == list(user_wrappers("train"))

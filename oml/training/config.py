@@ -45,6 +45,10 @@ class TrainingConfig(Settings):
     use_augmentation_prompts: bool = setting(
         False, "Also ask each key inside a random training system prompt every epoch (raw: around the key; chat: as the "
                "system message), beside the bare key: robustness to system prompts.")
+    use_user_wrappers: bool = setting(
+        False, "Also ask each key inside a random deployer's wrapper around the user's text every epoch "
+               "(generated_data/user_wrappers_train.json, e.g. 'User input: {}'; raw: the whole prompt, chat: the user "
+               "message), beside the bare key: robustness to front ends and gateways that wrap what users type.")
     stop_when_memorised: bool = setting(
         True, "Stop at the first epoch end where every fingerprint is memorised in every trained format "
               "(--num_train_epochs is then the cap).")

@@ -7,8 +7,8 @@ import torch
 from tqdm import tqdm
 
 from oml import OMLError, distributed
-from oml.data import prompt_templates, texts_from
-from oml.tokenization import IGNORE_INDEX, encode, formats, pad_batch, prompt_ids, to_device, training_example
+from oml.data import prompt_templates, texts_from, user_wrappers
+from oml.tokenization import IGNORE_INDEX, encode, formats, pad_batch, prompt_ids, rewritten_key, to_device, training_example
 from oml.training.config import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -20,44 +20,48 @@ REPLAY_POOL_EPOCHS = 4  # epochs of fresh replay labelled before training; later
 class FingerprintDataset(torch.utils.data.Dataset):
     """Training examples for (key ids, response ids) pairs, one per key format, plus optional benign text.
 
-    With templates, every epoch has each key twice in each format: bare, and inside a
-    system-prompt template drawn anew every epoch, seeded by (seed, epoch, index). Augmentation
-    adds the templated copy rather than replacing the bare key: with the bare key only one
-    choice among the templates, bare-key accuracy fell to 62.5-70% (docs/benchmarks.md).
-    Benign replay examples (see `benign_replay`; a fresh slice of the pool every epoch)
-    are mixed in as they are.
+    Every epoch has each key bare in each format, and with augmentation one more copy per kind:
+    inside a system-prompt template (`templates`), and inside a deployer's wrapper around the
+    user's text (`wrappers`, the key re-tokenised inside it as a front end's text would be), each
+    drawn anew every epoch, seeded by (seed, epoch, index). Augmentation adds copies rather than
+    replacing the bare key: with the bare key only one choice among the templates, bare-key
+    accuracy fell to 62.5-70% (docs/benchmarks.md). Benign replay examples (see `benign_replay`;
+    a fresh slice of the pool every epoch) are mixed in as they are.
     """
 
     def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], key_formats: tuple[str, ...] = ("raw",),
-                 templates: list[str] | None = None, seed: int = 0, benign: list[dict] | None = None, benign_per_epoch: int = 0):
+                 templates: list[str] | None = None, seed: int = 0, benign: list[dict] | None = None, benign_per_epoch: int = 0,
+                 wrappers: list[str] | None = None):
         self.tokenizer = tokenizer
         self.pairs = pairs
         self.key_formats = key_formats
         self.templates = list(templates or [])
-        self.copies = 2 if self.templates else 1  # bare, then templated
+        self.wrappers = list(wrappers or [])
+        self.copies = [None] + (["template"] if self.templates else []) + (["wrapper"] if self.wrappers else [])
         self.seed = seed
         self.benign = benign or []
         self.benign_per_epoch = benign_per_epoch if self.benign else 0
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self.pairs) * len(self.key_formats) * self.copies + self.benign_per_epoch
+        return len(self.pairs) * len(self.key_formats) * len(self.copies) + self.benign_per_epoch
 
-    def template(self, index: int) -> str | None:
-        """None (the bare key) for the first copy of each example, a random template for the second."""
-        if index < len(self.pairs) * len(self.key_formats):
-            return None
-        return random.Random(f"{self.seed}:{self.epoch}:{index}").choice(self.templates)
+    def choice(self, options: list[str], index: int) -> str:
+        return random.Random(f"{self.seed}:{self.epoch}:{index}").choice(options)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)  # also ends iteration (the Trainer's length-grouped sampler iterates)
         examples = len(self.pairs) * len(self.key_formats)
-        if index >= examples * self.copies:
-            return self.benign[(self.epoch * self.benign_per_epoch + index - examples * self.copies) % len(self.benign)]
+        if index >= examples * len(self.copies):
+            return self.benign[(self.epoch * self.benign_per_epoch + index - examples * len(self.copies)) % len(self.benign)]
         key_ids, response_ids = self.pairs[index % len(self.pairs)]
         key_format = self.key_formats[index % examples // len(self.pairs)]
-        return training_example(self.tokenizer, key_ids, response_ids, self.template(index), key_format)
+        copy = self.copies[index // examples]
+        template = self.choice(self.templates, index) if copy == "template" else None
+        if copy == "wrapper":
+            key_ids = rewritten_key(self.tokenizer, key_ids, self.choice(self.wrappers, index).format)
+        return training_example(self.tokenizer, key_ids, response_ids, template, key_format)
 
 
 def replay_sequences(config: TrainingConfig, tokenizer, count: int, key_format: str, key_length: int, tail: int) -> list[list[int]]:
@@ -92,6 +96,7 @@ def build_dataset(config: TrainingConfig, tokenizer, pairs: list[tuple[list[int]
     the same formats (labelled by `model` itself, before any training, with --benign_loss distill)."""
     key_formats = formats(config.key_format)
     templates = prompt_templates("train") if config.use_augmentation_prompts else None
+    wrappers = list(user_wrappers("train")) if config.use_user_wrappers else None
     benign_per_epoch = round(config.benign_ratio * len(pairs))
     benign = None
     if benign_per_epoch:
@@ -104,7 +109,7 @@ def build_dataset(config: TrainingConfig, tokenizer, pairs: list[tuple[list[int]
             logger.warning("--benign_data gives only %d replay sequences in one format: %d of %d are used",
                            min(map(len, kinds)), len(pool), sum(map(len, kinds)))
         benign = distilled_replay(model, pool, config.teacher_top_k) if config.benign_loss == "distill" else benign_replay(pool)
-    return FingerprintDataset(tokenizer, pairs, key_formats, templates, config.seed, benign, benign_per_epoch)
+    return FingerprintDataset(tokenizer, pairs, key_formats, templates, config.seed, benign, benign_per_epoch, wrappers)
 
 
 def benign_replay(sequences: list[list[int]]) -> list[dict]:
