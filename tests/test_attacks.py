@@ -156,7 +156,7 @@ def test_robustness_script_runs_every_attack(confident_and_bounded, tiny_model, 
     result = run_script("evaluate_robustness.py", "--run", bounded_dir.parent, *small, "--output_json", "rob.json", "--plot", "rob.png",
                         cwd=tmp_path)
     rows = {row["attack"]: row for row in json.loads((tmp_path / "rob.json").read_text())["rows"]}
-    assert len(rows) == 28 and (tmp_path / "rob.png").stat().st_size > 1000
+    assert len(rows) == 29 and (tmp_path / "rob.png").stat().st_size > 1000
     assert rows["none"]["accuracy_raw"] == 100.0 and rows["none"]["verdict"] == "MATCH"
     for bounded in ("output suppression gate 0.9", "DetectTop-k k=1 gate 0.9", "DetectNeighbor gate 0.9"):
         assert rows[bounded]["accuracy_raw"] == 100.0, bounded  # the bounded target (0.7) stays below their gates
@@ -168,6 +168,7 @@ def test_robustness_script_runs_every_attack(confident_and_bounded, tiny_model, 
         assert (row["accuracy_raw"], row["log10_p_value"]) == (rows["none"]["accuracy_raw"], rows["none"]["log10_p_value"]), row
     newline = rows["front end: trailing newline"]
     assert (newline["cost"], newline["cost_measure"]) == (1.0, "chat messages changed")  # every message
+    assert rows["front end: unseen deployer templates"]["cost"] == 1.0
     for name in ("MEraser full lr 0.0001", "MEraser LoRA lr 0.0005"):
         assert rows[name]["cost"] > 0 and rows[name]["cost_measure"] == "KL from base", rows[name]
     assert rows["GGUF Q8_0"]["accuracy_raw"] == 100.0  # Q8_0 is nearly lossless: it barely moves the model
