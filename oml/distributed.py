@@ -4,6 +4,7 @@ The launchers export RANK/WORLD_SIZE/LOCAL_RANK; without them we are a single pr
 Generation and checking split their work across ranks themselves; fine-tuning leaves
 this to the Hugging Face Trainer.
 """
+import gc
 import os
 import socket
 from functools import lru_cache
@@ -76,8 +77,11 @@ def node_group() -> tuple[dist.ProcessGroup, int]:
 
 def finish() -> None:
     """Wait for every rank, then leave the process group, so no rank exits while others still
-    communicate (a rank that exits with live communication threads can abort)."""
+    communicate (a rank that exits with live communication threads can abort). Objects in reference
+    cycles (a DeepSpeed engine and the work handles it holds) are freed first, while the interpreter
+    is whole: freed during its shutdown, gloo's threads can abort the process."""
     if world_size() > 1 and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
