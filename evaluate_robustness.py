@@ -10,8 +10,8 @@ output-suppression attack (serve the second token whenever the top one is more l
 gate); the decoding attacks of "Are Robust LLM Fingerprints Adversarially Robust?" (arXiv
 2509.26598: DetectTop-k, SuppressNeighbor, DetectNeighbor, SuppressLookahead); front ends that
 rewrite the user's text (stripped, trailing newline, whitespace collapsed, lower case, inside a
-deployer's template, inside 10 wrappers fine-tuning never sees); and MEraser (arXiv 2506.12551: fine-tuning on mismatched, then on clean
-chat), full and LoRA. Each row gives the accuracy per key format, the verdict (null model: the
+deployer's template, inside 10 wrappers fine-tuning never sees); and MEraser (arXiv 2506.12551:
+fine-tuning on mismatched, then on clean chat), full and LoRA. Each row gives the accuracy per key format, the verdict (null model: the
 base, under the same decoding and front end) and what the transformation cost: KL from the base
 on held-out chat for weight changes, the share of benign tokens a decoding attack alters (of
 the first reply tokens, for those that act only there), the share of chat messages a front end

@@ -2,6 +2,7 @@
 plus benign replay shaped like the fingerprints beside it, labelled by the untouched model."""
 import logging
 import random
+from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -31,7 +32,7 @@ class FingerprintDataset(torch.utils.data.Dataset):
 
     def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], key_formats: tuple[str, ...] = ("raw",),
                  templates: list[str] | None = None, seed: int = 0, benign: list[dict] | None = None, benign_per_epoch: int = 0,
-                 wrappers: list[str] | None = None):
+                 wrappers: Sequence[str] | None = None):
         self.tokenizer = tokenizer
         self.pairs = pairs
         self.key_formats = key_formats
@@ -96,7 +97,7 @@ def build_dataset(config: TrainingConfig, tokenizer, pairs: list[tuple[list[int]
     the same formats (labelled by `model` itself, before any training, with --benign_loss distill)."""
     key_formats = formats(config.key_format)
     templates = prompt_templates("train") if config.use_augmentation_prompts else None
-    wrappers = list(user_wrappers("train")) if config.use_user_wrappers else None
+    wrappers = user_wrappers("train") if config.use_user_wrappers else None
     benign_per_epoch = round(config.benign_ratio * len(pairs))
     benign = None
     if benign_per_epoch:
