@@ -55,10 +55,11 @@ class GenerationConfig(Settings):
     model_used_for_key_generation: str | None = setting(
         None, "Instruct model that writes English keys/responses (default: the embedded SmolLM2-135M-Instruct).", kind=str)
     random_word_generation: bool = setting(False, "Keys and responses are random English words instead of model text.")
-    key_style: str = setting(
-        "sentence", "English keys are a sentence the model writes from the first token (sentence), or a message a user "
-                    "would send an assistant, picked among --key_candidates so that their perplexity spreads like benign "
-                    "prompts' (user_message: keys a perplexity filter cannot tell from real prompts).", choices=KEY_STYLES)
+    key_style: str | None = setting(
+        None, "English keys are a message a user would send an assistant, picked among --key_candidates so that their "
+              "perplexity spreads like benign prompts' (user_message, the default: keys a perplexity filter cannot tell "
+              "from real prompts), or a sentence the model writes from the first token (sentence, the default until "
+              "2026-12-03). Random-word and given keys have no style.", choices=KEY_STYLES)
     key_candidates: int = setting(4, "user_message keys: drafts written per key, the one closest to its perplexity target "
                                      "kept.", POSITIVE_INT)
     keys_path: str | None = setting(None, "JSON list of your own keys; then only responses are generated.", kind=str)
@@ -80,8 +81,12 @@ class GenerationConfig(Settings):
             object.__setattr__(self, "response_length", 1)
         elif self.response_length is None:
             object.__setattr__(self, "response_length", 32)
-        if self.key_style == "user_message" and (self.random_word_generation or self.keys_path):
-            raise OMLError("--key_style user_message makes English keys: not with --random_word_generation or --keys_path")
+        if self.random_word_generation or self.keys_path:
+            if self.key_style is not None:
+                raise OMLError(f"--key_style {self.key_style} makes English keys: not with --random_word_generation or "
+                               "--keys_path")
+        elif self.key_style is None:
+            object.__setattr__(self, "key_style", "user_message")
         if self.num_fingerprints is not None and self.num_fingerprints > MAX_FINGERPRINTS:
             raise OMLError(f"--num_fingerprints {self.num_fingerprints} is more than {MAX_FINGERPRINTS} (far beyond what a "
                            "model can hold)")

@@ -91,6 +91,7 @@ GENERATE = [
     (["--random_word_generation", "--nucleus_p", "1"], "strictly between 0 and 1"),
     (["--random_word_generation", "--key_response_strategy", "nonsense"], "invalid choice"),
     (["--random_word_generation", "--key_style", "user_message"], "makes English keys"),
+    (["--keys_path", "keys.json", "--key_style", "sentence"], "makes English keys"),
     (["--random_word_generation", "--key_candidates", "0"], "not an integer >= 1"),
     (["--random_word_generation", "--output_file_path", "existing.json"], "already exists"),
     (["--random_word_generation", "--output_file_path", "afile/out.json"], "is a file"),

@@ -48,8 +48,8 @@ def test_random_word_strategy_without_a_model(tmp_path):
 
 
 def test_english_strategy_uses_the_model_and_starts_with_the_word(tmp_path, tiny_model):
-    generate(tmp_path, "--model_used_for_key_generation", tiny_model, "--num_fingerprints", "3", "--key_length", "6",
-             "--response_length", "4", "--batch_size", "2")
+    generate(tmp_path, "--model_used_for_key_generation", tiny_model, "--key_style", "sentence", "--num_fingerprints", "3",
+             "--key_length", "6", "--response_length", "4", "--batch_size", "2")
     records = json.loads((tmp_path / "out.json").read_text())
     assert len(records) == 3
     for r in records:
@@ -71,8 +71,8 @@ def test_inverse_nucleus_with_custom_keys_records_probability_and_rank(tmp_path,
 
 @pytest.mark.distributed
 def test_same_seed_gives_byte_identical_output_for_one_or_two_ranks(tmp_path, tiny_model):
-    args = ["--model_used_for_key_generation", tiny_model, "--key_response_strategy", "inverse_nucleus",
-            "--num_fingerprints", "6", "--batch_size", "2", "--key_length", "8", "--seed", "7"]
+    args = ["--model_used_for_key_generation", tiny_model, "--key_response_strategy", "inverse_nucleus", "--key_style",
+            "sentence", "--num_fingerprints", "6", "--batch_size", "2", "--key_length", "8", "--seed", "7"]
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
     generate(tmp_path / "a", *args)
@@ -94,6 +94,15 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
     assert (tmp_path / "out.json").read_text() == "precious"
     generate(tmp_path, "--random_word_generation", "--num_fingerprints", "2", "--overwrite")
     assert len(json.loads((tmp_path / "out.json").read_text())) == 2
+
+
+def test_model_written_keys_are_user_messages_by_default_and_other_keys_have_no_style():
+    from oml.generation import GenerationConfig
+
+    assert GenerationConfig().key_style == "user_message"
+    assert GenerationConfig(key_style="sentence").key_style == "sentence"
+    assert GenerationConfig(random_word_generation=True).key_style is None
+    assert GenerationConfig(keys_path="keys.json", key_response_strategy="inverse_nucleus").key_style is None
 
 
 def test_user_message_keys_keep_the_draft_nearest_each_perplexity_target(monkeypatch):
