@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common import ROOT, benchmark_parser, machine, tiny_model
 
+from oml.generation import KEY_STYLES, GenerationConfig
 from oml.stats import format_p_value
 
 import matplotlib
@@ -62,12 +63,12 @@ def read_or_make(path: Path, make) -> dict:
     return json.loads(path.read_text())
 
 
-def fingerprint_file(out: Path, count: int, model: str | None) -> Path:
+def fingerprint_file(out: Path, count: int, model: str | None, key_style: str) -> Path:
     path = out / "fingerprints.json"
     if not path.is_file():
         run("generate_finetuning_data.py", "--key_response_strategy", "inverse_nucleus", "--num_fingerprints", str(count),
-            "--key_length", "16", "--batch_size", "128", "--seed", "42", "--output_file_path", str(path),
-            *(["--model_used_for_key_generation", model] if model else []))
+            "--key_length", "16", "--batch_size", "128", "--seed", "42", "--key_style", key_style, "--output_file_path",
+            str(path), *(["--model_used_for_key_generation", model] if model else []))
     return path
 
 
@@ -189,6 +190,9 @@ def main() -> None:
     parser.add_argument("--num_generated", type=int, default=None,
                         help="Fingerprints to generate once for all points (default: the largest size); a point of size N "
                              "uses the first N.")
+    parser.add_argument("--key_style", default=GenerationConfig().key_style, choices=KEY_STYLES,
+                        help="How the keys are written (default: generate_finetuning_data.py's; sweeps measured before "
+                             "2026-12-03 used sentence). A results folder's fingerprints.json is reused as it is.")
     parser.set_defaults(results_dir=ROOT / "results" / "capacity")
     args = parser.parse_args()
     utility_args = ["--num_mmlu", "0"]  # the embedded model answers MMLU at chance: nothing to see there
@@ -197,7 +201,7 @@ def main() -> None:
         utility_args += ["--num_texts", "4"]
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprints = fingerprint_file(out, max(args.sizes + [args.num_generated or 0]), args.model_path)
+    fingerprints = fingerprint_file(out, max(args.sizes + [args.num_generated or 0]), args.model_path, args.key_style)
     if len(json.loads(fingerprints.read_text())) < max(args.sizes):
         sys.exit(f"{fingerprints} holds fewer than {max(args.sizes)} fingerprints; delete it to regenerate")
     for variant in args.variants:
