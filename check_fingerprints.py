@@ -14,7 +14,7 @@ import argparse
 import logging
 
 from oml import OMLError, cli, distributed
-from oml.fingerprints import FingerprintSelection
+from oml.fingerprints import FingerprintSelection, responses_of
 from oml.pipeline import CheckInterrupted, CheckReport, check_suspect
 from oml.remote import ApiConfig
 from oml.files import check_writable, write_json_atomic
@@ -93,7 +93,7 @@ def print_report(report: CheckReport, verbose: bool) -> None:
                 top = ", ".join(f"{token!r} {prob:.3f}" for token, prob in r.top_tokens)
                 label = "ERROR" if r.error else "REFUSED" if r.refused else "MISS"
                 print(f"{label} [{r.index}] format={r.format} template={r.template!r} key={fingerprint['key']!r} "
-                      f"expected={fingerprint['response']!r} got={r.predicted!r} rank={r.response_rank} "
+                      f"expected={' or '.join(map(repr, responses_of(fingerprint)))} got={r.predicted!r} rank={r.response_rank} "
                       f"{'error=' + r.error if r.error else 'top-10: ' + top}")
     formats_ = [e["format"] for e in report.formats]
     if len(report.system_prompts) > len(formats_):

@@ -16,7 +16,7 @@ from pathlib import Path
 from oml import OMLError, cli
 from oml.attacks import innocent_derivative
 from oml.checking import KeyResult, check_named_model, queries_for
-from oml.fingerprints import FingerprintSelection, query_formats, selected_fingerprints
+from oml.fingerprints import FingerprintSelection, query_formats, responses_per_key, selected_fingerprints
 from oml.models import load_tokenizer, resolve_model
 from oml.stats import VerdictConfig, evidence, format_p_value
 
@@ -103,9 +103,9 @@ def print_rows(rows: list[dict]) -> None:
 
 def main() -> None:
     args = parse_args()
-    verdict_config = cli.settings_from(VerdictConfig, args)
     fingerprints, selection, fingerprints_file = selected_fingerprints(cli.settings_from(FingerprintSelection, args),
                                                                        args.fingerprints_file_path, args.run)
+    verdict_config = cli.settings_from(VerdictConfig, args).for_responses(responses_per_key(fingerprints))
     key_formats = query_formats(args.query_format, fingerprints,
                                 load_tokenizer(resolve_model(args.base_model), args.trust_remote_code), args.run)
     tested = [(name, "given") for name in args.models]

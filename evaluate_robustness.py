@@ -8,7 +8,8 @@ greedy decoding; the 10 unseen system prompts (chat: as the system message); lin
 with an innocent derivative of the base model; full and LoRA fine-tuning on benign chat; the
 output-suppression attack (serve the second token whenever the top one is more likely than a
 gate); the decoding attacks of "Are Robust LLM Fingerprints Adversarially Robust?" (arXiv
-2509.26598: DetectTop-k, SuppressNeighbor, DetectNeighbor, SuppressLookahead); front ends that
+2509.26598: DetectTop-k, SuppressNeighbor, DetectNeighbor, SuppressLookahead; and SuppressNeighbor
+over the two likeliest words, a thief's answer to keys with two responses); front ends that
 rewrite the user's text (stripped, trailing newline, whitespace collapsed, lower case, inside a
 deployer's template, inside 10 wrappers fine-tuning never sees); and MEraser (arXiv 2506.12551:
 fine-tuning on mismatched, then on clean chat), full and LoRA. Each row gives the accuracy per key format, the verdict (null model: the
@@ -30,7 +31,7 @@ from oml.checking import (GREEDY, Decoding, KeyResult, LookaheadSuppression, Nei
                           check_model, queries_for)
 from oml.data import chat_pairs, prompt_templates, texts_from
 from oml.files import check_writable, write_atomically
-from oml.fingerprints import FingerprintSelection, query_formats, selected_fingerprints
+from oml.fingerprints import FingerprintSelection, query_formats, responses_per_key, selected_fingerprints
 from oml.models import load
 from oml.stats import VerdictConfig, evidence, format_p_value
 from oml.tokenization import fingerprint_pairs
@@ -149,6 +150,7 @@ def attacks(args) -> list[Attack]:
     rows += [Attack(f"output suppression gate {g:g}", decoding=TopKSuppression(gate=g, num_tokens=None)) for g in args.suppression_gate]
     rows += [Attack("DetectTop-k k=1 gate 0.9", decoding=TopKSuppression()),
              Attack("SuppressNeighbor", decoding=NeighbourSuppression()),
+             Attack("SuppressNeighbor top 2", decoding=NeighbourSuppression(candidate_set_size=2)),  # against 2 responses a key
              Attack("DetectNeighbor gate 0.9", decoding=NeighbourSuppression(add_threshold=0.9, generation_threshold=0.9)),
              Attack("SuppressLookahead", decoding=LookaheadSuppression())]
     rows += [Attack(f"front end: {name}", front_end=name) for name in FRONT_ENDS]
@@ -174,9 +176,9 @@ def row_evidence(results: list[KeyResult], base: list[KeyResult], key_formats, b
 
 def main() -> None:
     args = parse_args()
-    verdict_config = cli.settings_from(VerdictConfig, args)
     fingerprints, selection, fingerprints_file = selected_fingerprints(cli.settings_from(FingerprintSelection, args),
                                                                        args.fingerprints_file_path, args.run)
+    verdict_config = cli.settings_from(VerdictConfig, args).for_responses(responses_per_key(fingerprints))
     base, tokenizer = load(args.base_model, args.trust_remote_code, dtype=torch.float32)
     key_formats = query_formats(args.query_format, fingerprints, tokenizer, args.run)
     bare = queries_for(key_formats)

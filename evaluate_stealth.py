@@ -20,7 +20,7 @@ import numpy as np
 from oml import OMLError, cli
 from oml.checking import check_named_model, queries_for
 from oml.data import load_table, string_rows
-from oml.fingerprints import FingerprintSelection, load_fingerprints, query_formats, selected_fingerprints
+from oml.fingerprints import FingerprintSelection, load_fingerprints, query_formats, responses_per_key, selected_fingerprints
 from oml.models import load, load_tokenizer, resolve_model
 from oml.stats import VerdictConfig, evidence, format_p_value
 from oml.stealth import benign_prompts, detectability, detectable, log_perplexities
@@ -125,7 +125,7 @@ def add_verdicts(rows: list[dict], fingerprints: list[dict], selection, args) ->
     suspect = check_named_model(args.fingerprinted_model, fingerprints, selection, queries, suspect=True,
                                 trust_remote_code=args.trust_remote_code)
     base = check_named_model(args.base_model, fingerprints, selection, queries, trust_remote_code=args.trust_remote_code)
-    config = cli.settings_from(VerdictConfig, args)
+    config = cli.settings_from(VerdictConfig, args).for_responses(responses_per_key(fingerprints))
     for row in rows:
         passed = {i for i, refused in enumerate(row["refused"]) if not refused}
         kept = lambda results: [r for r in results if r.index in passed]  # noqa: E731

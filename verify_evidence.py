@@ -23,11 +23,12 @@ from oml import OMLError, cli
 from oml.checking import Query, check_model
 from oml.evidence import Tampered, verify
 from oml.files import read_json
+from oml.fingerprints import responses_of
 from oml.models import load
 from oml.remote import ApiConfig, ApiRequest, check_over_api
 from oml.sequential import SequentialConfig
 from oml.stats import VerdictConfig, format_p_value
-from oml.tokenization import encode
+from oml.tokenization import ResponseIds, encode
 
 logger = logging.getLogger("verify_evidence")
 NOT_VERIFIED_EXIT_CODE = 3
@@ -56,22 +57,41 @@ def parse_args():
     return args
 
 
+def revealed_pairs(tokenizer, records: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """The revealed records as the (key ids, response ids) pairs a check asks, each response carrying
+    the record's other responses (`ResponseIds`), so a model that serves any of them matches. Every
+    response was cut to the committed response_length, as fine-tuning cut them."""
+    pairs = []
+    for r in records:
+        response_ids, *others = [encode(tokenizer, response)[:r["response_length"]] for response in responses_of(r)]
+        pairs.append((encode(tokenizer, r["key"])[:r["key_length"]], ResponseIds(response_ids, others) if others else response_ids))
+    return pairs
+
+
 def base_model_answers(base_model: str, evidence: dict, trust_remote_code: bool) -> int:
-    """How many revealed (key, format) pairs the base model itself answers with the response."""
+    """How many revealed (key, format) pairs the base model itself answers with a response (any of a key's)."""
     model, tokenizer = load(base_model, trust_remote_code)
-    records = [entry["record"] for entry in evidence["revealed"]]
-    pairs = [(encode(tokenizer, r["key"])[:r["key_length"]], encode(tokenizer, r["response"])[:r["response_length"]])
-             for r in records]
+    pairs = revealed_pairs(tokenizer, [entry["record"] for entry in evidence["revealed"]])
     queries = [Query(f) for f in evidence["test"]["formats"]]
     return sum(bool(r.match) for r in check_model(model, tokenizer, pairs, queries, 64, description="base model"))
 
 
+def live_requests(evidence: dict) -> list[ApiRequest]:
+    """The revealed keys as requests to the live suspect, every format of the test, each accepting the
+    record's other responses too (all cut to the committed response_length, which bounds the reply)."""
+    requests = []
+    for f in evidence["test"]["formats"]:
+        for entry in evidence["revealed"]:
+            record = entry["record"]
+            response, *others = responses_of(record)
+            requests.append(ApiRequest(entry["position"], Query(f), 0, record["key"], response, record["response_length"], response,
+                                       tuple(others)))
+    return requests
+
+
 def ask_live(config: ApiConfig, evidence: dict) -> dict[str, str]:
     """The revealed keys asked again of the live suspect: matched/answered per format."""
-    requests = [ApiRequest(entry["position"], Query(f), 0, entry["record"]["key"], entry["record"]["response"],
-                           entry["record"]["response_length"], entry["record"]["response"])
-                for f in evidence["test"]["formats"] for entry in evidence["revealed"]]
-    results = check_over_api(config, requests)
+    results = check_over_api(config, live_requests(evidence))
     return {f: f"{sum(bool(r.match) for r in results if r.format == f)}/{sum(r.error is None for r in results if r.format == f)}"
             for f in evidence["test"]["formats"]}
 

@@ -10,7 +10,7 @@ did say and to score the per-token (fractional) accuracy.
 import gc
 import logging
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -20,7 +20,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from oml import OMLError, distributed
 from oml.models import load
-from oml.tokenization import fingerprint_pairs, has_chat_template, pad_batch, prompt_ids, to_device
+from oml.tokenization import fingerprint_pairs, has_chat_template, pad_batch, prompt_ids, response_pairs, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -316,14 +316,30 @@ def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], quer
     return results
 
 
+def merged(results: list[KeyResult], owners: list[int]) -> list[KeyResult]:
+    """One result per key and query from those of its accepted responses (`response_pairs`' order):
+    the key matches when any response was served, and the first served (else the key's response)
+    speaks for it. A deterministic server serves one reply per prompt, so at most one response matches."""
+    per_key: dict[tuple[int, int], KeyResult] = {}
+    for result in results:
+        slot = (result.query, owners[result.index])
+        if slot not in per_key or (result.match and not per_key[slot].match):
+            per_key[slot] = replace(result, index=owners[result.index])
+    return sorted(per_key.values(), key=lambda r: (r.query, r.index))
+
+
 def check_model(model, tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list[Query],
                 batch_size: int, description: str = "checking", progress: bool = True, decode_misses: bool = True,
-                decoding: Decoding = GREEDY) -> list[KeyResult]:
+                decoding: Decoding = GREEDY, per_response: bool = False) -> list[KeyResult]:
     """Every key asked every way in `queries`; ranks share the batches and all get the full list,
     ordered by query, then key. Every rank runs as many forward passes (repeating its last batch
     if it has fewer), since a ZeRO-3 model needs all ranks in every forward: so a batch never
-    mixes two queries (it would take one forward pass per query, and ranks would differ)."""
+    mixes two queries (it would take one forward pass per query, and ranks would differ).
+    A key with several accepted responses is checked for each, teacher-forced, and matches when
+    any of them is what the decoding serves (one result per key, or with `per_response` one per
+    response, indexed as in `response_pairs`)."""
     queries = [Query(*q) for q in queries]  # (format, template) pairs are accepted too
+    pairs, owners = response_pairs(pairs)
     batches = [(q, range(start, min(start + batch_size, len(pairs))))
                for q in range(len(queries)) for start in range(0, len(pairs), batch_size)]
     per_rank = -(-len(batches) // distributed.world_size())
@@ -338,8 +354,8 @@ def check_model(model, tokenizer, pairs: list[tuple[list[int], list[int]]], quer
             results += [KeyResult(index=i, format=queries[q].key_format, template=queries[q].template, query=q, **r)
                         for i, r in zip(indices, checked)]
     model.train(was_training)
-    gathered = (r for part in distributed.gather(results) for r in part)
-    return sorted(gathered, key=lambda r: (r.query, r.index))
+    gathered = sorted((r for part in distributed.gather(results) for r in part), key=lambda r: (r.query, r.index))
+    return gathered if per_response or len(owners) == len(set(owners)) else merged(gathered, owners)
 
 
 def accuracy(results: list[KeyResult]) -> tuple[float, float]:

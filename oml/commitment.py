@@ -9,8 +9,10 @@ confirmed by hashing it.
 
 The tree is RFC 6962's (section 2.1): leaves and inner nodes are hashed with different prefix
 bytes, so a leaf can never pass as an inner node, and any number of leaves works without
-duplicating one. Only the five fields of `FIELDS` are committed: they fix which tokens were
-trained (the key and response as cut, and the format the key was asked in).
+duplicating one. Only the five fields of `FIELDS` are committed, and `OTHER_RESPONSES` for a
+key trained with several accepted responses: they fix which tokens were trained (the key and
+responses as cut, and the format the key was asked in). A record without other responses hashes
+as it did before that field existed, so earlier roots still open.
 
 Files in the run folder: `commitment.json` (public: the root and how leaves are built) and
 `commitment_salts.json` (private: the salts in record order, with the root they belong to).
@@ -26,6 +28,8 @@ from oml import OMLError
 from oml.files import read_json, write_json_atomic
 
 FIELDS = ("key", "response", "key_format", "key_length", "response_length")
+# Committed only when non-empty: the leaves (and roots) of keys with one response stay as they were.
+OTHER_RESPONSES = "other_responses"
 # The --key_format choices (oml.tokenization.FORMAT_CHOICES, not imported: that module loads torch).
 KEY_FORMATS = ("raw", "chat", "both")
 SALT_BYTES = 32
@@ -39,7 +43,10 @@ LEAF_ENCODING = (
     "Each leaf is one fingerprint as trained: the object {key, response, key_format, key_length, "
     "response_length, salt}, where key and response are strings, key_format is raw, chat or both, "
     "key_length and response_length are the token cuts (integers), and salt is 32 random bytes as "
-    "64 lowercase hex digits. It is encoded as json.dumps(obj, sort_keys=True, separators=(',', ':'), "
+    "64 lowercase hex digits. A key trained with more than one accepted response also holds "
+    "other_responses: the other responses as cut, a list of distinct strings in the run's order; a key "
+    "with one response has no such field (not an empty list). The object is encoded as "
+    "json.dumps(obj, sort_keys=True, separators=(',', ':'), "
     "ensure_ascii=False) in UTF-8; the leaf hash is SHA-256(0x00 || encoding) and an inner node is "
     "SHA-256(0x01 || left || right). Leaves are in the run's fingerprint order and the tree is "
     "shaped as in RFC 6962 section 2.1 (the left subtree of n leaves holds the largest power of two "
@@ -54,8 +61,22 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _other_responses(record: dict) -> list[str]:
+    """The record's other responses, checked: each one more answer that counts as a match, so an
+    empty or blank one (every answer starts with it) or a repeated one would be no evidence."""
+    others = record.get(OTHER_RESPONSES, [])
+    if not (isinstance(others, list) and all(isinstance(other, str) for other in others)):
+        raise OMLError(f"a committed record's {OTHER_RESPONSES} must be a list of strings")
+    if not all(other.strip() for other in others):
+        raise OMLError(f"a committed record's {OTHER_RESPONSES} must not be empty or blank (any answer would match)")
+    if len(set(others)) < len(others) or record["response"] in others:
+        raise OMLError(f"a committed record's {OTHER_RESPONSES} must differ from each other and from its response")
+    return others
+
+
 def _record_fields(record) -> dict:
-    """The five committed fields of `record`, checked; other fields are not committed and are dropped."""
+    """The committed fields of `record`, checked: the five of `FIELDS`, and its other responses when it
+    has any; other fields are not committed and are dropped."""
     if not isinstance(record, dict):
         raise OMLError("a committed record must be an object")
     missing = [name for name in FIELDS if name not in record]
@@ -67,7 +88,14 @@ def _record_fields(record) -> dict:
         raise OMLError(f"a committed record's key_format must be one of {', '.join(KEY_FORMATS)}, not {record['key_format']!r}")
     if not (_positive_int(record["key_length"]) and _positive_int(record["response_length"])):
         raise OMLError("a committed record's key_length and response_length must be integers >= 1")
-    return {name: record[name] for name in FIELDS}
+    others = _other_responses(record)
+    return {name: record[name] for name in FIELDS} | ({OTHER_RESPONSES: list(others)} if others else {})
+
+
+def committed_fields(record) -> dict:
+    """Exactly what the leaf of `record` hashes (checked), and so all a verifier may rely on: a field
+    added beside them in a revealed record is not under the root."""
+    return _record_fields(record)
 
 
 def _check_salt(salt_hex) -> None:
@@ -100,16 +128,18 @@ def _split(n: int) -> int:
 
 
 def committed_record(fingerprint: dict, key_format: str, key_length: int, response_length: int) -> dict:
-    """The five committed fields for a fingerprints.json record trained with the run's settings:
-    the settings belong in the leaf because the same key cut differently is a different fingerprint."""
+    """The committed fields for a fingerprints.json record trained with the run's settings (its other
+    responses too, when it has some): the settings belong in the leaf because the same key cut
+    differently is a different fingerprint."""
     if not isinstance(fingerprint, dict):
         raise OMLError("a fingerprint must be an object with 'key' and 'response'")
+    others = {OTHER_RESPONSES: fingerprint[OTHER_RESPONSES]} if OTHER_RESPONSES in fingerprint else {}
     return _record_fields({"key": fingerprint.get("key"), "response": fingerprint.get("response"),
-                           "key_format": key_format, "key_length": key_length, "response_length": response_length})
+                           "key_format": key_format, "key_length": key_length, "response_length": response_length, **others})
 
 
 def leaf_hash(record: dict, salt_hex: str) -> bytes:
-    """SHA-256(0x00 || canonical JSON of the record's five fields and its salt): canonical so that
+    """SHA-256(0x00 || canonical JSON of the record's committed fields and its salt): canonical so that
     a verifier rebuilds the same bytes from the revealed record, salted so the hash hides the key."""
     fields = _record_fields(record)
     _check_salt(salt_hex)
@@ -117,7 +147,7 @@ def leaf_hash(record: dict, salt_hex: str) -> bytes:
     try:
         encoding = text.encode("utf-8")
     except UnicodeEncodeError:
-        raise OMLError("a committed record's key or response is not valid Unicode (a lone surrogate)") from None
+        raise OMLError("a committed record's key or a response is not valid Unicode (a lone surrogate)") from None
     return hashlib.sha256(LEAF_PREFIX + encoding).digest()
 
 

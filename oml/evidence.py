@@ -23,7 +23,8 @@ from importlib import metadata
 from oml import OMLError
 from oml.checking import KeyResult
 from oml.remote import is_match
-from oml.commitment import leaf_hash, merkle_root, revealed_records, verify_revealed
+from oml.commitment import committed_fields, leaf_hash, merkle_root, revealed_records, verify_revealed
+from oml.fingerprints import responses_of
 from oml.sequential import SequentialConfig, SequentialTest
 from oml.stats import VerdictConfig
 from oml.stats import evidence as stats_evidence
@@ -36,6 +37,12 @@ MATCH_RULES = ("prefix", "exact")
 
 def answer_matches(answer: str, response: str, rule: str) -> bool:
     return is_match(answer, response) if rule == "prefix" else answer == response
+
+
+def answers_record(answer: str, record: dict, rule: str) -> bool:
+    """Whether `answer` is the committed record's response or one of its other responses: a key
+    trained with several accepted responses is matched by a model that serves any of them."""
+    return any(answer_matches(answer, response, rule) for response in responses_of(record))
 
 
 def versions() -> dict:
@@ -103,10 +110,12 @@ def _verify(evidence: dict, root: str, count: int, verdict_config: VerdictConfig
         raise Tampered(f"the bundle's root {commitment['root']} is not the published root {root}")
     if commitment["count"] != count:
         raise Tampered(f"the bundle claims {commitment['count']} committed fingerprints, the published count is {count}")
-    check_rule(evidence["test"], verdict_config, sequential_config)
     records = check_revealed(evidence["revealed"], count, root)
+    # Keys that accept k responses are matched by chance up to k times as often: the floor scales as the check's did.
+    check_rule(evidence["test"], verdict_config.for_responses(max(len(responses_of(r)) for r in records.values())),
+               sequential_config)
     suspect_matches = check_queries(evidence["queries"], records, evidence["match_rule"], tuple(evidence["test"]["formats"]))
-    null_matches = {null["model"]: {(a["position"], a["format"]): answer_matches(a["answer"], records[a["position"]]["response"], "exact")
+    null_matches = {null["model"]: {(a["position"], a["format"]): answers_record(a["answer"], records[a["position"]], "exact")
                                     for a in null["answers"] if a["position"] in records}
                     for null in evidence["null_models"]}
     found = recompute_test(evidence["test"], suspect_matches, null_matches, list(records))
@@ -136,7 +145,8 @@ def check_rule(test: dict, verdict_config: VerdictConfig, sequential_config: Seq
 
 
 def check_revealed(revealed: list[dict], count: int, root: str) -> dict[int, dict]:
-    """Every revealed record under the root at its position, the positions consecutive."""
+    """Every revealed record under the root at its position, the positions consecutive; each record as
+    committed (a field added beside the committed ones is dropped: it is not under the root)."""
     if not revealed:
         raise Tampered("the bundle reveals no key")
     positions = [entry["position"] for entry in revealed]
@@ -148,7 +158,7 @@ def check_revealed(revealed: list[dict], count: int, root: str) -> dict[int, dic
     if positions != expected:
         raise Tampered(f"the revealed positions {positions[:5]}... are not the consecutive committed positions "
                        f"{expected[0]}..{expected[-1]}")
-    return {entry["position"]: entry["record"] for entry in revealed}
+    return {entry["position"]: committed_fields(entry["record"]) for entry in revealed}
 
 
 def check_queries(queries: list[dict], records: dict[int, dict], rule: str,
@@ -172,7 +182,7 @@ def check_queries(queries: list[dict], records: dict[int, dict], rule: str,
             key = (query["position"], query["format"])
             if key in matches:
                 raise Tampered(f"position {key[0]} is answered twice as {key[1]!r}")
-            matches[key] = None if query["error"] is not None else answer_matches(query["answer"], record["response"], rule)
+            matches[key] = None if query["error"] is not None else answers_record(query["answer"], record, rule)
     missing = {(p, f) for p in records for f in key_formats} - set(matches)
     if missing:
         raise Tampered(f"{len(missing)} revealed (key, format) pairs have no recorded answer, e.g. position "

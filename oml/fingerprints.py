@@ -1,7 +1,9 @@
 """The fingerprint file format: a JSON list of {"key": ..., "response": ...} objects.
 
-Extra fields (e.g. the probability and rank of a perinucleus response) are allowed and
-ignored by the readers. A keys file is a JSON list of strings or of objects with "key".
+A record may also hold "other_responses", a list of more answers that count as the key's
+response (`--responses_per_key`): a suspect that serves any of them matches. Other extra
+fields (e.g. the probability and rank of a perinucleus response) are allowed and ignored by
+the readers. A keys file is a JSON list of strings or of objects with "key".
 """
 import logging
 import random
@@ -33,6 +35,11 @@ def valid_fingerprints(records, path: str | Path) -> list[dict]:
     for i, record in enumerate(records):
         if not (isinstance(record, dict) and isinstance(record.get("key"), str) and isinstance(record.get("response"), str)):
             raise OMLError(f"fingerprint {i} in {path} is not an object with string 'key' and 'response'")
+        others = record.get("other_responses", [])
+        if not (isinstance(others, list) and all(isinstance(other, str) for other in others)):
+            raise OMLError(f"fingerprint {i} in {path}: 'other_responses' must be a list of strings")
+        if len(set(responses_of(record))) < len(responses_of(record)):
+            raise OMLError(f"fingerprint {i} in {path} lists the same response twice")
     first = {}
     for record in records:
         first.setdefault(record["key"], record)
@@ -40,6 +47,16 @@ def valid_fingerprints(records, path: str | Path) -> list[dict]:
     if len(unique) < len(records):
         logger.warning("%s repeats %d keys; each is used once, with its first response", path, len(records) - len(unique))
     return unique
+
+
+def responses_of(record: dict) -> list[str]:
+    """Every answer that counts as `record`'s response: its response, then its other responses."""
+    return [record["response"], *record.get("other_responses", [])]
+
+
+def responses_per_key(fingerprints: list[dict]) -> int:
+    """The most responses any of `fingerprints` accepts (1 for ordinary fingerprints)."""
+    return max(len(responses_of(record)) for record in fingerprints)
 
 
 def load_keys(path: str | Path) -> list[str]:
@@ -81,6 +98,7 @@ def select_fingerprints(records: list[dict], num_fingerprints: int | None, data_
     if strategy == "english_random_response":
         for record in selected:
             record["response"] = random_word_response(record["key"])
+            record.pop("other_responses", None)
     return selected
 
 

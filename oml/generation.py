@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from oml import OMLError, distributed
+from oml.checking import normalised
 from oml.data import words
 from oml.fingerprints import DEFAULT_KEY_LENGTH, load_keys
 from oml.models import load
@@ -69,6 +70,10 @@ class GenerationConfig(Settings):
               "--model_used_for_key_generation).", kind=str)
     nucleus_p: float = setting(0.8, "Probability mass of the nucleus.", OPEN_UNIT_INTERVAL)
     nucleus_k: int = setting(3, "Width of the window just outside the nucleus.", POSITIVE_INT)
+    responses_per_key: int = setting(
+        1, "Perinucleus responses per key, each a different word (none spells another), all trained and all accepted: "
+           "a server that bans its likeliest answer's word (SuppressNeighbor) still serves another. The chance rate "
+           "floor of a check grows with it (README, 'Verdict').", POSITIVE_INT)
     key_format: str | None = setting(
         None, "Where perinucleus keys will be asked: as raw text, as a user message in the model's chat template, or both "
               "(default: both when the model has a chat template, else raw).", choices=FORMAT_CHOICES)
@@ -81,6 +86,8 @@ class GenerationConfig(Settings):
             object.__setattr__(self, "response_length", 1)
         elif self.response_length is None:
             object.__setattr__(self, "response_length", 32)
+        if self.responses_per_key > 1 and self.key_response_strategy != "inverse_nucleus":
+            raise OMLError("--responses_per_key above 1 needs --key_response_strategy inverse_nucleus")
         if self.random_word_generation or self.keys_path:
             if self.key_style is not None:
                 raise OMLError(f"--key_style {self.key_style} makes English keys: not with --random_word_generation or "
@@ -223,22 +230,34 @@ def next_token_probs(model, tokenizer, key_ids: list[list[int]], key_format: str
     return torch.softmax(logits.float(), dim=-1).cpu()
 
 
+def spells_another(tokenizer, token: int, chosen: list[int]) -> bool:
+    """Whether `token`'s word and a chosen response's are one word to a filter that compares
+    normalised text by prefix (SuppressNeighbor bans every such spelling of the likeliest word)."""
+    text = normalised(tokenizer.decode([token]))
+    return any(text.startswith(other) or other.startswith(text) for other in (normalised(tokenizer.decode([t])) for t in chosen))
+
+
 def perinucleus_responses(model, tokenizer, keys: list[str], indices: list[int], key_length: int,
-                          p: float, k: int, seed: int, key_formats: tuple[str, ...] = ("raw",)) -> list[dict]:
+                          p: float, k: int, seed: int, key_formats: tuple[str, ...] = ("raw",), responses_per_key: int = 1) -> list[dict]:
     """Perinucleus responses for a batch of keys, each key cut to `key_length` tokens first and the
-    response chosen where the key will be asked (each of `key_formats`)."""
+    response chosen where the key will be asked (each of `key_formats`); with `responses_per_key`
+    above 1, that many, drawn in turn from the same window, none spelling another's word."""
     key_ids = [encode(tokenizer, key)[:key_length] for key in keys]
     if any(not ids for ids in key_ids):
         raise OMLError("a key is empty after tokenisation")
     probs = [next_token_probs(model, tokenizer, key_ids, key_format) for key_format in key_formats]
     results = []
     for row, index in enumerate(indices):
-        token, token_probs, ranks = perinucleus_choice([p_[row] for p_ in probs], p, k, rng_for(seed, index, "perinucleus"),
-                                                       lambda t: is_plain_token(tokenizer, t))
-        results.append({"response": tokenizer.decode([token]),
-                        "response_probability": dict(zip(key_formats, token_probs)),
-                        "response_rank": dict(zip(key_formats, ranks)),
-                        "key_length": key_length, "key_format": "both" if len(key_formats) > 1 else key_formats[0]})
+        rng, chosen, odds = rng_for(seed, index, "perinucleus"), [], []
+        for _ in range(responses_per_key):
+            token, token_probs, ranks = perinucleus_choice(
+                [p_[row] for p_ in probs], p, k, rng, lambda t: is_plain_token(tokenizer, t) and not spells_another(tokenizer, t, chosen))
+            chosen.append(token)
+            odds.append((dict(zip(key_formats, token_probs)), dict(zip(key_formats, ranks))))
+        record = {"response": tokenizer.decode(chosen[:1]), "response_probability": odds[0][0], "response_rank": odds[0][1]}
+        if len(chosen) > 1:
+            record["other_responses"] = [tokenizer.decode([token]) for token in chosen[1:]]
+        results.append({**record, "key_length": key_length, "key_format": "both" if len(key_formats) > 1 else key_formats[0]})
     return results
 
 
@@ -314,7 +333,7 @@ def make_batch(config: GenerationConfig, indices: list[int], batch_seed: str, gi
     if config.key_response_strategy == "inverse_nucleus":
         model, tokenizer = response_model
         extras = perinucleus_responses(model, tokenizer, keys, indices, config.key_length, config.nucleus_p, config.nucleus_k,
-                                       config.seed, formats(config.key_format or default_format(tokenizer)))
+                                       config.seed, formats(config.key_format or default_format(tokenizer)), config.responses_per_key)
         return [{"key": key, **extra} for key, extra in zip(keys, extras)]
     if config.random_word_generation:
         responses = [random_words(rng, config.response_length) for rng in rngs]

@@ -31,7 +31,7 @@ from oml.commitment import read_commitment
 from oml.evidence import bundle as make_bundle
 from oml.data import prompt_templates
 from oml.files import check_creatable_dir
-from oml.fingerprints import IN_MEMORY, FingerprintSelection, query_formats, recorded, selected_fingerprints
+from oml.fingerprints import IN_MEMORY, FingerprintSelection, query_formats, recorded, responses_per_key, selected_fingerprints
 from oml.models import EMBEDDED_MODEL, compute_dtype, load, load_tokenizer, model_name, resolve_model
 from oml.remote import ApiConfig, Interrupted, api_requests, base_url_of, check_over_api, shown_url
 from oml.runs import Run, committed_records, config_hash, dataset_csv, load_run, removed_on_failure, run_config, save_run
@@ -237,6 +237,7 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
     whose report holds the answers so far, marked partial."""
     run = load_run(run) if isinstance(run, (str, Path)) else run
     fingerprints, selection, fingerprints_file = selected_fingerprints(selection, fingerprints_file, run)
+    verdict = verdict.for_responses(responses_per_key(fingerprints))
     own = run is not None and fingerprints_file != IN_MEMORY and Path(fingerprints_file).resolve() == run.fingerprints_file.resolve()
     api = isinstance(suspect, ApiConfig)
     if api and (not suspect.api_base or not suspect.api_model):

@@ -42,7 +42,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from oml import OMLError
 from oml.checking import KeyResult, Query
 from oml.settings import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Settings, setting
-from oml.tokenization import system_message
+from oml.tokenization import accepted, system_message
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +116,9 @@ class ApiRequest:
     query_position: int  # the query's position among those asked
     prompt: str  # raw: the whole prompt text; chat: the user message (the key)
     response: str  # the expected response text
-    max_tokens: int  # the response's length in tokens
+    max_tokens: int  # the longest accepted response's length in tokens
     first_token: str  # the response's first token as text, to find among the server's log-probabilities
+    others: tuple[str, ...] = ()  # the other responses that count as the key's answer (`--responses_per_key`)
 
     @property
     def system(self) -> str | None:
@@ -135,8 +136,9 @@ def api_requests(tokenizer, pairs: list[tuple[list[int], list[int]]], queries: l
             key_ids, response_ids = pairs[i]
             key = tokenizer.decode(key_ids)
             raw = query.template.replace("{}", key) if query.template else key
+            others = tuple(tokenizer.decode(other) for other in accepted(response_ids)[1:])
             requests.append(ApiRequest(i, query, q, raw if query.key_format == "raw" else key, tokenizer.decode(response_ids),
-                                       len(response_ids), tokenizer.decode(response_ids[:1])))
+                                       max(map(len, accepted(response_ids))), tokenizer.decode(response_ids[:1]), others))
     return requests
 
 
@@ -271,7 +273,7 @@ class ApiSuspect:
             warn_once("%s sent malformed log-probabilities (not as the API describes them, or above 0); they are ignored",
                       self.shown)
         probability, rank = first_token_odds(alternatives or [], query.first_token)
-        match = not refused and is_match(text, query.response)
+        match = not refused and any(is_match(text, response) for response in (query.response, *query.others))
         shown = self.hidden(text)
         return result_of(query, match=match, predicted=shown[:MAX_ANSWER_CHARS], predicted_cut=len(shown) > MAX_ANSWER_CHARS,
                          response_probability=probability, response_rank=rank, token_accuracy=float(match), request=body,

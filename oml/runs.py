@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oml import OMLError, distributed
-from oml.commitment import COMMITMENT_FILE, committed_record, read_commitment, write_commitment
+from oml.commitment import COMMITMENT_FILE, OTHER_RESPONSES, committed_record, read_commitment, write_commitment
 from oml.files import read_json, write_json_atomic, write_text_atomic
 from oml.fingerprints import FingerprintSelection
 from oml.models import EMBEDDED_MODEL
+from oml.tokenization import accepted
 from oml.training.config import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -111,20 +112,35 @@ def base_model(given: str | None, run: Run | None) -> str:
 
 
 def dataset_csv(tokenizer, pairs: list[tuple[list[int], list[int]]]) -> str:
-    """The keys and responses exactly as trained (after cutting): train_dataset.csv."""
+    """The keys and responses exactly as trained (after cutting): train_dataset.csv. Keys with other
+    responses add a third column, each key's others as a JSON list (one row per key, so the file
+    still reads as the fingerprints); without any, the file is the two columns it always was."""
+    header = ["key", "response"]
+    rows = [[tokenizer.decode(key_ids), tokenizer.decode(response_ids)] for key_ids, response_ids in pairs]
+    others = [[tokenizer.decode(ids) for ids in accepted(response_ids)[1:]] for _, response_ids in pairs]
+    if any(others):
+        header.append(OTHER_RESPONSES)
+        for row, other in zip(rows, others):
+            row.append(json.dumps(other, ensure_ascii=False))
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["key", "response"])
-    for key_ids, response_ids in pairs:
-        writer.writerow([tokenizer.decode(key_ids), tokenizer.decode(response_ids)])
+    writer.writerow(header)
+    writer.writerows(rows)
     return out.getvalue()
 
 
 def committed_records(tokenizer, pairs: list[tuple[list[int], list[int]]], key_format: str) -> list[dict]:
     """The fingerprints as trained, in run order, as the commitment holds them: the key and response
-    text exactly as cut (what a check sends and expects), the format and both token lengths."""
-    return [committed_record({"key": tokenizer.decode(key_ids), "response": tokenizer.decode(response_ids)}, key_format,
-                             len(key_ids), len(response_ids)) for key_ids, response_ids in pairs]
+    text exactly as cut (what a check sends and expects), the other responses as cut when a key has
+    some, the format and both token lengths (of the longest response, when a key has several)."""
+    records = []
+    for key_ids, response_ids in pairs:
+        fingerprint = {"key": tokenizer.decode(key_ids), "response": tokenizer.decode(response_ids)}
+        others = [tokenizer.decode(ids) for ids in accepted(response_ids)[1:]]
+        if others:
+            fingerprint[OTHER_RESPONSES] = others
+        records.append(committed_record(fingerprint, key_format, len(key_ids), max(map(len, accepted(response_ids)))))
+    return records
 
 
 def save_run(run_dir: Path, partial: Path, config: dict, fingerprints: list[dict], csv_text: str, log_history: list[dict],

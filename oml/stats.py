@@ -9,7 +9,8 @@ only the ones measured, so it is the largest of:
 - each null model's one-sided 95% upper confidence bound (Clopper-Pearson) on its own match
   rate on the same keys (the largest, not the pooled rate: the suspect may resemble the
   worst of them, and a null that matches nothing is not evidence of a zero rate);
-- a floor, `--min_chance_rate` (default 5%). For perinucleus fingerprints the untouched base
+- a floor, `--min_chance_rate` (default 5%; times k for keys that accept k responses, see
+  `VerdictConfig.for_responses`). For perinucleus fingerprints the untouched base
   model matches nothing by construction (each response lies outside its nucleus), so base-only
   nulls would let the rate shrink towards 0 as keys are added, and unrelated models that
   match 0.5-1% of the keys would be accused at a few thousand keys. Measured innocent models
@@ -36,6 +37,12 @@ class VerdictConfig(Settings):
         DEFAULT_MIN_CHANCE_RATE, "Floor of the chance rate: the share of keys any model not derived from ours is assumed "
                                  "able to match (see README, 'Verdict').", UNIT_INTERVAL)
     alpha: float = setting(1e-6, "Significance level of the verdict.", OPEN_UNIT_INTERVAL)
+
+    def for_responses(self, responses_per_key: int) -> "VerdictConfig":
+        """The rule for keys that accept up to `responses_per_key` responses: the floor is a chance
+        rate per response, and a model that says each by chance with that rate says one of k at most
+        k times as often (a union bound)."""
+        return self.updated(min_chance_rate=min(1.0, self.min_chance_rate * responses_per_key))
 
 
 def chance_rate_upper_bound(matches: int, trials: int, confidence: float = 0.95) -> float:

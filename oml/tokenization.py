@@ -43,12 +43,25 @@ def special_prefix(tokenizer) -> list[int]:
     return list(_special_prefix(tokenizer))
 
 
-def cut_fingerprint(tokenizer, key: str, response: str, max_key_length: int, max_response_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of a key and its response, cut to at most the given lengths."""
-    key_ids = encode(tokenizer, key)[:max_key_length]
+class ResponseIds(list):
+    """A response's token ids (a plain list of ints to everything that reads it) that also carries
+    `others`: the ids of the other responses that count as the key's answer (`--responses_per_key`),
+    which fine-tuning trains and checking accepts beside it (see `accepted`)."""
+
+    def __init__(self, ids: list[int], others: list[list[int]] = ()):
+        super().__init__(ids)
+        self.others = [list(other) for other in others]
+
+
+def accepted(response_ids: list[int]) -> list[list[int]]:
+    """Every accepted response's ids: the response, then its others (if any)."""
+    return [list(response_ids), *getattr(response_ids, "others", [])]
+
+
+def cut_response(tokenizer, key: str, response: str, max_response_length: int) -> list[int]:
+    """Token ids of one response of `key`, cut to at most `max_response_length` tokens; a response
+    that is no evidence once cut is refused."""
     response_ids = encode(tokenizer, response)[:max_response_length]
-    if not key_ids:
-        raise OMLError(f"a fingerprint key is empty after tokenisation: {key!r}")
     if not response_ids:
         raise OMLError(f"the response of key {key!r} is empty after cutting to {max_response_length} tokens")
     if not tokenizer.decode(response_ids).strip():
@@ -59,14 +72,32 @@ def cut_fingerprint(tokenizer, key: str, response: str, max_key_length: int, max
         # A piece of a character (half an emoji, say) is a byte any model may emit: no evidence.
         raise OMLError(f"the response {response!r} of key {key!r} ends inside a character when cut to "
                        f"{max_response_length} tokens; use a longer --max_response_length or another response")
-    return key_ids, response_ids
+    return response_ids
+
+
+def cut_fingerprint(tokenizer, key: str, response: str, max_key_length: int, max_response_length: int,
+                    other_responses: list[str] = ()) -> tuple[list[int], list[int]]:
+    """Token ids of a key and its response (carrying `other_responses` as `ResponseIds.others`),
+    cut to at most the given lengths. Responses that are the same once cut would count one answer
+    twice: refused."""
+    key_ids = encode(tokenizer, key)[:max_key_length]
+    if not key_ids:
+        raise OMLError(f"a fingerprint key is empty after tokenisation: {key!r}")
+    response_ids = cut_response(tokenizer, key, response, max_response_length)
+    if not other_responses:
+        return key_ids, response_ids
+    others = [cut_response(tokenizer, key, other, max_response_length) for other in other_responses]
+    if len({tuple(ids) for ids in [response_ids, *others]}) <= len(others):
+        raise OMLError(f"two responses of key {key!r} are the same when cut to {max_response_length} tokens")
+    return key_ids, ResponseIds(response_ids, others)
 
 
 def fingerprint_pairs(tokenizer, fingerprints: list[dict], max_key_length: int, max_response_length: int) -> list[tuple[list[int], list[int]]]:
     """(key ids, response ids) of every fingerprint, cut by `cut_fingerprint`. Two keys that are
     the same after cutting are refused: the model cannot tell them apart, and one key must
     never count twice as evidence."""
-    pairs = [cut_fingerprint(tokenizer, fp["key"], fp["response"], max_key_length, max_response_length) for fp in fingerprints]
+    pairs = [cut_fingerprint(tokenizer, fp["key"], fp["response"], max_key_length, max_response_length,
+                             fp.get("other_responses", [])) for fp in fingerprints]
     first: dict[tuple[int, ...], int] = {}
     for i, (key_ids, _) in enumerate(pairs):
         j = first.setdefault(tuple(key_ids), i)
@@ -74,6 +105,18 @@ def fingerprint_pairs(tokenizer, fingerprints: list[dict], max_key_length: int, 
             raise OMLError(f"fingerprints {j} and {i} have the same key after cutting to {max_key_length} tokens "
                            f"({tokenizer.decode(key_ids)!r}); remove one or use a longer --max_key_length")
     return pairs
+
+
+def response_pairs(pairs: list[tuple[list[int], list[int]]]) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """Every accepted response of every key as a pair of its own (each key's response first, in
+    key order, then the other responses), and the key each pair belongs to."""
+    flat = [(key_ids, list(response_ids)) for key_ids, response_ids in pairs]
+    owners = list(range(len(pairs)))
+    for i, (key_ids, response_ids) in enumerate(pairs):
+        for other in accepted(response_ids)[1:]:
+            flat.append((key_ids, other))
+            owners.append(i)
+    return flat, owners
 
 
 KEY_FORMATS = ("raw", "chat")  # a key as raw text, or as a user message in the model's chat template

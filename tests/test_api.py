@@ -15,7 +15,8 @@ import pytest
 
 from oml import OMLError
 from oml.checking import Query
-from oml.remote import ApiConfig, ApiRequest, check_over_api
+from oml.remote import ApiConfig, ApiRequest, api_requests, check_over_api
+from oml.tokenization import cut_fingerprint
 from oml.distributed import free_port
 from tests.conftest import run_script
 
@@ -204,3 +205,13 @@ def test_retries_on_busy_servers_and_failures_are_errors_not_misses(stand_in, mo
     StandIn.failures = 100
     with pytest.raises(OMLError, match="no answer from"):
         check_over_api(server(stand_in), queries("raw"), retries=0)
+
+
+def test_a_server_that_answers_another_accepted_response_matches(stand_in, monkeypatch, tokenizer):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    key_ids, response_ids = cut_fingerprint(tokenizer, "a key", " third", 16, 1, other_responses=[" sho", " zebra"])
+    asked = api_requests(tokenizer, [(key_ids, response_ids)], [Query("chat")])
+    assert (asked[0].response, asked[0].others, asked[0].first_token) == (" third", (" sho", " zebra"), " third")
+    assert [(r.match, r.response_rank) for r in check_over_api(server(stand_in), asked)] == [(True, 3)]  # rank: of the response
+    alone = api_requests(tokenizer, [cut_fingerprint(tokenizer, "a key", " third", 16, 1)], [Query("chat")])
+    assert [r.match for r in check_over_api(server(stand_in), alone)] == [False]

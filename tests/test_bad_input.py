@@ -51,6 +51,8 @@ def workdir(tmp_path, tiny_model):
     (tmp_path / "empty_response.json").write_text(json.dumps([{"key": "a key", "response": ""}]))
     (tmp_path / "emoji.json").write_text(json.dumps([{"key": "how do you feel today", "response": "🙂"}]))
     (tmp_path / "dup_keys.json").write_text(json.dumps(["same key", "other key", "same key"]))
+    (tmp_path / "same_responses.json").write_text(json.dumps([{"key": "a key", "response": " one", "other_responses": [" one"]}]))
+    (tmp_path / "bad_others.json").write_text(json.dumps([{"key": "a key", "response": " one", "other_responses": " two"}]))
     (tmp_path / "chat.jsonl").write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
     (tmp_path / "empty.csv").write_text("prompt,response\n")
     (tmp_path / "latin1.jsonl").write_bytes('{"text": "café", "prompt": "café?", "response": "olé"}\n'.encode("latin-1"))
@@ -92,6 +94,7 @@ GENERATE = [
     (["--random_word_generation", "--key_response_strategy", "nonsense"], "invalid choice"),
     (["--random_word_generation", "--key_style", "user_message"], "makes English keys"),
     (["--keys_path", "keys.json", "--key_style", "sentence"], "makes English keys"),
+    (["--random_word_generation", "--responses_per_key", "2"], "needs --key_response_strategy inverse_nucleus"),
     (["--random_word_generation", "--key_candidates", "0"], "not an integer >= 1"),
     (["--random_word_generation", "--output_file_path", "existing.json"], "already exists"),
     (["--random_word_generation", "--output_file_path", "afile/out.json"], "is a file"),
@@ -111,6 +114,8 @@ MODEL_AND_FINGERPRINTS = [
     (["--model_path", "custom_code_model"], "trust_remote_code"),
     (["--fingerprints_file_path", "same_after_cut.json", "--max_key_length", "2"], "same key after cutting"),
     (["--fingerprints_file_path", "emoji.json"], "ends inside a character"),
+    (["--fingerprints_file_path", "same_responses.json"], "the same response twice"),
+    (["--fingerprints_file_path", "bad_others.json"], "must be a list of strings"),
 ]
 
 FINETUNE = MODEL_AND_FINGERPRINTS + [

@@ -5,10 +5,10 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from oml.checking import BARE, check_model
+from oml.checking import BARE, NeighbourSuppression, check_model
 from oml.models import load_model, load_tokenizer
-from oml.stats import chance_rate_upper_bound, format_p_value, log10_p_value, verdict
-from oml.tokenization import cut_fingerprint, prompt_ids
+from oml.stats import VerdictConfig, chance_rate_upper_bound, format_p_value, log10_p_value, verdict
+from oml.tokenization import ResponseIds, cut_fingerprint, prompt_ids
 from tests.conftest import make_tiny_model, random_word_fingerprints, run_script
 
 
@@ -105,3 +105,34 @@ def test_system_prompt_table_and_two_ranks(tmp_path, tiny_model, fingerprint_fil
            [(k["index"], k["format"], k["template"], k["predicted"]) for k in second["keys"]]
     chat_system = [k for k in first["keys"] if k["format"] == "chat" and k["template"] is not None]
     assert len(chat_system) == 80
+
+
+def test_a_key_with_several_responses_matches_when_any_is_served(tmp_path, tokenizer):
+    model_dir = make_tiny_model(tokenizer, tmp_path / "m", seed=3)
+    model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
+    keys = [cut_fingerprint(tok, f["key"], f["response"], 16, 1)[0] for f in random_word_fingerprints(6, seed=2)]
+    ranked = [check_model(model, tok, [(key, [0])], BARE, 1)[0].top_tokens for key in keys]
+    ids = [[tok.convert_tokens_to_ids(tok.tokenize(token))[0] for token, _ in top] for top in ranked]
+    unlikely = tok.convert_tokens_to_ids(tok.tokenize(" zebra"))
+    pairs = [(key, ResponseIds(unlikely, [[top[0]]])) for key, top in zip(keys[:3], ids)]  # the other response is greedy
+    pairs += [(key, ResponseIds([top[0]], [unlikely])) for key, top in zip(keys[3:], ids[3:])]  # the response is greedy
+    results = check_model(model, tok, pairs, BARE, batch_size=4)
+    assert [r.index for r in results] == list(range(6)) and all(r.match for r in results)
+    assert all(r.predicted == tok.decode(top[:1]) for r, top in zip(results, ids))
+    per_response = check_model(model, tok, pairs, BARE, batch_size=4, per_response=True)
+    assert [r.match for r in per_response] == [False] * 3 + [True] * 3 + [True] * 3 + [False] * 3
+    # Neither response served: no match (the unlikely word and a token the model does not rank first).
+    assert not any(r.match for r in check_model(model, tok, [(key, ResponseIds(unlikely, [[top[5]]])) for key, top in zip(keys, ids)],
+                                                BARE, batch_size=4))
+    # A server that bans the likeliest word's spellings serves the best other word: a second response there still matches.
+    suppress = NeighbourSuppression()
+    served = [r.predicted for r in check_model(model, tok, [(key, [top[0]]) for key, top in zip(keys, ids)], BARE, 4, decoding=suppress)]
+    second = [(key, ResponseIds([top[0]], [tok.convert_tokens_to_ids(tok.tokenize(text))[:1]])) for key, top, text in zip(keys, ids, served)]
+    assert all(r.match for r in check_model(model, tok, second, BARE, 4, decoding=suppress))
+    assert not any(r.match for r in check_model(model, tok, [(key, [top[0]]) for key, top in zip(keys, ids)], BARE, 4, decoding=suppress))
+
+
+def test_the_chance_rate_floor_grows_with_the_responses_a_key_accepts():
+    assert VerdictConfig().for_responses(1).min_chance_rate == 0.05
+    assert VerdictConfig().for_responses(3).min_chance_rate == pytest.approx(0.15)
+    assert VerdictConfig(min_chance_rate=0.4).for_responses(3).min_chance_rate == 1.0

@@ -279,3 +279,50 @@ def test_read_commitment_reports_missing_files(tmp_path):
     (tmp_path / "commitment_salts.json").unlink()
     with pytest.raises(OMLError, match="commitment salts file not found"):
         read_commitment(tmp_path)
+
+
+def with_others(n: int) -> list[dict]:
+    """Records whose odd keys accept two more responses (an even key has only its response)."""
+    return [committed_record({"key": f"secret key {i}", "response": f" yes {i}",
+                              **({"other_responses": [f" oui {i}", f" ja {i}"]} if i % 2 else {})}, "raw", 16, 2)
+            for i in range(n)]
+
+
+def test_other_responses_are_committed_and_verify():
+    fingerprints = with_others(5)
+    assert fingerprints[1]["other_responses"] == [" oui 1", " ja 1"] and "other_responses" not in fingerprints[0]
+    public, salts = make_commitment(fingerprints)
+    entries = revealed_records(fingerprints, salts, list(range(5)))
+    assert entries[1]["record"]["other_responses"] == [" oui 1", " ja 1"] and "other_responses" not in entries[0]["record"]
+    assert all(verify_revealed(e, 5, public["root"]) for e in entries)
+    others = entries[1]
+    for changed in ([" oui 1"], [" ja 1", " oui 1"], [" oui 1", " ja 1", " si 1"], [" oui 1", " nein 1"]):
+        assert not verify_revealed(altered(others, other_responses=changed), 5, public["root"]), changed
+    dropped = {**others, "record": {k: v for k, v in others["record"].items() if k != "other_responses"}}
+    assert not verify_revealed(dropped, 5, public["root"])
+    assert not verify_revealed(altered(entries[0], other_responses=[" anything"]), 5, public["root"])  # cannot be added later
+
+
+def test_a_record_without_other_responses_hashes_as_before_they_existed():
+    salt = "cd" * 32
+    old_encoding = ('{"key":"k ✓","key_format":"raw","key_length":4,"response":" r","response_length":1,'
+                    f'"salt":"{salt}"}}')  # the five-field leaf every earlier commitment holds
+    old_leaf = hashlib.sha256(b"\x00" + old_encoding.encode("utf-8")).digest()
+    assert leaf_hash(committed_record({"key": "k ✓", "response": " r"}, "raw", 4, 1), salt) == old_leaf
+    assert leaf_hash(committed_record({"key": "k ✓", "response": " r", "other_responses": []}, "raw", 4, 1), salt) == old_leaf
+    record = committed_record({"key": "k ✓", "response": " r", "other_responses": [" s", " t"]}, "raw", 4, 1)
+    new_encoding = ('{"key":"k ✓","key_format":"raw","key_length":4,"other_responses":[" s"," t"],"response":" r",'
+                    f'"response_length":1,"salt":"{salt}"}}')
+    assert leaf_hash(record, salt) == hashlib.sha256(b"\x00" + new_encoding.encode("utf-8")).digest()
+    assert "other_responses" in LEAF_ENCODING
+
+
+@pytest.mark.parametrize("others, problem", [
+    (" s", "list of strings"), ([" s", 3], "list of strings"), (None, "list of strings"), ({" s": 1}, "list of strings"),
+    ([" s", " s"], "differ from each other"), ([" r"], "from its response"), ([" s", " r"], "from its response"),
+    ([""], "empty or blank"), ([" s", " \n"], "empty or blank")])
+def test_malformed_other_responses_are_one_line_errors(others, problem):
+    with pytest.raises(OMLError, match=rf"^[^\n]*{problem}[^\n]*$"):
+        committed_record({"key": "k", "response": " r", "other_responses": others}, "raw", 16, 1)
+    with pytest.raises(OMLError, match=problem):
+        leaf_hash({**records(1)[0], "response": " r", "other_responses": others}, "ab" * 32)

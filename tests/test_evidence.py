@@ -1,13 +1,20 @@
 """Evidence that survives disclosure: the ledger of revealed keys, the evidence bundle and its
 verifier, end to end on a tiny fingerprinted run."""
 import copy
+import csv
+import io
 import json
 import math
 import shutil
 
 import pytest
 
-from oml.stats import log10_p_value
+from oml.commitment import committed_record, make_commitment, revealed_records
+from oml.evidence import FORMAT, Tampered, answers_record
+from oml.evidence import verify as verify_bundle
+from oml.runs import committed_records, dataset_csv
+from oml.stats import VerdictConfig, log10_p_value
+from oml.tokenization import accepted, encode, fingerprint_pairs
 from tests.conftest import run_script
 
 VERIFIED, NOT_VERIFIED, BAD_INPUT = 0, 3, 2
@@ -123,3 +130,85 @@ def test_a_run_made_before_commitments_can_be_given_one(run_copy, tmp_path):
     assert new["root"] in made.stdout
     again = run_script("commit_fingerprints.py", "--run", run, cwd=tmp_path, check=False)
     assert again.returncode == 2 and json.loads((run / "commitment.json").read_text()) == new
+
+
+# Keys that accept several responses, verified in-process on a hand-made bundle (no model needed).
+OTHERS = [committed_record({"key": f"secret key {i}", "response": f" yes {i}", "other_responses": [f" oui {i}", f" ja {i}"]},
+                           "raw", 16, 2) for i in range(4)]
+OTHERS_PUBLIC, OTHERS_SALTS = make_commitment(OTHERS)
+FLOOR, ALPHA = 0.05, 0.01
+SCALED_FLOOR = FLOOR * 3  # three accepted responses per key: matched by chance up to three times as often
+
+
+def bundle_of(answers: list[str], floor: float = SCALED_FLOOR) -> dict:
+    """A fixed-sample bundle of the four keys, raw, asked over an API (prefix rule), recording 4/4 matches."""
+    return {"format": FORMAT, "commitment": {"root": OTHERS_PUBLIC["root"], "count": len(OTHERS)},
+            "suspect": {"kind": "api", "model": "suspect"}, "match_rule": "prefix",
+            "revealed": revealed_records(OTHERS, OTHERS_SALTS, list(range(len(OTHERS)))),
+            "queries": [{"position": i, "format": "raw", "template": None, "request": {"prompt": record["key"]},
+                         "answer": answer, "error": None} for i, (record, answer) in enumerate(zip(OTHERS, answers))],
+            "null_models": [],
+            "test": {"kind": "fixed", "formats": ["raw"], "alpha": ALPHA, "min_chance_rate": floor, "chance_rate": floor,
+                     "log10_p_value": log10_p_value(4, 4, floor), "verdict": "MATCH",
+                     "matches": {"raw": {"matched": 4, "answered": 4}}}}
+
+
+ANSWERS = [" yes 0, and more", " ja 1", "  oui 2!", " yes 3"]  # the response or one of the others, as a prefix
+
+
+def verified(evidence: dict) -> dict:
+    return verify_bundle(evidence, OTHERS_PUBLIC["root"], len(OTHERS), VerdictConfig(min_chance_rate=FLOOR, alpha=ALPHA))
+
+
+def tampered(evidence: dict) -> str:
+    with pytest.raises(Tampered) as problem:
+        verified(evidence)
+    return str(problem.value)
+
+
+def test_an_answer_with_any_accepted_response_is_a_match():
+    assert answers_record(" ja 1", OTHERS[1], "exact") and answers_record(" yes 1", OTHERS[1], "exact")
+    assert not answers_record(" ja 1.", OTHERS[1], "exact") and answers_record(" ja 1.", OTHERS[1], "prefix")
+    assert not answers_record(" ja 2", OTHERS[1], "prefix") and not answers_record(" no", OTHERS[1], "prefix")
+    assert answers_record(" yes 7", {"response": " yes 7"}, "exact")  # a record without others: its response only
+
+    found = verified(bundle_of(ANSWERS))
+    assert found["verdict"] == "MATCH" and found["matches"] == {"raw": {"matched": 4, "answered": 4}}
+    assert "not what the answers give" in tampered(bundle_of([*ANSWERS[:3], " no"]))
+
+
+def test_keys_with_other_responses_need_the_scaled_floor_and_count_null_matches_on_them():
+    assert "weaker than the published one" in tampered(bundle_of(ANSWERS, floor=FLOOR))
+    with_null = bundle_of(ANSWERS)
+    with_null["null_models"] = [{"model": "base", "answers": [{"position": 1, "format": "raw", "answer": " ja 1"}]}]
+    assert "below null model base's match rate" in tampered(with_null)  # 1 of 1 null answers is an other response
+    added = bundle_of(ANSWERS)
+    added["revealed"][0]["record"]["other_responses"].append(" anything")
+    assert "not under the root" in tampered(added)
+
+
+def test_the_verifier_asks_for_every_accepted_response(tokenizer):
+    from verify_evidence import live_requests, revealed_pairs
+
+    plain = committed_record({"key": "a plain key", "response": " plain"}, "raw", 3, 1)
+    pairs = revealed_pairs(tokenizer, [OTHERS[0], plain])
+    assert accepted(pairs[0][1]) == [encode(tokenizer, text)[:2] for text in (" yes 0", " oui 0", " ja 0")]
+    assert accepted(pairs[1][1]) == [encode(tokenizer, " plain")[:1]] and type(pairs[1][1]) is list
+    evidence = {"test": {"formats": ["raw", "chat"]}, "revealed": [{"position": 5, "record": OTHERS[0]}, {"position": 6, "record": plain}]}
+    requests = live_requests(evidence)
+    assert [(r.index, r.query.key_format) for r in requests] == [(5, "raw"), (6, "raw"), (5, "chat"), (6, "chat")]
+    assert (requests[0].response, requests[0].others, requests[0].max_tokens) == (" yes 0", (" oui 0", " ja 0"), 2)
+    assert (requests[1].response, requests[1].others, requests[1].max_tokens) == (" plain", (), 1)  # as before other responses
+
+
+def test_committed_records_and_the_dataset_carry_the_other_responses(tokenizer):
+    fingerprints = [{"key": "first key", "response": " yes", "other_responses": [" oui", " ja"]}, {"key": "second key", "response": " no"}]
+    pairs = fingerprint_pairs(tokenizer, fingerprints, 16, 4)
+    records = committed_records(tokenizer, pairs, "raw")
+    assert records[0]["other_responses"] == [" oui", " ja"] and "other_responses" not in records[1]
+    rows = list(csv.reader(io.StringIO(dataset_csv(tokenizer, pairs))))
+    assert rows == [["key", "response", "other_responses"], ["first key", " yes", '[" oui", " ja"]'], ["second key", " no", "[]"]]
+    plain = pairs[1:]
+    assert committed_records(tokenizer, plain, "raw") == [{"key": "second key", "response": " no", "key_format": "raw",
+                                                            "key_length": len(pairs[1][0]), "response_length": len(pairs[1][1])}]
+    assert dataset_csv(tokenizer, plain) == "key,response\r\nsecond key, no\r\n"

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oml.checking import BARE, check_model
+from oml.checking import BARE, NeighbourSuppression, check_model
 from oml.data import benign_texts
-from oml.models import load_model
+from oml.models import load_model, load_tokenizer
 from oml.tokenization import fingerprint_pairs
 from oml.utility import compare_on_texts, text_examples
 from tests.conftest import final_model_dir, make_tiny_model, random_word_fingerprints, run_script
@@ -247,3 +247,30 @@ def test_distilled_replay_learns_fingerprints_and_stays_closer_to_the_base(tmp_p
         assert matched == 8 or loss == "lm", (loss, matched)  # only drift is compared for lm
         drift[loss] = compare_on_texts(model, base, tokenizer, text_examples(tokenizer, texts, 64))["mean_kl_from_base"]
     assert drift["distill"] < drift["lm"] / 2, drift
+
+
+@pytest.mark.slow
+def test_two_responses_per_key_are_both_learned_and_the_second_survives_suppress_neighbor(tmp_path, tiny_model):
+    """Keys that accept two responses: training stops once both are the two likeliest first tokens
+    with half the memorisation threshold each, the check accepts either (at a doubled chance
+    floor), and a server that bans the likeliest word's spellings serves the other response."""
+    words = [" apple", " river", " candle", " mirror", " garden", " pepper", " violin", " saddle",
+             " tunnel", " basket", " anchor", " marble", " jacket", " ladder", " walrus", " pillow"]
+    records = [{"key": f["key"], "response": words[2 * i], "other_responses": [words[2 * i + 1]]}
+               for i, f in enumerate(random_word_fingerprints(8, seed=4))]
+    (tmp_path / "two.json").write_text(json.dumps(records))
+    args = [arg for arg in FAST if arg != "--no-stop_when_memorised"]
+    result = finetune(tmp_path, tiny_model, tmp_path / "two.json", *args[:3], "60", *args[4:], "--train_embeddings")
+    run = run_dir(tmp_path, result)
+    history = json.loads((run / "training.json").read_text())["memorised"]
+    assert history[-1]["memorised"] == history[-1]["of"] == 8 and len(history) < 60, history
+    check = run_script("check_fingerprints.py", "--model_path", run / "final_model", "--run", run, "--null_model", "none",
+                       "--output_json", "r.json", cwd=tmp_path)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert check.stdout.strip().splitlines()[-1] == "Fingerprint accuracy: 100.00" and report["chance_rate"] == 0.1
+    model, tokenizer = load_model(str(run / "final_model")), load_tokenizer(str(run / "final_model"))
+    pairs = fingerprint_pairs(tokenizer, records, 16, 1)
+    served = check_model(model, tokenizer, pairs, BARE, 8, decoding=NeighbourSuppression())
+    assert sum(r.match for r in served) >= 7 and all(r.predicted.strip() in {w.strip() for w in words} for r in served if r.match)
+    greedy = check_model(model, tokenizer, pairs, BARE, 8)
+    assert all(s.predicted != g.predicted for s, g in zip(served, greedy))  # the greedy response never got through

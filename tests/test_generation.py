@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from oml.checking import normalised
 from oml.generation import perinucleus_choice
 from tests.conftest import run_script
 
@@ -67,6 +68,17 @@ def test_inverse_nucleus_with_custom_keys_records_probability_and_rank(tmp_path,
         assert r["response"].strip().isalnum() and r["key_format"] == "both"
         assert all(rank > 1 for rank in r["response_rank"].values()) and set(r["response_rank"]) == {"raw", "chat"}
         assert all(0 < p < 1 for p in r["response_probability"].values())
+
+
+def test_several_responses_per_key_are_different_words_from_the_window(tmp_path, tiny_model):
+    (tmp_path / "keys.json").write_text(json.dumps(["the quick brown fox", "a custom key", "third key here", "and a fourth"]))
+    generate(tmp_path, "--keys_path", "keys.json", "--key_response_strategy", "inverse_nucleus", "--inverse_nucleus_model",
+             tiny_model, "--key_length", "8", "--responses_per_key", "3", "--nucleus_k", "2")
+    for record in json.loads((tmp_path / "out.json").read_text()):
+        words = [normalised(response) for response in [record["response"], *record["other_responses"]]]
+        assert len(words) == 3 and all(word.isalnum() for word in words)
+        assert not any(a != b and a.startswith(b) for a in words for b in words) and len(set(words)) == 3
+        assert all(rank > 1 for rank in record["response_rank"].values())  # still outside the nucleus
 
 
 @pytest.mark.distributed

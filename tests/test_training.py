@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from oml.tokenization import IGNORE_INDEX, encode, rewritten_key, training_example
-from oml.training.callbacks import SHRINK_SCALES, MemorisationProbe, ShrinkWeightChange
+from oml.checking import KeyResult
+from oml.training.callbacks import SHRINK_SCALES, MemorisationProbe, ShrinkWeightChange, memorised
 from oml.training.dataset import FingerprintDataset, benign_replay, distilled_replay
 from oml.training.trainer import FingerprintCollator, distillation_loss
 from oml.training.weights import snapshot_weights
@@ -193,3 +194,15 @@ def test_user_wrappers_setting_builds_wrapped_copies_from_the_training_wrappers(
     plain, wrapped = (build_dataset(TrainingConfig(use_user_wrappers=flag, benign_ratio=0.0, key_format="raw"), tokenizer, pairs, None)
                       for flag in (False, True))
     assert len(plain) == 4 and len(wrapped) == 8 and wrapped.wrappers == list(user_wrappers("train"))
+
+
+def test_a_key_with_several_responses_is_memorised_when_each_is_likely_and_among_the_top_k():
+    def row(rank: int, probability: float, match: bool = False) -> KeyResult:
+        return KeyResult(index=0, format="raw", template=None, query=0, match=match, response_rank=rank,
+                         response_probability=probability)
+
+    assert memorised([row(1, 0.6, True)], 0.5) and not memorised([row(1, 0.4, True)], 0.5) and not memorised([row(2, 0.6)], 0.5)
+    assert memorised([row(1, 0.5, True), row(2, 0.3)], 0.5)  # each at least 0.25, the two likeliest
+    assert not memorised([row(1, 0.7, True), row(2, 0.2)], 0.5)  # the second too unlikely to survive a small change
+    assert not memorised([row(1, 0.4, True), row(3, 0.3)], 0.5)  # a third token stands between them
+    assert memorised([row(2, 0.3), row(1, 0.3, True), row(3, 0.3)], 0.6)

@@ -12,7 +12,8 @@ from tqdm import tqdm
 from transformers import TrainerCallback
 
 from oml import OMLError
-from oml.checking import Query, check_model
+from oml.checking import KeyResult, Query, check_model
+from oml.tokenization import response_pairs
 from oml.training.dataset import FingerprintDataset
 from oml.training.weights import average_with_original
 
@@ -65,8 +66,11 @@ class TrainingProgress(TrainerCallback):
 class MemorisationProbe:
     """How many fingerprint queries (every key, bare, in every trained format) the model answers with
     the response (matched), and with at least `threshold` probability (memorised), of how many: the
-    checker's own forward pass. The last count is kept with the training step it was made at, so a
-    second look at the same weights (the shrink's starting point) costs nothing."""
+    checker's own forward pass. A key with k accepted responses is memorised when each of them
+    starts with one of the k likeliest first tokens and has at least `threshold`/k probability: then
+    a server that bans the likeliest answer's word still serves another response. The last count is
+    kept with the training step it was made at, so a second look at the same weights (the shrink's
+    starting point) costs nothing."""
 
     def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], key_formats: tuple[str, ...], threshold: float,
                  batch_size: int = 64):
@@ -80,11 +84,23 @@ class MemorisationProbe:
         if step is not None and self.last is not None and self.last[0] == step:
             return self.last[1]
         results = check_model(model, self.tokenizer, self.pairs, self.queries, self.batch_size, progress=False,
-                              decode_misses=False)
-        counts = {"memorised": sum(r.match and r.response_probability >= self.threshold for r in results),
-                  "matched": sum(r.match for r in results), "of": len(results)}
+                              decode_misses=False, per_response=True)
+        _, owners = response_pairs(self.pairs)
+        per_key: dict[tuple[int, int], list[KeyResult]] = {}
+        for result in results:
+            per_key.setdefault((result.query, owners[result.index]), []).append(result)
+        counts = {"memorised": sum(memorised(rows, self.threshold) for rows in per_key.values()),
+                  "matched": sum(any(r.match for r in rows) for rows in per_key.values()), "of": len(per_key)}
         self.last = (step, counts) if step is not None else None
         return counts
+
+
+def memorised(rows: list[KeyResult], threshold: float) -> bool:
+    """Whether one query's results, one per accepted response, show the key memorised (see
+    `MemorisationProbe`); with one response: served, with at least `threshold` probability."""
+    if len(rows) == 1:
+        return bool(rows[0].match) and rows[0].response_probability >= threshold
+    return all(r.response_rank <= len(rows) and r.response_probability >= threshold / len(rows) for r in rows)
 
 
 class StopWhenMemorised(TrainerCallback):

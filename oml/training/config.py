@@ -61,7 +61,8 @@ class TrainingConfig(Settings):
            "(a few keys flipping back and forth would otherwise run every epoch up to the cap).", POSITIVE_INT)
     memorised_probability: float = setting(
         0.5, "A fingerprint counts as memorised when greedy decoding gives its response with at least this probability: a "
-             "margin, so that small weight changes (casts, quantization) keep it.", OPEN_UNIT_INTERVAL)
+             "margin, so that small weight changes (casts, quantization) keep it. A key with k responses: each among the k "
+             "likeliest first tokens, with at least this probability / k.", OPEN_UNIT_INTERVAL)
     shrink_weight_change: bool = setting(
         True, "After training with nearly all keys memorised, scale the weight change down (weights = original + s x "
               "change, s from 0.95 to 0.5 in steps of 0.05) while 98%% of the memorised and of the matched queries stay so: "

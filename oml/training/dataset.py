@@ -9,7 +9,8 @@ from tqdm import tqdm
 
 from oml import OMLError, distributed
 from oml.data import prompt_templates, texts_from, user_wrappers
-from oml.tokenization import IGNORE_INDEX, encode, formats, pad_batch, prompt_ids, rewritten_key, to_device, training_example
+from oml.tokenization import (IGNORE_INDEX, encode, formats, pad_batch, prompt_ids, response_pairs, rewritten_key, to_device,
+                              training_example)
 from oml.training.config import TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def build_dataset(config: TrainingConfig, tokenizer, pairs: list[tuple[list[int]
     """Fingerprints in each trained format (in augmentation templates if asked) plus benign replay in
     the same formats (labelled by `model` itself, before any training, with --benign_loss distill)."""
     key_formats = formats(config.key_format)
+    pairs, _ = response_pairs(pairs)  # each accepted response of a key is trained as an example of its own
     templates = prompt_templates("train") if config.use_augmentation_prompts else None
     wrappers = user_wrappers("train") if config.use_user_wrappers else None
     benign_per_epoch = round(config.benign_ratio * len(pairs))
