@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 # Settings added after runs were first recorded: in the config (and its hash) only when set, so that
 # the hashes of earlier runs, and of today's runs that leave them unset, hold.
 HASHED_WHEN_SET = ("use_user_wrappers",)
+# How a computation is arranged, not what it computes (the same model up to float rounding): never hashed.
+UNHASHED = ("share_prompt_prefix",)
 
 
 def run_config(model_name: str, model_family: str | None, model_size: str, selection: FingerprintSelection,
@@ -37,7 +39,7 @@ def run_config(model_name: str, model_family: str | None, model_size: str, selec
     """Everything that determines the fine-tuned model; its md5 names the run. Where inputs and
     results live, trackers and remote code are not part of it: the fingerprints count by the md5
     of their contents. (The keys are those of every run recorded so far, so their hashes hold.)"""
-    settings = {k: v for k, v in training.to_dict().items() if v or k not in HASHED_WHEN_SET}
+    settings = {k: v for k, v in training.to_dict().items() if (v or k not in HASHED_WHEN_SET) and k not in UNHASHED}
     return {"model_path": model_name, "model_family": model_family, "model_size": model_size, **selection.to_dict(),
             **settings, "fingerprints_md5": hashlib.md5(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()}
 

@@ -160,9 +160,10 @@ def test_deepspeed_shrinking_gives_the_single_process_weights(tmp_path, tiny_mod
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_rank_deepspeed_run_writes_one_set_of_files_and_learns(tmp_path, tiny_model, fingerprint_file):
-    # With distillation replay, so that its loss also runs inside the DeepSpeed engine.
+    # With distillation replay, so that its loss also runs inside the DeepSpeed engine, and both formats, so that chat
+    # batches run their shared template prefix as a forward call of its own on each ZeRO-2 rank.
     result = finetune(tmp_path, tiny_model, fingerprint_file, *FAST, "--benign_ratio", "1", "--benign_loss", "distill",
-                      "--num_train_epochs", "20", ranks=2)
+                      "--num_train_epochs", "20", "--key_format", "both", ranks=2)
     assert result.stdout.count("Config hash of the final model:") == 1
     assert len(list((tmp_path / "results" / "saved_models").iterdir())) == 1
     assert len((tmp_path / "results" / "all_run_logs.txt").read_text().splitlines()) == 1

@@ -6,11 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from oml.tokenization import IGNORE_INDEX, encode, rewritten_key, training_example
+from oml.tokenization import IGNORE_INDEX, encode, pad_batch, rewritten_key, training_example
 from oml.checking import KeyResult
+from oml.training import backend
 from oml.training.callbacks import SHRINK_SCALES, MemorisationProbe, ShrinkWeightChange, memorised
 from oml.training.dataset import FingerprintDataset, benign_replay, distilled_replay
-from oml.training.trainer import FingerprintCollator, distillation_loss
+from oml.training.trainer import MIN_SHARED_PREFIX, FingerprintCollator, distillation_loss, logits_sharing_prefix, shared_prefix_length
 from oml.training.weights import snapshot_weights
 from tests.test_finetune import finetune, run_dir, weights
 
@@ -206,3 +207,33 @@ def test_a_key_with_several_responses_is_memorised_when_each_is_likely_and_among
     assert not memorised([row(1, 0.7, True), row(2, 0.2)], 0.5)  # the second too unlikely to survive a small change
     assert not memorised([row(1, 0.4, True), row(3, 0.3)], 0.5)  # a third token stands between them
     assert memorised([row(2, 0.3), row(1, 0.3, True), row(3, 0.3)], 0.6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_sharing_the_batchs_common_prefix_gives_the_same_logits_and_gradients(tiny_model, tokenizer, side):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    keys = ["one two three", "a much longer key of several words", "short"]
+    examples = [training_example(tokenizer, encode(tokenizer, key), encode(tokenizer, " yes"), None, "chat") for key in keys]
+    batch = pad_batch([e["input_ids"] for e in examples], tokenizer.pad_token_id, side)
+    prefix = shared_prefix_length(batch["input_ids"], batch["attention_mask"])
+    assert prefix >= MIN_SHARED_PREFIX if side == "right" else prefix == 0  # left padding: the rows start apart
+
+    def logits_and_grads(compute) -> tuple[torch.Tensor, dict]:
+        model.zero_grad()
+        logits = compute()
+        (logits.log_softmax(-1)[..., :50].sum(-1) * batch["attention_mask"]).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = logits_and_grads(lambda: model(**batch).logits)
+    shared, shared_grads = logits_and_grads(lambda: logits_sharing_prefix(model, **batch))
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(shared[real], whole[real], rtol=1e-4, atol=1e-4)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-3, atol=1e-5)
+
+
+def test_a_shared_prefix_runs_apart_only_where_ranks_need_not_run_forward_calls_in_step(monkeypatch):
+    monkeypatch.setattr(backend.distributed, "world_size", lambda: 1)
+    assert all(backend.can_share_prefix(stage) for stage in (0, 1, 2, 3))
+    monkeypatch.setattr(backend.distributed, "world_size", lambda: 2)
+    assert [backend.can_share_prefix(stage) for stage in (0, 1, 2, 3)] == [False, True, True, False]

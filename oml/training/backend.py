@@ -40,6 +40,14 @@ def uses_deepspeed(stage: int) -> bool:
     return stage > 0 and (distributed.world_size() > 1 or torch.cuda.is_available())
 
 
+def can_share_prefix(stage: int) -> bool:
+    """Whether a batch's shared prefix may run as a forward call of its own: not where ranks must run
+    the same forward calls in step (ZeRO-3 gathers each layer's weights from all ranks in every
+    call, and a rank whose batch shares no prefix makes one call fewer), nor under plain DDP (one
+    forward call per backward)."""
+    return distributed.world_size() == 1 or (uses_deepspeed(stage) and stage < 3)
+
+
 def deepspeed_config(stage: int) -> dict:
     """ZeRO config; "auto" values are filled in by the Trainer from its own arguments."""
     if distributed.world_size() == 1:  # launched with plain `python`: emulate a one-rank launcher

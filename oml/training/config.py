@@ -69,6 +69,11 @@ class TrainingConfig(Settings):
               "the margin that cross-entropy piles onto early-learned keys moves ordinary predictions too (256 keys: KL "
               "from the base 0.126 -> 0.087 at s = 0.8). Not with --target_probability below 1 (no surplus margin). Keeps "
               "a CPU copy of the trainable weights.")
+    share_prompt_prefix: bool = setting(
+        True, "Compute the tokens that every example of a batch opens with (a chat batch's template and system prompt) "
+              "once per batch instead of once per example: the same training up to float rounding, for fewer FLOPs "
+              "(docs/benchmarks.md). Not under ZeRO-3 or plain DDP, whose ranks run forward calls in step. Off: for a model "
+              "whose forward pass cannot continue from a cache.")
     group_by_length: bool = setting(
         True, "Batch examples of similar length together (raw keys, chat keys and replayed text differ by up to 4x): far "
               "less padding computed.")

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer
+from transformers.modeling_outputs import CausalLMOutput
 
 from oml.tokenization import IGNORE_INDEX, Collator
-from oml.training.backend import training_arguments
+from oml.training.backend import can_share_prefix, training_arguments
 from oml.training.callbacks import EpochCallback, TrainingProgress
 from oml.training.config import TrainingConfig
 from oml.training.dataset import FingerprintDataset
@@ -72,18 +73,49 @@ def pad_teacher(examples: list[dict], length: int, side: str) -> dict:
     return {"teacher_ids": ids, "teacher_probs": probs}
 
 
+MIN_SHARED_PREFIX = 8  # tokens: below this, a second forward call costs more than computing the prefix per row saves
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """How many leading tokens every row of the batch shares (real tokens, not padding)."""
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    return int(same.long().cumprod(0).sum())
+
+
+def logits_sharing_prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The batch's logits, with the prefix all rows share computed once. Chat examples all open with
+    the same chat template and system prompt (25 of the embedded model's 44 tokens of a chat key),
+    and length-grouped batches keep them together, so most of a chat batch's tokens are one prefix.
+    The prefix runs as one row with a cache, which is repeated for every row, and the rows go on from
+    it: the same logits and gradients as the whole batch at once (up to float rounding), since
+    gradients through the repeated cache add up as the per-row ones would."""
+    rows, prefix = input_ids.shape[0], shared_prefix_length(input_ids, attention_mask)
+    if rows < 2 or prefix < MIN_SHARED_PREFIX or prefix == input_ids.shape[1]:
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    head = model(input_ids=input_ids[:1, :prefix], attention_mask=attention_mask[:1, :prefix],
+                 position_ids=position_ids[:1, :prefix], use_cache=True)
+    head.cache.batch_repeat_interleave(rows)
+    tail = model(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, position_ids=position_ids[:, prefix:],
+                 cache=head.cache, use_cache=True)
+    return torch.cat([head.logits.expand(rows, -1, -1), tail.logits], dim=1)
+
+
 class FingerprintTrainer(Trainer):
     """The Trainer with `distillation_loss` (teacher distributions for replayed text when the batch
     carries them, the --target_probability bound on labelled tokens). Each batch's loss is its own
-    mean (the plain Trainer weighs tokens across ranks and accumulation steps instead)."""
+    mean (the plain Trainer weighs tokens across ranks and accumulation steps instead). With
+    `share_prefix`, a prefix every row of a batch shares is computed once (`logits_sharing_prefix`)."""
 
-    def __init__(self, *args, target_probability: float = 1.0, **kwargs):
+    def __init__(self, *args, target_probability: float = 1.0, share_prefix: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.target_probability = target_probability
+        self.target_probability, self.share_prefix = target_probability, share_prefix
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels, teacher_ids, teacher_probs = inputs.pop("labels"), inputs.pop("teacher_ids", None), inputs.pop("teacher_probs", None)
-        outputs = model(**inputs)
+        if self.share_prefix:
+            outputs = CausalLMOutput(logits=logits_sharing_prefix(model, **inputs))
+        else:
+            outputs = model(**inputs)
         loss = distillation_loss(outputs.logits, labels, teacher_ids, teacher_probs, self.target_probability)
         return (loss, outputs) if return_outputs else loss
 
@@ -94,7 +126,7 @@ def make_trainer(config: TrainingConfig, model, dataset: FingerprintDataset, tok
     per-step printing (`report_to`, `run_name`: the Trainer's trackers, e.g. wandb)."""
     trainer = FingerprintTrainer(model=model, args=training_arguments(config, output_dir, report_to, run_name),
                                  train_dataset=dataset, data_collator=FingerprintCollator(tokenizer),
-                                 target_probability=config.target_probability,
+                                 target_probability=config.target_probability, share_prefix=config.share_prompt_prefix and can_share_prefix(config.deepspeed_stage),
                                  callbacks=[EpochCallback(dataset), TrainingProgress(), *callbacks])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
