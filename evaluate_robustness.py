@@ -9,7 +9,7 @@ with an innocent derivative of the base model; full and LoRA fine-tuning on beni
 output-suppression attack (serve the second token whenever the top one is more likely than a
 gate); the decoding attacks of "Are Robust LLM Fingerprints Adversarially Robust?" (arXiv
 2509.26598: DetectTop-k, SuppressNeighbor, DetectNeighbor, SuppressLookahead; and SuppressNeighbor
-over the two likeliest words, a thief's answer to keys with two responses); front ends that
+over the two likeliest tokens, a thief's answer to keys with two responses); front ends that
 rewrite the user's text (stripped, trailing newline, whitespace collapsed, lower case, inside a
 deployer's template, inside 10 wrappers fine-tuning never sees); and MEraser (arXiv 2506.12551:
 fine-tuning on mismatched, then on clean chat), full and LoRA. Each row gives the accuracy per key format, the verdict (null model: the

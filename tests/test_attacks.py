@@ -209,6 +209,10 @@ def test_suppress_neighbor_bans_every_spelling_of_the_likeliest_word(tokenizer):
     assert served.tolist() == [[LONDON, PARIS]]  # on the first generated token only
     detect = NeighbourSuppression(add_threshold=0.9, generation_threshold=0.9)  # DetectNeighbor: ' Paris' is at 0.49
     assert detect.serve(None, tokenizer, [[]], logits, torch.tensor([0])).tolist() == [[PARIS, PARIS]]
+    # Over the two likeliest tokens, ' Paris' and ' London', every spelling of both goes, and the next word is served.
+    rome = encode(tokenizer, " Rome")[0]
+    logits[0, 0, LONDON], logits[0, 0, rome] = 11.5, 9.0
+    assert NeighbourSuppression(candidate_set_size=2).serve(None, tokenizer, [[]], logits, torch.tensor([0])).tolist() == [[rome, PARIS]]
 
 
 def test_suppress_lookahead_penalises_what_the_lookahead_predicts_but_not_the_prompts_words(tiny_model, tokenizer):
