@@ -156,11 +156,12 @@ def test_robustness_script_runs_every_attack(confident_and_bounded, tiny_model, 
     result = run_script("evaluate_robustness.py", "--run", bounded_dir.parent, *small, "--output_json", "rob.json", "--plot", "rob.png",
                         cwd=tmp_path)
     rows = {row["attack"]: row for row in json.loads((tmp_path / "rob.json").read_text())["rows"]}
-    assert len(rows) == 29 and (tmp_path / "rob.png").stat().st_size > 1000
+    assert len(rows) == 30 and (tmp_path / "rob.png").stat().st_size > 1000
     assert rows["none"]["accuracy_raw"] == 100.0 and rows["none"]["verdict"] == "MATCH"
     for bounded in ("output suppression gate 0.9", "DetectTop-k k=1 gate 0.9", "DetectNeighbor gate 0.9"):
         assert rows[bounded]["accuracy_raw"] == 100.0, bounded  # the bounded target (0.7) stays below their gates
     assert rows["SuppressNeighbor"]["accuracy_raw"] == 0.0  # it bans the likeliest first token, whatever its probability
+    assert rows["SuppressNeighbor top 2"]["accuracy_raw"] == 0.0
     assert rows["DetectTop-k k=1 gate 0.9"]["cost_measure"] == "reply tokens altered (first 1)"
     assert rows["SuppressLookahead"]["cost_measure"] == "reply tokens altered (first 16)"
     for untouched in ("stripped", "whitespace collapsed", "lower case"):  # random-word keys are already so, for suspect and base
