@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from oml import OMLError, distributed
-from oml.checking import normalised
+from oml.checking import neighbours
 from oml.data import words
 from oml.fingerprints import DEFAULT_KEY_LENGTH, load_keys
 from oml.models import load
@@ -233,8 +233,7 @@ def next_token_probs(model, tokenizer, key_ids: list[list[int]], key_format: str
 def spells_another(tokenizer, token: int, chosen: list[int]) -> bool:
     """Whether `token`'s word and a chosen response's are one word to a filter that compares
     normalised text by prefix (SuppressNeighbor bans every such spelling of the likeliest word)."""
-    text = normalised(tokenizer.decode([token]))
-    return any(text.startswith(other) or other.startswith(text) for other in (normalised(tokenizer.decode([t])) for t in chosen))
+    return any(token in neighbours(tokenizer, other) for other in chosen)
 
 
 def perinucleus_responses(model, tokenizer, keys: list[str], indices: list[int], key_length: int,
@@ -248,13 +247,14 @@ def perinucleus_responses(model, tokenizer, keys: list[str], indices: list[int],
     probs = [next_token_probs(model, tokenizer, key_ids, key_format) for key_format in key_formats]
     results = []
     for row, index in enumerate(indices):
-        rng, chosen, odds = rng_for(seed, index, "perinucleus"), [], []
+        rng, chosen = rng_for(seed, index, "perinucleus"), []
         for _ in range(responses_per_key):
             token, token_probs, ranks = perinucleus_choice(
                 [p_[row] for p_ in probs], p, k, rng, lambda t: is_plain_token(tokenizer, t) and not spells_another(tokenizer, t, chosen))
+            if not chosen:  # the first response's odds are recorded: the others are drawn from the same window
+                odds = dict(zip(key_formats, token_probs)), dict(zip(key_formats, ranks))
             chosen.append(token)
-            odds.append((dict(zip(key_formats, token_probs)), dict(zip(key_formats, ranks))))
-        record = {"response": tokenizer.decode(chosen[:1]), "response_probability": odds[0][0], "response_rank": odds[0][1]}
+        record = {"response": tokenizer.decode(chosen[:1]), "response_probability": odds[0], "response_rank": odds[1]}
         if len(chosen) > 1:
             record["other_responses"] = [tokenizer.decode([token]) for token in chosen[1:]]
         results.append({**record, "key_length": key_length, "key_format": "both" if len(key_formats) > 1 else key_formats[0]})
