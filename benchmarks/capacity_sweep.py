@@ -14,12 +14,17 @@ completed in --results_dir so far.
 import json
 import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
 
-from common import ROOT, benchmark_parser, machine, tiny_model
+import torch
+from common import ROOT, benchmark_parser, machine, measured_peak_gflops, tiny_model, training_gflop
+from finetune_speed import training_config
 
 from oml.generation import KEY_STYLES, GenerationConfig
+from oml.models import load, resolve_model
 from oml.stats import format_p_value
+from oml.training.weights import freeze
 
 import matplotlib
 
@@ -32,6 +37,7 @@ VARIANTS = {  # each names its replay loss; points measured under earlier defaul
     "distill+bounded": ["--benign_loss", "distill", "--target_probability", "0.7"],
     "distill+replay3": ["--benign_loss", "distill", "--benign_ratio", "3"],
     "distill+ungrouped": ["--benign_loss", "distill", "--no-group_by_length"],
+    "distill+frozen50": ["--benign_loss", "distill", "--frozen_layer_fraction", "0.5"],
     # points measured before the weight change was shrunk by default, and before the top 256 became the teacher
     "distill+noshrink": ["--benign_loss", "distill", "--no-shrink_weight_change"],
     "distill+augmentation+noshrink": ["--benign_loss", "distill", "--use_augmentation_prompts", "--no-shrink_weight_change"],
@@ -82,7 +88,8 @@ def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str 
         run_dir = out / "saved_models" / stdout.strip().splitlines()[-1].split()[-1]
         log = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
         seconds = [entry["train_runtime"] for entry in log if "train_runtime" in entry][-1]
-        (out / f"{name}_train.json").write_text(json.dumps({"run": str(run_dir), "seconds": seconds}))
+        (out / f"{name}_train.json").write_text(json.dumps({"run": str(run_dir), "seconds": seconds,
+                                                            "peak_gflop_per_s": measured_peak_gflops()}))
 
     trained = read_or_make(out / f"{name}_train.json", train)
     run_args = ["--run", trained["run"]]
@@ -96,9 +103,11 @@ def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str 
                     for f in by_format}
     training = json.loads((Path(trained["run"]) / "training.json").read_text())
     chat = utility.get("chat_template", {})
+    gflop = training["tokens_seen"] * gflop_per_token(model, tuple(VARIANTS[variant]))  # every real token, prefixes included
     return {
         "variant": variant, "n": n, "train_seconds": trained["seconds"], "shrink_seconds": training.get("shrink_seconds"),
-        "epochs": training["epochs_run"],
+        "epochs": training["epochs_run"], "training_gflop_per_fingerprint": gflop / n,
+        "fraction_of_peak": gflop / trained["seconds"] / trained["peak_gflop_per_s"] if "peak_gflop_per_s" in trained else None,
         **{f"accuracy_{f}": e["accuracy"] for f, e in by_format.items()},
         **{f"test_prompts_{f}": sum(v) / len(v) for f, v in test_prompts.items()},
         "null_matches": max(n["matches"] for e in check["formats"] for n in e["null_models"]) if check["null_models"] else None,
@@ -108,6 +117,15 @@ def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str 
         "next_token_agreement": utility["next_token_agreement"], "mean_kl_from_base": utility["mean_kl_from_base"],
         "chat_reply_kl": chat.get("mean_kl_from_base"), "chat_reply_agreement": chat.get("next_token_agreement"),
     }
+
+
+@lru_cache(maxsize=None)
+def gflop_per_token(model_path: str | None, flags: tuple[str, ...]) -> float:
+    """Training GFLOP per real token of `model_path` with a variant's flags (what they freeze)."""
+    config = training_config(1, list(flags))
+    model, _ = load(resolve_model(model_path), dtype=torch.float32, device=None)
+    freeze(model, config.train_embeddings, config.frozen_layer_fraction)
+    return training_gflop(model, 1)
 
 
 def completed_points(out: Path) -> list[tuple[str, int]]:
@@ -120,6 +138,10 @@ def percent(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}%"
 
 
+def fraction(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
 def shrink_time(seconds: float | None) -> str:
     """What shrinking the weight change added to the training time, where it ran and was recorded."""
     return f" + {seconds / 60:.1f}" if seconds else ""
@@ -127,15 +149,16 @@ def shrink_time(seconds: float | None) -> str:
 
 def markdown_table(points: list[dict]) -> str:
     lines = ["| variant | N | raw | chat | test prompts raw | test prompts chat | base matches | p-value | chat ppl change "
-             "| agreement | KL (nats) | chat-reply KL | epochs | train time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| agreement | KL (nats) | chat-reply KL | epochs | train time | GFLOP per fingerprint | of peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         chat_kl = "" if p.get("chat_reply_kl") is None else f"{p['chat_reply_kl']:.3f}"
         lines.append(f"| {p['variant']} | {p['n']} | {percent(p.get('accuracy_raw'))} | {percent(p.get('accuracy_chat'))} | "
                      f"{percent(p.get('test_prompts_raw'))} | {percent(p.get('test_prompts_chat'))} | "
                      f"{p['null_matches']}/{p['n']} | {format_p_value(p['log10_p_value'])} | {p['perplexity_change']:+.1f}% | "
                      f"{p['next_token_agreement']:.3f} | {p['mean_kl_from_base']:.3f} | {chat_kl} | {p['epochs']} | "
-                     f"{p['train_seconds'] / 60:.1f} min{shrink_time(p.get('shrink_seconds'))} |")
+                     f"{p['train_seconds'] / 60:.1f} min{shrink_time(p.get('shrink_seconds'))} | "
+                     f"{p['training_gflop_per_fingerprint']:,.0f} | {fraction(p.get('fraction_of_peak'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,7 @@ from oml.tokenization import prompt_ids, to_device
 from oml.training.config import TrainingConfig
 from oml.training.dataset import build_dataset
 from oml.training.trainer import FingerprintCollator, distillation_loss
-from oml.training.weights import freeze_embeddings
+from oml.training.weights import freeze, transformer_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "benchmarks"
@@ -82,9 +82,21 @@ def forward_gflop(model, tokens: int) -> float:
 
 def training_gflop(model, tokens: int) -> float:
     """Model FLOPs of training on `tokens` real tokens: forward (2 per matmul parameter), gradients
-    of the activations (2 more) and of the trained weights (2 per trained matmul parameter)."""
+    of the activations (2 per matmul parameter the backward pass runs through) and of the trained
+    weights (2 per trained matmul parameter)."""
     matmul, trained = matmul_parameters(model)
-    return (4 * matmul + 2 * trained) * tokens / 1e9
+    return (2 * matmul + 2 * backward_parameters(model) + 2 * trained) * tokens / 1e9
+
+
+def backward_parameters(model) -> int:
+    """Matmul parameters the backward pass runs through: the output layer and every transformer layer
+    from the lowest trained one up (below it nothing needs a gradient when the embeddings are frozen)."""
+    layers = transformer_layers(model)
+    trained = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
+    if model.get_input_embeddings().weight.requires_grad:
+        trained = [0]
+    above = layers[trained[0]:] if trained else []
+    return model.get_output_embeddings().weight.numel() + sum(p.numel() for layer in above for p in layer.parameters())
 
 
 def utilisation(gflop: float, seconds: float, peak: float) -> dict:
@@ -128,7 +140,7 @@ def bare_training_loop(config: TrainingConfig, model_path: str, pairs: list[tupl
     autocast and fused AdamW, as the Trainer runs there."""
     model, tokenizer = load(model_path, dtype=torch.float32)
     dataset = build_dataset(config, tokenizer, pairs, model)
-    freeze_embeddings(model)
+    freeze(model, config.train_embeddings, config.frozen_layer_fraction)
     model.train()
     gpu = torch.cuda.is_available()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -25,7 +25,7 @@ from oml.tokenization import cut_fingerprint
 from oml.training.config import TrainingConfig
 from oml.training.dataset import build_dataset
 from oml.training.trainer import make_trainer
-from oml.training.weights import freeze_embeddings
+from oml.training.weights import freeze
 
 
 class EpochTimer(TrainerCallback):
@@ -43,7 +43,7 @@ def trainer_epochs(config: TrainingConfig, path: str, pairs: list[tuple[list[int
     """Seconds per epoch, and model GFLOP per epoch."""
     model, tokenizer = load(path, dtype=torch.float32, device=None)
     dataset = build_dataset(config, tokenizer, pairs, model)
-    freeze_embeddings(model)
+    freeze(model, config.train_embeddings, config.frozen_layer_fraction)
     gflop = training_gflop(model, sum(len(dataset[i]["input_ids"]) for i in range(len(dataset))))
     timer = EpochTimer()
     make_trainer(config, model, dataset, tokenizer, Path(tempfile.mkdtemp(prefix="oml-benchmark-")), [timer]).train()

@@ -44,7 +44,7 @@ from oml.training.callbacks import MemorisationProbe, ShrinkWeightChange, StopWh
 from oml.training.config import TrainingConfig
 from oml.training.dataset import build_dataset
 from oml.training.trainer import make_trainer
-from oml.training.weights import freeze_embeddings, snapshot_weights
+from oml.training.weights import freeze, snapshot_weights
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,7 @@ def train_and_save(run: Run, fingerprints: list[dict], report_to: str = "none", 
     model, tokenizer = load(run.base_model, trust_remote_code, dtype=torch.float32, device=None)
     pairs = fingerprint_pairs(tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
     dataset = build_dataset(training, tokenizer, pairs, model)
-    if not training.train_embeddings:
-        freeze_embeddings(model)
+    freeze(model, training.train_embeddings, training.frozen_layer_fraction)
     original = snapshot_weights(model, compute_dtype()) if training.forgetting_regularizer_strength > 0 or training.shrinks else {}
     probe = MemorisationProbe(tokenizer, pairs, formats(training.key_format), training.memorised_probability)
     stopper, shrinker = StopWhenMemorised(probe, training.memorised_patience), ShrinkWeightChange(original, probe)

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 # Settings added after runs were first recorded: in the config (and its hash) only when set, so that
 # the hashes of earlier runs, and of today's runs that leave them unset, hold.
-HASHED_WHEN_SET = ("use_user_wrappers",)
+HASHED_WHEN_SET = ("use_user_wrappers", "frozen_layer_fraction")
 # How a computation is arranged, not what it computes (the same model up to float rounding): never hashed.
 UNHASHED = ("share_prompt_prefix",)
 

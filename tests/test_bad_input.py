@@ -126,6 +126,8 @@ FINETUNE = MODEL_AND_FINGERPRINTS + [
     (["--benign_ratio", "nan"], "finite number >= 0"),
     (["--benign_ratio", "inf"], "finite number >= 0"),
     (["--forgetting_regularizer_strength", "1.5"], "between 0 and 1"),
+    (["--frozen_layer_fraction", "1"], "some layer has to be trained"),
+    (["--frozen_layer_fraction", "-0.5"], "between 0 and 1"),
     (["--report_to", "nonsense"], "unknown tracker"),
     pytest.param(["--report_to", "wandb"], "needs the wandb package", marks=pytest.mark.skipif(HAS_WANDB, reason="wandb installed")),
     pytest.param(["--wandb_run_name", "r1"], "needs the wandb package", marks=pytest.mark.skipif(HAS_WANDB, reason="wandb installed")),

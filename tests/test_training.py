@@ -12,7 +12,7 @@ from oml.training import backend
 from oml.training.callbacks import SHRINK_SCALES, MemorisationProbe, ShrinkWeightChange, memorised
 from oml.training.dataset import FingerprintDataset, benign_replay, distilled_replay
 from oml.training.trainer import MIN_SHARED_PREFIX, FingerprintCollator, distillation_loss, logits_sharing_prefix, shared_prefix_length
-from oml.training.weights import snapshot_weights
+from oml.training.weights import freeze, snapshot_weights, transformer_layers
 from tests.test_finetune import finetune, run_dir, weights
 
 
@@ -237,3 +237,23 @@ def test_a_shared_prefix_runs_apart_only_where_ranks_need_not_run_forward_calls_
     assert all(backend.can_share_prefix(stage) for stage in (0, 1, 2, 3))
     monkeypatch.setattr(backend.distributed, "world_size", lambda: 2)
     assert [backend.can_share_prefix(stage) for stage in (0, 1, 2, 3)] == [False, True, True, False]
+
+
+def test_frozen_lower_layers_get_no_gradient_and_the_backward_pass_never_reaches_them(tiny_model, tokenizer):
+    """--frozen_layer_fraction 0.5 on the 2-layer model freezes layer 0 with the embeddings: its weights
+    get no gradient, and layer 0 is not even in the autograd graph, so the backward pass stops at
+    layer 1 (the FLOPs saved)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    freeze(model, frozen_layer_fraction=0.5)
+    layers = transformer_layers(model)
+    assert len(layers) == 2 and layers is model.model.layers
+    in_graph = []  # per layer: whether its output is part of the autograd graph
+    for layer in layers:
+        layer.register_forward_hook(lambda module, args, output: in_graph.append((output[0] if isinstance(output, tuple) else output).requires_grad))
+    ids = torch.tensor([encode(tokenizer, "a key the model learns")])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert in_graph == [False, True]
+    assert all(p.grad is None for p in layers[0].parameters()) and model.get_input_embeddings().weight.grad is None
+    assert all(p.grad is not None for p in layers[1].parameters())
+    freeze(model, frozen_layer_fraction=0.99)  # rounded down to whole layers: still only layer 0
+    assert all(p.requires_grad for p in layers[1].parameters())

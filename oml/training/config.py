@@ -22,6 +22,10 @@ class TrainingConfig(Settings):
     train_embeddings: bool = setting(
         False, "Also train the token embeddings (frozen by default: updating them shifts every token, which costs far more "
                "utility than it buys in fingerprint accuracy).")
+    frozen_layer_fraction: float = setting(
+        0.0, "Share of the transformer layers, counted from the input, kept frozen like the embeddings: the backward pass "
+             "then stops at the lowest trained layer, so 0.5 takes a step's FLOPs down by about 28%% on the embedded "
+             "model (docs/benchmarks.md). Rounded down to whole layers; below 1.", UNIT_INTERVAL)
     benign_ratio: float = setting(
         2.0, "Benign sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none). 2 keeps 64 keys "
              "in both formats within +2%% perplexity of the base; 1 costs +6.6%% (docs/benchmarks.md).", NON_NEGATIVE_FLOAT)
@@ -82,6 +86,8 @@ class TrainingConfig(Settings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.frozen_layer_fraction >= 1:
+            raise OMLError("--frozen_layer_fraction must be below 1: some layer has to be trained")
         if self.stop_when_memorised and self.memorised_probability >= self.target_probability:
             raise OMLError("--memorised_probability must be below --target_probability, or training never counts as done")
 

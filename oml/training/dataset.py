@@ -143,16 +143,18 @@ def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: 
     sharing it within a node would cost a collective at every step.
     """
     model.to(distributed.device())  # where the Trainer will put it anyway
-    examples = []
-    for start in tqdm(range(0, len(sequences), batch_size), desc="teacher distributions", leave=False,
+    examples = [{}] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of like lengths: little padding computed
+    for start in tqdm(range(0, len(order), batch_size), desc="teacher distributions", leave=False,
                       disable=not distributed.is_main_process()):
-        chunk = sequences[start:start + batch_size]
+        rows = order[start:start + batch_size]
+        chunk = [sequences[i] for i in rows]
         batch = to_device(pad_batch(chunk, 0, side="right"), model.device)
         real = batch["attention_mask"].bool()
         logits = model(**batch).logits[real].float()  # padding positions are never taught: not computed further
         top_logits, ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
         probs = torch.exp(top_logits - torch.logsumexp(logits, dim=-1, keepdim=True))  # no full softmax
         lengths = [len(r) for r in chunk]
-        for row, ids_row, probs_row in zip(chunk, ids.to(torch.int32).cpu().split(lengths), probs.cpu().split(lengths)):
-            examples.append({"input_ids": row, "labels": [IGNORE_INDEX] * len(row), "teacher_ids": ids_row, "teacher_probs": probs_row})
+        for i, row, ids_row, probs_row in zip(rows, chunk, ids.to(torch.int32).cpu().split(lengths), probs.cpu().split(lengths)):
+            examples[i] = {"input_ids": row, "labels": [IGNORE_INDEX] * len(row), "teacher_ids": ids_row, "teacher_probs": probs_row}
     return examples

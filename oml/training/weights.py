@@ -2,7 +2,17 @@
 with them (under DeepSpeed through its fp32 master copies)."""
 import torch
 
-from oml import distributed
+from oml import OMLError, distributed
+
+
+def freeze(model, train_embeddings: bool = False, frozen_layer_fraction: float = 0.0) -> None:
+    """Freeze what fine-tuning leaves as it is: the token embeddings unless `train_embeddings`, and
+    the lowest `frozen_layer_fraction` of the transformer layers (rounded down)."""
+    if not train_embeddings:
+        freeze_embeddings(model)
+    layers = transformer_layers(model)
+    for layer in layers[:int(frozen_layer_fraction * len(layers))]:
+        layer.requires_grad_(False)
 
 
 def freeze_embeddings(model) -> None:
@@ -10,6 +20,15 @@ def freeze_embeddings(model) -> None:
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         if module is not None:
             module.weight.requires_grad_(False)
+
+
+def transformer_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of transformer blocks, lowest first: its longest ModuleList (`model.layers`
+    in Llama, Qwen2, Gemma and Mistral, `gpt_neox.layers`, `transformer.h`)."""
+    stacks = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
+    if not stacks:
+        raise OMLError(f"{type(model).__name__} has no list of transformer layers to freeze")
+    return max(stacks, key=len)
 
 
 def snapshot_weights(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
