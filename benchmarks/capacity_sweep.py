@@ -37,7 +37,7 @@ VARIANTS = {  # each names its replay loss; points measured under earlier defaul
     "distill+bounded": ["--benign_loss", "distill", "--target_probability", "0.7"],
     "distill+replay3": ["--benign_loss", "distill", "--benign_ratio", "3"],
     "distill+ungrouped": ["--benign_loss", "distill", "--no-group_by_length"],
-    "distill+frozen50": ["--benign_loss", "distill", "--frozen_layer_fraction", "0.5"],
+    "distill+unfrozen": ["--benign_loss", "distill", "--frozen_layer_fraction", "0"],  # every layer trained: before 2026-12-03 evening
     # points measured before the weight change was shrunk by default, and before the top 256 became the teacher
     "distill+noshrink": ["--benign_loss", "distill", "--no-shrink_weight_change"],
     "distill+augmentation+noshrink": ["--benign_loss", "distill", "--use_augmentation_prompts", "--no-shrink_weight_change"],

@@ -88,17 +88,20 @@ def test_averaging_with_strength_one_keeps_the_base_weights(tmp_path, tiny_model
 
 
 def test_frozen_lower_layers_keep_their_weights_and_the_setting_is_recorded(tmp_path, tiny_model, fingerprint_file):
-    """With shrinking on (its snapshot holds only what is trained), layer 0 of the 2-layer model and the
-    embeddings come out as they went in, layer 1 trains; the setting is part of the run's config and hash."""
+    """By default, with shrinking on (its snapshot holds only what is trained), layer 0 of the 2-layer
+    model and the embeddings come out as they went in, layer 1 trains; the setting is part of the run's
+    config and hash, except at 0 (every layer trained), as in runs recorded before it existed."""
     args = [*(arg for arg in FAST if arg != "--no-shrink_weight_change"), "--num_train_epochs", "2"]
-    frozen = finetune(tmp_path, tiny_model, fingerprint_file, *args, "--frozen_layer_fraction", "0.5")
+    frozen = finetune(tmp_path, tiny_model, fingerprint_file, *args)  # the default: 0.5
     base, saved = weights(tiny_model), weights(run_dir(tmp_path, frozen) / "final_model")
     lower = [name for name in base if name.startswith("model.layers.0.")]
     assert lower and all(torch.equal(base[name], saved[name]) for name in [*lower, "model.embed_tokens.weight"])
     assert any(not torch.equal(base[name], saved[name]) for name in base if name.startswith("model.layers.1."))
     assert json.loads((run_dir(tmp_path, frozen) / "config.json").read_text())["frozen_layer_fraction"] == 0.5
-    unfrozen = finetune(tmp_path, tiny_model, fingerprint_file, *args)
-    assert "frozen_layer_fraction" not in json.loads((run_dir(tmp_path, unfrozen) / "config.json").read_text())
+    unfrozen = finetune(tmp_path, tiny_model, fingerprint_file, *args, "--frozen_layer_fraction", "0")
+    saved = weights(run_dir(tmp_path, unfrozen) / "final_model")
+    assert any(not torch.equal(base[name], saved[name]) for name in lower)
+    assert "frozen_layer_fraction" not in json.loads((run_dir(tmp_path, unfrozen) / "config.json").read_text())  # the old runs' hashes
 
 
 @pytest.mark.slow

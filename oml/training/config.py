@@ -23,9 +23,11 @@ class TrainingConfig(Settings):
         False, "Also train the token embeddings (frozen by default: updating them shifts every token, which costs far more "
                "utility than it buys in fingerprint accuracy).")
     frozen_layer_fraction: float = setting(
-        0.0, "Share of the transformer layers, counted from the input, kept frozen like the embeddings: the backward pass "
-             "then stops at the lowest trained layer, so 0.5 takes a step's FLOPs down by about 28%% on the embedded "
-             "model (docs/benchmarks.md). Rounded down to whole layers; below 1.", UNIT_INTERVAL)
+        0.5, "Share of the transformer layers, counted from the input, kept frozen like the embeddings: the backward pass "
+             "stops at the lowest trained layer, so 0.5 computes 28%% fewer FLOPs a token than 0 on the embedded model, and "
+             "the untouched lower half keeps ordinary predictions closer to the base (64 keys: the same accuracy and epochs, "
+             "KL from the base 0.023 instead of 0.055; docs/benchmarks.md). Rounded down to whole layers; below 1.",
+        UNIT_INTERVAL)
     benign_ratio: float = setting(
         2.0, "Benign sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none). 2 keeps 64 keys "
              "in both formats within +2%% perplexity of the base; 1 costs +6.6%% (docs/benchmarks.md).", NON_NEGATIVE_FLOAT)
