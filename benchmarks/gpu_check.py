@@ -41,7 +41,7 @@ from oml.generation import perinucleus_responses, random_words, rng_for
 from oml.models import LLAMA_3_2_1B, TINY_LLAMA, load, load_tokenizer, resolve_model, save_random_model
 from oml.tokenization import KEY_FORMATS, encode, fingerprint_pairs, prompt_ids
 from oml.training.config import TrainingConfig
-from oml.training.weights import freeze_embeddings
+from oml.training.weights import freeze
 
 DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 STARTED = time.perf_counter()
@@ -152,7 +152,7 @@ def main() -> None:
     (work / "fingerprints.json").write_text(json.dumps(fingerprints))
     peak = measured_peak_gflops(size=8192 if gpu else 2048)
     base, _ = load(model_path, device=None)
-    freeze_embeddings(base)  # as finetune_multigpu.py trains it
+    freeze(base, frozen_layer_fraction=TrainingConfig().frozen_layer_fraction)  # as finetune_multigpu.py trains it
     gflop_per_token = training_gflop(base, 1)
     del base
     results = {"gpu": torch.cuda.get_device_name() if gpu else None, "versions": versions(), "keys": args.num_keys,

@@ -1,16 +1,19 @@
 """Fine-tuning epochs with the prefix a batch shares computed once (--share_prompt_prefix, the
 default) against once per example, side by side.
 
-    python benchmarks/shared_prefix.py [--sizes 64] [--epochs 2] [--rounds 2] [--smoke]
+    python benchmarks/shared_prefix.py [--sizes 64] [--epochs 2] [--rounds 2] [--smoke] [--settings FLAGS...]
 
 Both arms train today's defaults (keys in both formats, distillation replay, length-grouped
-batches) on the embedded model, from the same weights and data; the arms alternate for
+batches), changed by any --settings flags, on the embedded model, from the same weights and
+data; the arms alternate for
 `--rounds` rounds, so that a slower spell of a shared machine falls on both, and the first epoch
 of each run counts as warm-up. Reported per arm: seconds per epoch, the model GFLOP an epoch
 needs (every real token; the same for both), the GFLOP it computed (less the shared prefixes
 computed once), seconds and GFLOP per fingerprint, and the fraction of the matrix-product peak
 measured in the same run (needed GFLOP over time, so both arms are compared on the same work).
 """
+import argparse
+
 import torch
 from common import (KEY_TOKENS, RESPONSE_TOKENS, benchmark_model, benchmark_parser, measured_peak_gflops, random_word_keys, save,
                     training_gflop)
@@ -19,7 +22,7 @@ from finetune_speed import trainer_epochs, training_config
 from oml.models import load, load_tokenizer
 from oml.tokenization import cut_fingerprint
 from oml.training import trainer
-from oml.training.weights import freeze_embeddings
+from oml.training.weights import freeze
 
 ARMS = {"shared prefix": True, "prefix per example": False}
 
@@ -54,15 +57,17 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--settings", nargs=argparse.REMAINDER, default=[],
+                        help="Fine-tuning flags for both arms, e.g. --frozen_layer_fraction 0; last: everything after it is one.")
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.rounds = [4], 1
     path = benchmark_model(args.smoke)
     tokenizer = load_tokenizer(path)
-    config = training_config(args.epochs, [])
+    config = training_config(args.epochs, args.settings)
     peak = measured_peak_gflops()
     model, _ = load(path, dtype=torch.float32, device=None)
-    freeze_embeddings(model)  # as trainer_epochs trains it
+    freeze(model, config.train_embeddings, config.frozen_layer_fraction)  # as trainer_epochs trains it
     gflop_per_token = training_gflop(model, 1)
     del model
     results = {}
