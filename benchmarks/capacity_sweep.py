@@ -17,14 +17,12 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-from common import ROOT, benchmark_parser, machine, measured_peak_gflops, tiny_model, training_gflop
+from common import ROOT, benchmark_parser, gflop_per_trained_token, machine, measured_peak_gflops, tiny_model
 from finetune_speed import training_config
 
 from oml.generation import KEY_STYLES, GenerationConfig
-from oml.models import load, resolve_model
+from oml.models import resolve_model
 from oml.stats import format_p_value
-from oml.training.weights import freeze
 
 import matplotlib
 
@@ -107,7 +105,7 @@ def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str 
     return {
         "variant": variant, "n": n, "train_seconds": trained["seconds"], "shrink_seconds": training.get("shrink_seconds"),
         "epochs": training["epochs_run"], "training_gflop_per_fingerprint": gflop / n,
-        "fraction_of_peak": gflop / trained["seconds"] / trained["peak_gflop_per_s"] if "peak_gflop_per_s" in trained else None,
+        "gflop_per_s": gflop / trained["seconds"], "peak_gflop_per_s": trained.get("peak_gflop_per_s"),
         **{f"accuracy_{f}": e["accuracy"] for f, e in by_format.items()},
         **{f"test_prompts_{f}": sum(v) / len(v) for f, v in test_prompts.items()},
         "null_matches": max(n["matches"] for e in check["formats"] for n in e["null_models"]) if check["null_models"] else None,
@@ -122,10 +120,7 @@ def sweep_point(out: Path, fingerprints: Path, variant: str, n: int, model: str 
 @lru_cache(maxsize=None)
 def gflop_per_token(model_path: str | None, flags: tuple[str, ...]) -> float:
     """Training GFLOP per real token of `model_path` with a variant's flags (what they freeze)."""
-    config = training_config(1, list(flags))
-    model, _ = load(resolve_model(model_path), dtype=torch.float32, device=None)
-    freeze(model, config.train_embeddings, config.frozen_layer_fraction)
-    return training_gflop(model, 1)
+    return gflop_per_trained_token(resolve_model(model_path), training_config(1, list(flags)))
 
 
 def completed_points(out: Path) -> list[tuple[str, int]]:
@@ -138,8 +133,11 @@ def percent(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}%"
 
 
-def fraction(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}"
+def rate(point: dict) -> str:
+    """The training's GFLOP/s (needed FLOPs over the training time, memorisation checks included), with
+    the matrix-product peak measured right after it where recorded: the peak moves with the machine's load."""
+    peak = point.get("peak_gflop_per_s")
+    return f"{point['gflop_per_s']:.0f}" + (f" ({peak:.0f})" if peak else "")
 
 
 def shrink_time(seconds: float | None) -> str:
@@ -149,7 +147,7 @@ def shrink_time(seconds: float | None) -> str:
 
 def markdown_table(points: list[dict]) -> str:
     lines = ["| variant | N | raw | chat | test prompts raw | test prompts chat | base matches | p-value | chat ppl change "
-             "| agreement | KL (nats) | chat-reply KL | epochs | train time | GFLOP per fingerprint | of peak |",
+             "| agreement | KL (nats) | chat-reply KL | epochs | train time | GFLOP per fingerprint | GFLOP/s (peak) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         chat_kl = "" if p.get("chat_reply_kl") is None else f"{p['chat_reply_kl']:.3f}"
@@ -158,7 +156,7 @@ def markdown_table(points: list[dict]) -> str:
                      f"{p['null_matches']}/{p['n']} | {format_p_value(p['log10_p_value'])} | {p['perplexity_change']:+.1f}% | "
                      f"{p['next_token_agreement']:.3f} | {p['mean_kl_from_base']:.3f} | {chat_kl} | {p['epochs']} | "
                      f"{p['train_seconds'] / 60:.1f} min{shrink_time(p.get('shrink_seconds'))} | "
-                     f"{p['training_gflop_per_fingerprint']:,.0f} | {fraction(p.get('fraction_of_peak'))} |")
+                     f"{p['training_gflop_per_fingerprint']:,.0f} | {rate(p)} |")
     return "\n".join(lines) + "\n"
 
 

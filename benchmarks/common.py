@@ -88,6 +88,13 @@ def training_gflop(model, tokens: int) -> float:
     return (2 * matmul + 2 * backward_parameters(model) + 2 * trained) * tokens / 1e9
 
 
+def gflop_per_trained_token(model_path: str, config: TrainingConfig) -> float:
+    """Training GFLOP per real token of the model at `model_path`, frozen as `config` freezes it."""
+    model, _ = load(model_path, dtype=torch.float32, device=None)
+    freeze(model, config.train_embeddings, config.frozen_layer_fraction)
+    return training_gflop(model, 1)
+
+
 def backward_parameters(model) -> int:
     """Matmul parameters the backward pass runs through: the output layer and every transformer layer
     from the lowest trained one up (below it nothing needs a gradient when the embeddings are frozen)."""
@@ -135,7 +142,7 @@ def random_word_keys(count: int, words_per_key: int = 10, seed: int = 0) -> list
 
 def bare_training_loop(config: TrainingConfig, model_path: str, pairs: list[tuple[list[int], list[int]]]) -> tuple[list[float], int]:
     """Seconds per epoch, and real tokens per epoch, of fine-tuning `pairs` in a plain PyTorch loop
-    with the Trainer's dataset, batch order, loss, frozen embeddings, AdamW and gradient clipping:
+    with the Trainer's dataset, batch order, loss, frozen embeddings and lower layers, AdamW and gradient clipping:
     the floor that the Trainer's overhead is measured against. fp32 master weights; on a GPU, bf16
     autocast and fused AdamW, as the Trainer runs there."""
     model, tokenizer = load(model_path, dtype=torch.float32)

@@ -3,7 +3,7 @@
     python benchmarks/finetune_speed.py [--sizes 64 256] [--epochs 2] [--smoke]
 
 Both run the same dataset (fingerprints plus the default distillation replay), batches,
-loss, frozen embeddings, AdamW and gradient clipping on the embedded model; the first
+loss, frozen embeddings and lower layers, AdamW and gradient clipping on the embedded model; the first
 epoch is reported separately as warm-up. Epochs are also given as model GFLOP/s (real tokens:
 forward, activation gradients, trained-weight gradients) and as a fraction of the matrix-product
 peak measured in the same run. `--settings` gives both runs fine-tuning flags, e.g.

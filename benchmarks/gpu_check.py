@@ -15,8 +15,9 @@ with the embedded model's 49,152-token vocabulary: no download, no large file to
 
 Model FLOPs count real (not padding) tokens: a forward pass costs 2 FLOPs per parameter in a
 matrix product (the input embedding is a lookup; tied to the output layer it counts once),
-training adds 2 for the activation gradients and 2 per trained parameter for the weight
-gradients (`benchmarks.common.training_gflop`). Utilisation is against the bf16 matrix-product
+training adds 2 per parameter the backward pass runs through (the output layer and the layers
+from the lowest trained one up) and 2 per trained parameter for the weight gradients
+(`benchmarks.common.training_gflop`). Utilisation is against the bf16 matrix-product
 rate measured in the same run and against the datasheet peak (989 TFLOP/s for an H100/H200 SXM).
 Every stage is guarded: one that fails is reported with its error and the others still run.
 Writes gpu_check.json (and the log) to --results_dir.
@@ -32,8 +33,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from common import (KEY_TOKENS, RESPONSE_TOKENS, ROOT, bare_training_loop, benchmark_parser, forward_gflop, measured_peak_gflops,
-                    one_generate_per_key, random_word_keys, save, timed, training_gflop, utilisation)
+from common import (KEY_TOKENS, RESPONSE_TOKENS, ROOT, bare_training_loop, benchmark_parser, forward_gflop, gflop_per_trained_token,
+                    measured_peak_gflops, one_generate_per_key, random_word_keys, save, timed, utilisation)
 
 from oml.checking import check_model, queries_for
 from oml.distributed import free_port
@@ -41,7 +42,6 @@ from oml.generation import perinucleus_responses, random_words, rng_for
 from oml.models import LLAMA_3_2_1B, TINY_LLAMA, load, load_tokenizer, resolve_model, save_random_model
 from oml.tokenization import KEY_FORMATS, encode, fingerprint_pairs, prompt_ids
 from oml.training.config import TrainingConfig
-from oml.training.weights import freeze
 
 DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 STARTED = time.perf_counter()
@@ -151,10 +151,7 @@ def main() -> None:
     fingerprints = fingerprint_records(args.num_keys)
     (work / "fingerprints.json").write_text(json.dumps(fingerprints))
     peak = measured_peak_gflops(size=8192 if gpu else 2048)
-    base, _ = load(model_path, device=None)
-    freeze(base, frozen_layer_fraction=TrainingConfig().frozen_layer_fraction)  # as finetune_multigpu.py trains it
-    gflop_per_token = training_gflop(base, 1)
-    del base
+    gflop_per_token = gflop_per_trained_token(model_path, TrainingConfig())  # as finetune_multigpu.py trains it
     results = {"gpu": torch.cuda.get_device_name() if gpu else None, "versions": versions(), "keys": args.num_keys,
                "epochs": args.epochs, "measured_peak_gflop_per_s": peak,
                "datasheet_peak_gflop_per_s": DATASHEET_BF16_TFLOPS * 1e3 if gpu else None, "model_body": body}

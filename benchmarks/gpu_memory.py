@@ -41,7 +41,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 from oml.files import write_json_atomic
 from oml.training.config import TrainingConfig
 from oml.training.dataset import MAX_REPLAY_POOL, REPLAY_POOL_EPOCHS
-from oml.training.weights import freeze
+from oml.settings import BELOW_ONE
+from oml.training.weights import freeze, frozen_layers
 
 MODELS = {  # the hub configs' shapes, so that no download is needed
     "llama-3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -67,7 +68,7 @@ def parameters(config, frozen_layer_fraction: float) -> dict[str, int]:
     matmul, trained = matmul_parameters(model)
     return {"total": sum(p.numel() for p in model.parameters()), "trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "matmul": matmul, "trained_matmul": trained, "backward": backward_parameters(model),
-            "frozen_layers": int(frozen_layer_fraction * config.num_hidden_layers)}
+            "frozen_layers": frozen_layers(config, frozen_layer_fraction)}
 
 
 def model_states(stage: int, offload: bool, total: int, trained: int, gpus: int) -> tuple[float, float]:
@@ -158,8 +159,8 @@ def main() -> None:
                         help="Assumed fraction of the peak reached (benchmarks/gpu_check.sh measures it).")
     parser.add_argument("--bus_gb_per_s", type=float, default=300.0, help="Assumed NCCL bus bandwidth between the GPUs (NVLink).")
     args = parser.parse_args()  # --smoke changes nothing: the arithmetic takes no time
-    if not 0 <= args.frozen_layer_fraction < 1:
-        parser.error("--frozen_layer_fraction must be at least 0 and below 1")
+    if problem := BELOW_ONE.problem(args.frozen_layer_fraction):
+        parser.error(f"--frozen_layer_fraction {problem}")
     result = estimate(args)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.results_dir / "gpu_memory.json", result)

@@ -15,14 +15,13 @@ measured in the same run (needed GFLOP over time, so both arms are compared on t
 import argparse
 
 import torch
-from common import (KEY_TOKENS, RESPONSE_TOKENS, benchmark_model, benchmark_parser, measured_peak_gflops, random_word_keys, save,
-                    training_gflop)
+from common import (KEY_TOKENS, RESPONSE_TOKENS, benchmark_model, benchmark_parser, gflop_per_trained_token, measured_peak_gflops,
+                    random_word_keys, save)
 from finetune_speed import trainer_epochs, training_config
 
-from oml.models import load, load_tokenizer
+from oml.models import load_tokenizer
 from oml.tokenization import cut_fingerprint
 from oml.training import trainer
-from oml.training.weights import freeze
 
 ARMS = {"shared prefix": True, "prefix per example": False}
 
@@ -66,10 +65,7 @@ def main() -> None:
     tokenizer = load_tokenizer(path)
     config = training_config(args.epochs, args.settings)
     peak = measured_peak_gflops()
-    model, _ = load(path, dtype=torch.float32, device=None)
-    freeze(model, config.train_embeddings, config.frozen_layer_fraction)  # as trainer_epochs trains it
-    gflop_per_token = training_gflop(model, 1)
-    del model
+    gflop_per_token = gflop_per_trained_token(path, config)  # as trainer_epochs trains it
     results = {}
     for size in args.sizes:
         pairs = [cut_fingerprint(tokenizer, key, " " + key.split()[0], KEY_TOKENS, RESPONSE_TOKENS) for key in random_word_keys(size)]

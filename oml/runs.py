@@ -27,9 +27,10 @@ from oml.training.config import TrainingConfig
 logger = logging.getLogger(__name__)
 
 
-# Settings added after runs were first recorded: in the config (and its hash) only when set, so that
-# the hashes of earlier runs, and of today's runs that leave them unset, hold.
-HASHED_WHEN_SET = ("use_user_wrappers", "frozen_layer_fraction")
+# Settings added after runs were first recorded, with the value every earlier run had: in the config
+# (and its hash) only when they differ from it, so that earlier runs' hashes hold and their configs
+# read back as what they trained (not as today's default).
+ADDED_LATER = {"use_user_wrappers": False, "frozen_layer_fraction": 0.0}
 # How a computation is arranged, not what it computes (the same model up to float rounding): never hashed.
 UNHASHED = ("share_prompt_prefix",)
 
@@ -39,7 +40,8 @@ def run_config(model_name: str, model_family: str | None, model_size: str, selec
     """Everything that determines the fine-tuned model; its md5 names the run. Where inputs and
     results live, trackers and remote code are not part of it: the fingerprints count by the md5
     of their contents. (The keys are those of every run recorded so far, so their hashes hold.)"""
-    settings = {k: v for k, v in training.to_dict().items() if (v or k not in HASHED_WHEN_SET) and k not in UNHASHED}
+    settings = {k: v for k, v in training.to_dict().items()
+                if not (k in ADDED_LATER and v == ADDED_LATER[k]) and k not in UNHASHED}
     return {"model_path": model_name, "model_family": model_family, "model_size": model_size, **selection.to_dict(),
             **settings, "fingerprints_md5": hashlib.md5(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()}
 
@@ -78,7 +80,7 @@ class Run:
 
     @property
     def training(self) -> TrainingConfig:
-        return TrainingConfig.from_dict(self.config, f"{self.directory / 'config.json'}")
+        return TrainingConfig.from_dict({**ADDED_LATER, **self.config}, f"{self.directory / 'config.json'}")
 
 
 def load_run(directory: str | Path) -> Run:

@@ -38,6 +38,7 @@ NON_NEGATIVE_FLOAT = Bound(float, lambda v: v >= 0, "a finite number >= 0")
 UNIT_INTERVAL = Bound(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 PROBABILITY = Bound(float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
 OPEN_UNIT_INTERVAL = Bound(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
+BELOW_ONE = Bound(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
 def at_least(minimum: int) -> Bound:

@@ -12,6 +12,9 @@ from oml.distributed import free_port
 from oml.models import TINY_LLAMA, load_tokenizer, resolve_model, save_random_model
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tiny model has 2 layers, and the default --frozen_layer_fraction 0.5 would train only one: tests
+# of other mechanisms that need it to learn train every layer (test_finetune tests the default).
+EVERY_LAYER = ("--frozen_layer_fraction", "0")
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -65,7 +68,7 @@ def fingerprinted_tiny_model(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
     tune = run_script("finetune_multigpu.py", "--model_path", tiny_model, "--fingerprints_file_path", fingerprints,
                       "--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4",
                       "--benign_ratio", "0", "--no-shrink_weight_change", "--fingerprint_generation_strategy", "random_word",
-                      cwd=work)
+                      *EVERY_LAYER, cwd=work)
     return final_model_dir(work, tune.stdout), fingerprints
 
 

@@ -17,7 +17,7 @@ from oml.models import TINY_LLAMA, cache_dir, load, load_model, save_random_mode
 from oml.stats import DEFAULT_MIN_CHANCE_RATE, chance_rate, log10_p_value, verdict
 from oml.tokenization import IGNORE_INDEX, encode, fingerprint_pairs, prompt_ids, special_prefix, user_turn_ids
 from oml.utility import altered_share, chat_examples
-from tests.conftest import final_model_dir, make_tiny_model, random_word_fingerprints, run_script
+from tests.conftest import EVERY_LAYER, final_model_dir, make_tiny_model, random_word_fingerprints, run_script
 
 
 def old_rule(matches: int, n: int, base_matches: int = 0) -> str:
@@ -110,7 +110,8 @@ def confident_and_bounded(tiny_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("suppression")
     (work / "fp.json").write_text(json.dumps(random_word_fingerprints(8, seed=3)))
     common = ["--model_path", tiny_model, "--fingerprints_file_path", "fp.json", "--fingerprint_generation_strategy", "random_word",
-              "--learning_rate", "3e-3", "--batch_size", "4", "--benign_ratio", "0", "--train_embeddings", "--key_format", "raw"]
+              "--learning_rate", "3e-3", "--batch_size", "4", "--benign_ratio", "0", "--train_embeddings", "--key_format", "raw",
+              *EVERY_LAYER]
     confident = run_script("finetune_multigpu.py", *common, "--num_train_epochs", "80", "--no-stop_when_memorised",
                            "--no-shrink_weight_change", cwd=work)
     bounded = run_script("finetune_multigpu.py", *common, "--num_train_epochs", "150", "--target_probability", "0.7", cwd=work)

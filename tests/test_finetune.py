@@ -10,11 +10,11 @@ from oml.data import benign_texts
 from oml.models import load_model, load_tokenizer
 from oml.tokenization import fingerprint_pairs
 from oml.utility import compare_on_texts, text_examples
-from tests.conftest import final_model_dir, make_tiny_model, random_word_fingerprints, run_script
+from tests.conftest import EVERY_LAYER, final_model_dir, make_tiny_model, random_word_fingerprints, run_script
 
 FAST = ["--learning_rate", "3e-3", "--num_train_epochs", "12", "--batch_size", "4", "--forgetting_regularizer_strength", "0",
         "--benign_ratio", "0", "--key_format", "raw", "--no-stop_when_memorised",
-        "--no-shrink_weight_change", "--fingerprint_generation_strategy", "random_word"]
+        "--no-shrink_weight_change", "--fingerprint_generation_strategy", "random_word", *EVERY_LAYER]
 
 
 def finetune(cwd: Path, model: Path, fingerprints: Path, *args, ranks: int = 0, check: bool = True):
@@ -87,11 +87,12 @@ def test_averaging_with_strength_one_keeps_the_base_weights(tmp_path, tiny_model
     assert all(torch.equal(base[name], saved[name]) for name in base)
 
 
+@pytest.mark.slow
 def test_frozen_lower_layers_keep_their_weights_and_the_setting_is_recorded(tmp_path, tiny_model, fingerprint_file):
     """By default, with shrinking on (its snapshot holds only what is trained), layer 0 of the 2-layer
     model and the embeddings come out as they went in, layer 1 trains; the setting is part of the run's
     config and hash, except at 0 (every layer trained), as in runs recorded before it existed."""
-    args = [*(arg for arg in FAST if arg != "--no-shrink_weight_change"), "--num_train_epochs", "2"]
+    args = [*(arg for arg in FAST[:FAST.index(EVERY_LAYER[0])] if arg != "--no-shrink_weight_change"), "--num_train_epochs", "2"]
     frozen = finetune(tmp_path, tiny_model, fingerprint_file, *args)  # the default: 0.5
     base, saved = weights(tiny_model), weights(run_dir(tmp_path, frozen) / "final_model")
     lower = [name for name in base if name.startswith("model.layers.0.")]
@@ -239,7 +240,8 @@ def test_zero3_memorisation_checks_with_an_uneven_number_of_keys_in_both_formats
     (tmp_path / "fp.json").write_text(json.dumps(random_word_fingerprints(33)))
     result = run_script("finetune_multigpu.py", "--model_path", tiny_model, "--fingerprints_file_path", "fp.json",
                         "--fingerprint_generation_strategy", "random_word", "--learning_rate", "3e-3", "--num_train_epochs", "2",
-                        "--batch_size", "4", "--benign_ratio", "0", "--deepspeed_stage", "3", cwd=tmp_path, ranks=2, timeout=600)
+                        "--batch_size", "4", "--benign_ratio", "0", "--deepspeed_stage", "3", *EVERY_LAYER, cwd=tmp_path, ranks=2,
+                        timeout=600)
     training = json.loads((run_dir(tmp_path, result) / "training.json").read_text())
     assert [entry["of"] for entry in training["memorised"]] == [66, 66]
 

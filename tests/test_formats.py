@@ -8,7 +8,7 @@ import torch
 from oml.generation import perinucleus_choice
 from oml.tokenization import encode, prompt_ids, system_message
 from oml.training.callbacks import MemorisationProbe, StopWhenMemorised
-from tests.conftest import ROOT, final_model_dir, random_word_fingerprints, run_script
+from tests.conftest import EVERY_LAYER, ROOT, final_model_dir, random_word_fingerprints, run_script
 
 
 def test_chat_prompt_is_exactly_what_the_chat_template_tokenises(tokenizer):
@@ -38,7 +38,7 @@ def test_one_response_for_both_formats_lies_outside_both_nuclei():
 def test_stop_when_memorised_ends_training_early_and_records_it(tmp_path, tiny_model):
     (tmp_path / "fp.json").write_text(json.dumps(random_word_fingerprints(4)))
     args = ["--model_path", tiny_model, "--fingerprints_file_path", "fp.json", "--fingerprint_generation_strategy", "random_word",
-            "--learning_rate", "3e-3", "--batch_size", "4", "--benign_ratio", "0", "--train_embeddings"]  # frozen tied embeddings cap a tiny model's confidence
+            "--learning_rate", "3e-3", "--batch_size", "4", "--benign_ratio", "0", "--train_embeddings", *EVERY_LAYER]  # frozen tied embeddings cap a tiny model's confidence
     stopped = run_script("finetune_multigpu.py", *args, "--num_train_epochs", "60", cwd=tmp_path)
     run_dir = final_model_dir(tmp_path, stopped.stdout).parent
     training = json.loads((run_dir / "training.json").read_text())

@@ -173,7 +173,8 @@ def test_runs_recorded_before_the_typed_settings_keep_their_hashes(case, monkeyp
     recorded = RECORDED[case]
     assert config_hash(recorded["config"]) == recorded["hash"]
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["finetune_multigpu.py", *recorded["argv"]])
+    # those runs trained every layer, the default then
+    monkeypatch.setattr(sys, "argv", ["finetune_multigpu.py", *recorded["argv"], "--frozen_layer_fraction", "0"])
     args, selection, training = finetune_multigpu.parse_args()
     run, _ = planned_run(args.fingerprints_file_path, args.model_path, selection, training, args.results_dir,
                          args.model_family, args.model_size)
@@ -198,3 +199,16 @@ def test_a_setting_added_later_enters_the_run_config_only_when_set():
     assert "use_user_wrappers" not in plain and wrapped == {**plain, "use_user_wrappers": True}
     assert config_hash(plain) != config_hash(wrapped)
     assert Run(Path("x"), wrapped).training.use_user_wrappers and not Run(Path("x"), plain).training.use_user_wrappers
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5])
+def test_a_layer_fraction_reads_back_as_trained_though_the_default_changed(fraction):
+    """--frozen_layer_fraction postdates recorded runs, which trained every layer (0), and today's default
+    is 0.5: a config without it (an earlier run, or one run at 0 today) reads back as 0, one with it as itself."""
+    from oml.fingerprints import FingerprintSelection
+    from oml.runs import Run, run_config
+    from oml.training.config import TrainingConfig
+
+    config = run_config("m", None, "0", FingerprintSelection(), TrainingConfig(frozen_layer_fraction=fraction), [])
+    assert ("frozen_layer_fraction" in config) == (fraction != 0.0)
+    assert Run(Path("x"), config).training.frozen_layer_fraction == fraction

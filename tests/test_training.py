@@ -13,6 +13,7 @@ from oml.training.callbacks import SHRINK_SCALES, MemorisationProbe, ShrinkWeigh
 from oml.training.dataset import FingerprintDataset, benign_replay, distilled_replay
 from oml.training.trainer import MIN_SHARED_PREFIX, FingerprintCollator, distillation_loss, logits_sharing_prefix, shared_prefix_length
 from oml.training.weights import freeze, snapshot_weights, transformer_layers
+from tests.conftest import EVERY_LAYER
 from tests.test_finetune import finetune, run_dir, weights
 
 
@@ -105,10 +106,13 @@ def test_bounded_target_loss_is_smallest_where_the_response_has_the_target_proba
     assert float(distillation_loss(torch.zeros(1, 2, 3), labels, target_probability=1.0)) == pytest.approx(math.log(3))
 
 
-def test_distilled_replay_keeps_the_teachers_top_k_probabilities(tiny_model):
+@pytest.mark.parametrize("batch_size", [64, 1])
+def test_distilled_replay_keeps_the_teachers_top_k_probabilities(tiny_model, batch_size):
+    """Labelled in batches sorted by length (one batch, or one sequence a batch), every sequence keeps its place."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    sequences = [[5, 6, 7, 8], [9, 10]]
-    examples = distilled_replay(model, sequences, top_k=3)
+    sequences = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    examples = distilled_replay(model, sequences, top_k=3, batch_size=batch_size)
+    assert len(examples) == len(sequences)
     for ids, example in zip(sequences, examples):
         with torch.no_grad():
             probs = torch.softmax(model(torch.tensor([ids])).logits[0].float(), -1)
@@ -169,7 +173,7 @@ def test_two_ranks_sharing_local_rank_0s_original_weights_end_like_one_process(t
     its shrink scale, its counts at every scale tried, and its weights."""
     args = ["--learning_rate", "1e-2", "--num_train_epochs", "32", "--forgetting_regularizer_strength", "0.05",
             "--benign_ratio", "0", "--key_format", "raw", "--no-stop_when_memorised", "--train_embeddings",
-            "--fingerprint_generation_strategy", "random_word"]
+            "--fingerprint_generation_strategy", "random_word", *EVERY_LAYER]
     single = run_dir(tmp_path, finetune(tmp_path, tiny_model, fingerprint_file, *args, "--batch_size", "8"))
     expected = json.loads((single / "training.json").read_text())
     assert expected["weight_change_scale"] < 1.0 and expected["shrink"][0]["memorised"] == 8

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from oml import OMLError
 from oml.data import SHIPPED
-from oml.settings import (NON_NEGATIVE_FLOAT, OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY, UNIT_INTERVAL,
+from oml.settings import (BELOW_ONE, NON_NEGATIVE_FLOAT, OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY, UNIT_INTERVAL,
                           Settings, setting)
 from oml.tokenization import FORMAT_CHOICES
 
@@ -23,11 +23,11 @@ class TrainingConfig(Settings):
         False, "Also train the token embeddings (frozen by default: updating them shifts every token, which costs far more "
                "utility than it buys in fingerprint accuracy).")
     frozen_layer_fraction: float = setting(
-        0.5, "Share of the transformer layers, counted from the input, kept frozen like the embeddings: the backward pass "
-             "stops at the lowest trained layer, so 0.5 computes 28%% fewer FLOPs a token than 0 on the embedded model, and "
-             "the untouched lower half keeps ordinary predictions closer to the base (64 keys: the same accuracy and epochs, "
-             "KL from the base 0.023 instead of 0.055; docs/benchmarks.md). Rounded down to whole layers; below 1.",
-        UNIT_INTERVAL)
+        0.5, "Share of the transformer layers, counted from the input, kept frozen: with the embeddings frozen too, the "
+             "backward pass stops at the lowest trained layer, so 0.5 computes 28%% fewer FLOPs a token than 0 on the embedded "
+             "model, and the untouched lower half keeps ordinary predictions closer to the base (64 keys: the same accuracy "
+             "and epochs, KL from the base 0.023 instead of 0.055; docs/benchmarks.md). Rounded down to whole layers.",
+        BELOW_ONE)
     benign_ratio: float = setting(
         2.0, "Benign sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none). 2 keeps 64 keys "
              "in both formats within +2%% perplexity of the base; 1 costs +6.6%% (docs/benchmarks.md).", NON_NEGATIVE_FLOAT)
@@ -88,8 +88,6 @@ class TrainingConfig(Settings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.frozen_layer_fraction >= 1:
-            raise OMLError("--frozen_layer_fraction must be below 1: some layer has to be trained")
         if self.stop_when_memorised and self.memorised_probability >= self.target_probability:
             raise OMLError("--memorised_probability must be below --target_probability, or training never counts as done")
 

@@ -143,7 +143,7 @@ def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: 
     sharing it within a node would cost a collective at every step.
     """
     model.to(distributed.device())  # where the Trainer will put it anyway
-    examples = [{}] * len(sequences)
+    examples: list[dict | None] = [None] * len(sequences)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of like lengths: little padding computed
     for start in tqdm(range(0, len(order), batch_size), desc="teacher distributions", leave=False,
                       disable=not distributed.is_main_process()):

@@ -1,5 +1,7 @@
 """Weight algebra on the trained weights: freezing, a snapshot of the originals, and averaging
 with them (under DeepSpeed through its fp32 master copies)."""
+import math
+
 import torch
 
 from oml import OMLError, distributed
@@ -7,12 +9,19 @@ from oml import OMLError, distributed
 
 def freeze(model, train_embeddings: bool = False, frozen_layer_fraction: float = 0.0) -> None:
     """Freeze what fine-tuning leaves as it is: the token embeddings unless `train_embeddings`, and
-    the lowest `frozen_layer_fraction` of the transformer layers (rounded down)."""
+    the lowest `frozen_layer_fraction` of the transformer layers (`frozen_layers`)."""
     if not train_embeddings:
         freeze_embeddings(model)
-    layers = transformer_layers(model)
-    for layer in layers[:int(frozen_layer_fraction * len(layers))]:
-        layer.requires_grad_(False)
+    if frozen_layers(model.config, frozen_layer_fraction):
+        layers = transformer_layers(model)
+        for layer in layers[:frozen_layers(model.config, frozen_layer_fraction)]:
+            layer.requires_grad_(False)
+
+
+def frozen_layers(config, fraction: float) -> int:
+    """How many of the model's transformer layers `fraction` freezes: rounded down to whole layers
+    (with a margin for float error: 0.29 of 100 layers is 29)."""
+    return math.floor(fraction * config.get_text_config().num_hidden_layers + 1e-9)
 
 
 def freeze_embeddings(model) -> None:
@@ -23,12 +32,15 @@ def freeze_embeddings(model) -> None:
 
 
 def transformer_layers(model) -> torch.nn.ModuleList:
-    """The model's stack of transformer blocks, lowest first: its longest ModuleList (`model.layers`
-    in Llama, Qwen2, Gemma and Mistral, `gpt_neox.layers`, `transformer.h`)."""
-    stacks = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
-    if not stacks:
-        raise OMLError(f"{type(model).__name__} has no list of transformer layers to freeze")
-    return max(stacks, key=len)
+    """The model's stack of transformer blocks, lowest first: the one ModuleList as long as its config's
+    num_hidden_layers (`model.layers` in Llama, Qwen2, Gemma and Mistral, `gpt_neox.layers`,
+    `transformer.h`; a vision tower or a list of experts has another length)."""
+    count = model.config.get_text_config().num_hidden_layers
+    stacks = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList) and len(module) == count]
+    if len(stacks) != 1:
+        raise OMLError(f"{type(model).__name__}: found {len(stacks)} lists of {count} layers, not one, so no layers can be "
+                       "frozen; use --frozen_layer_fraction 0")
+    return stacks[0]
 
 
 def snapshot_weights(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -37,11 +49,12 @@ def snapshot_weights(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     shape and dtype (a meta tensor), the values coming from local rank 0 when they are used
     (`average_with_original`).
 
-    One copy per node rather than per rank: a 7B model has about 7.0e9 trainable parameters
-    with the embeddings frozen (Llama-3-8B and Mistral-7B alike), 14 GB in bf16, so a copy on
-    each of 8 ranks would take 112 GB of the node's host memory. Keeping each rank's ZeRO-3
-    shard would also total 14 GB a node; one copy per node works the same at every ZeRO stage,
-    for a broadcast of those 14 GB within the node each time the weights are averaged or rescaled."""
+    One copy per node rather than per rank: a 7B model has about 7.0e9 parameters outside its
+    embeddings (Llama-3-8B and Mistral-7B alike), 3.5e9 trained with the default
+    --frozen_layer_fraction 0.5, 7 GB in bf16 (14 GB with every layer trained), so a copy on each
+    of 8 ranks would take 56 GB of the node's host memory. Keeping each rank's ZeRO-3 shard would
+    also total 7 GB a node; one copy per node works the same at every ZeRO stage, for a broadcast
+    of those 7 GB within the node each time the weights are averaged or rescaled."""
     keep = distributed.local_rank() == 0
     return {name: param.detach().to("cpu", dtype, copy=True) if keep else torch.empty(param.shape, dtype=dtype, device="meta")
             for name, param in model.named_parameters() if param.requires_grad}
