@@ -99,11 +99,9 @@ def backward_parameters(model) -> int:
     """Matmul parameters the backward pass runs through: the output layer and every transformer layer
     from the lowest trained one up (below it nothing needs a gradient when the embeddings are frozen)."""
     layers = transformer_layers(model)
-    trained = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
-    if model.get_input_embeddings().weight.requires_grad:
-        trained = [0]
-    above = layers[trained[0]:] if trained else []
-    return model.get_output_embeddings().weight.numel() + sum(p.numel() for layer in above for p in layer.parameters())
+    lowest = 0 if model.get_input_embeddings().weight.requires_grad else next(
+        (i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())), len(layers))
+    return model.get_output_embeddings().weight.numel() + sum(p.numel() for layer in layers[lowest:] for p in layer.parameters())
 
 
 def utilisation(gflop: float, seconds: float, peak: float) -> dict:

@@ -12,9 +12,9 @@ def freeze(model, train_embeddings: bool = False, frozen_layer_fraction: float =
     the lowest `frozen_layer_fraction` of the transformer layers (`frozen_layers`)."""
     if not train_embeddings:
         freeze_embeddings(model)
-    if frozen_layers(model.config, frozen_layer_fraction):
-        layers = transformer_layers(model)
-        for layer in layers[:frozen_layers(model.config, frozen_layer_fraction)]:
+    count = frozen_layers(model.config, frozen_layer_fraction)
+    if count:  # a model without a findable layer stack still trains with nothing frozen
+        for layer in transformer_layers(model)[:count]:
             layer.requires_grad_(False)
 
 
