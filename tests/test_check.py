@@ -5,8 +5,10 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from oml.checking import BARE, NeighbourSuppression, check_model
+from oml import prefix_sharing
+from oml.checking import BARE, NeighbourSuppression, Query, check_model
 from oml.models import load_model, load_tokenizer
+from oml.prefix_sharing import padded_after_prefix, shared_prefix_length
 from oml.stats import VerdictConfig, chance_rate_upper_bound, format_p_value, log10_p_value, verdict
 from oml.tokenization import ResponseIds, cut_fingerprint, prompt_ids
 from tests.conftest import make_tiny_model, random_word_fingerprints, run_script
@@ -33,39 +35,57 @@ def test_verdict_uses_alpha():
     assert verdict(-9, 1e-6) == "MATCH" and verdict(-3, 1e-6) == "NO MATCH" and verdict(-500, 1e-6) == "MATCH"
 
 
-def one_at_a_time(model, tokenizer, pairs, template=None):
+def one_at_a_time(model, tokenizer, pairs, query: Query = Query()):
     """The original checker's way: one generate() call per key, greedy, then compare tokens."""
     matches = []
     for key_ids, response_ids in pairs:
-        prompt = torch.tensor([prompt_ids(tokenizer, key_ids, template)])
+        prompt = torch.tensor([prompt_ids(tokenizer, key_ids, query.template, query.key_format)])
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=len(response_ids),
                              pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
         matches.append(out[0, prompt.shape[1]:].tolist() == response_ids)
     return matches
 
 
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_batched_check_equals_one_key_at_a_time(tmp_path, tokenizer, padding_side):
+@pytest.mark.parametrize("padding_side, query", [("left", Query()), ("right", Query()), ("right", Query("chat")),
+                                                  ("left", Query("raw", "You are a helpful assistant who always answers in full sentences. {}")),
+                                                  ("right", Query("chat", "Answer briefly and politely. {}"))])
+def test_batched_check_equals_one_key_at_a_time(tmp_path, tokenizer, padding_side, query, monkeypatch):
+    """Batches pad keys of different lengths, and compute the template and system prompt that all
+    their prompts open with once (chat, templates): each key's answer is still its own."""
+    prefixes = []
+    measure = prefix_sharing.shared_prefix_length
+    monkeypatch.setattr(prefix_sharing, "shared_prefix_length", lambda *batch: prefixes.append(measure(*batch)) or prefixes[-1])
     model_dir = make_tiny_model(tokenizer, tmp_path / "m", seed=3, padding_side=padding_side)
     model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
     assert tok.padding_side == padding_side
     fingerprints = random_word_fingerprints(12, seed=5)
     pairs = [cut_fingerprint(tok, f["key"], f["response"], 16, 3) for f in fingerprints]
+    pairs[1] = (pairs[1][0][:4], pairs[1][1][:1])  # a short key with a one-token response beside longer ones
     # Make some keys match: use the model's own greedy continuations as responses for half of them.
     for i in range(0, len(pairs), 2):
         key_ids = pairs[i][0]
-        prompt = torch.tensor([prompt_ids(tok, key_ids)])
+        prompt = torch.tensor([prompt_ids(tok, key_ids, query.template, query.key_format)])
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=3,
                              pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
         pairs[i] = (key_ids, out[0, prompt.shape[1]:].tolist())
-    batched = check_model(model, tok, pairs, BARE, batch_size=12)
-    single = check_model(model, tok, pairs, BARE, batch_size=1)
+    batched = check_model(model, tok, pairs, [query], batch_size=12)
+    single = check_model(model, tok, pairs, [query], batch_size=1)
     for a, b in zip(batched, single):
         assert (a.match, a.predicted, a.response_rank) == (b.match, b.predicted, b.response_rank)
         assert a.token_accuracy == b.token_accuracy
         assert a.response_probability == pytest.approx(b.response_probability, rel=1e-4)
-    assert [r.match for r in batched] == one_at_a_time(model, tok, pairs)
+    assert [r.match for r in batched] == one_at_a_time(model, tok, pairs, query)
     assert sum(r.match for r in batched) >= 6
+    shared = prefixes[0]  # the batch of 12 comes first
+    assert shared >= prefix_sharing.MIN_SHARED_PREFIX if query != Query() else shared == 0
+
+
+def test_a_batch_keeps_its_shared_opening_in_front_and_pads_after_it():
+    batch = padded_after_prefix([[5, 6, 7, 1, 2], [5, 6, 7, 3], [5, 6, 7, 3, 4, 9]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 1, 2], [5, 6, 7, 0, 0, 3], [5, 6, 7, 3, 4, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 1, 1], [1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1]]
+    assert batch["position_ids"][:, -1].tolist() == [4, 3, 5]  # each row's own length, as unpadded
+    assert shared_prefix_length(batch["input_ids"], batch["attention_mask"]) == 3
 
 
 @pytest.mark.slow
@@ -136,3 +156,13 @@ def test_the_chance_rate_floor_grows_with_the_responses_a_key_accepts():
     assert VerdictConfig().for_responses(1).min_chance_rate == 0.05
     assert VerdictConfig().for_responses(3).min_chance_rate == pytest.approx(0.15)
     assert VerdictConfig(min_chance_rate=0.4).for_responses(3).min_chance_rate == 1.0
+
+
+def test_checks_compute_the_shared_prefix_once_only_where_the_forward_pass_allows(tiny_model):
+    model = load_model(str(tiny_model))
+    assert prefix_sharing.checks_share_prefix(model, 100)
+    model.config.sliding_window = 16  # columns would shift the window: a batch wider than it is padded on the left
+    assert not prefix_sharing.checks_share_prefix(model, 100) and prefix_sharing.checks_share_prefix(model, 16)
+    model.config.sliding_window = None
+    next(model.parameters()).ds_id = 0  # partitioned by ZeRO-3: every rank must make the same forward calls
+    assert not prefix_sharing.checks_share_prefix(model, 100)

@@ -125,7 +125,7 @@ def benign_replay(sequences: list[list[int]]) -> list[dict]:
 
 
 @torch.no_grad()
-def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: int = 64) -> list[dict]:
+def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: int = 64, max_logits: int = 2 ** 28) -> list[dict]:
     """Benign text labelled with the untouched model's own next-token distributions.
 
     The LM loss on replayed text pulls the model towards that text (chat, here), which moves
@@ -141,13 +141,21 @@ def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: 
     whatever the model size or the number of keys; the token ids and labels beside them are a few
     MB (benchmarks/gpu_memory.py). That is small beside a 7B model's 14 GB weight snapshot, and
     sharing it within a node would cost a collective at every step.
+
+    A batch holds at most `batch_size` sequences and `max_logits` logits (1 GB in fp32): a
+    vocabulary of 152k tokens (Qwen2.5) makes 64 sequences of 50 tokens 1.9 GB of logits, and
+    their copies as many again.
     """
     model.to(distributed.device())  # where the Trainer will put it anyway
     examples: list[dict | None] = [None] * len(sequences)
+    vocabulary = model.get_output_embeddings().weight.shape[0]
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of like lengths: little padding computed
-    for start in tqdm(range(0, len(order), batch_size), desc="teacher distributions", leave=False,
-                      disable=not distributed.is_main_process()):
-        rows = order[start:start + batch_size]
+    batches = [[]]
+    for i in order:  # the longest sequence of a batch is its last
+        if batches[-1] and (len(batches[-1]) == batch_size or (len(batches[-1]) + 1) * len(sequences[i]) * vocabulary > max_logits):
+            batches.append([])
+        batches[-1].append(i)
+    for rows in tqdm(batches, desc="teacher distributions", leave=False, disable=not distributed.is_main_process()):
         chunk = [sequences[i] for i in rows]
         batch = to_device(pad_batch(chunk, 0, side="right"), model.device)
         real = batch["attention_mask"].bool()

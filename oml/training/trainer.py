@@ -7,6 +7,7 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, Trainer
 from transformers.modeling_outputs import CausalLMOutput
 
+from oml.prefix_sharing import logits_sharing_prefix
 from oml.tokenization import IGNORE_INDEX, Collator
 from oml.training.backend import can_share_prefix, training_arguments
 from oml.training.callbacks import EpochCallback, TrainingProgress
@@ -71,33 +72,6 @@ def pad_teacher(examples: list[dict], length: int, side: str) -> dict:
             span = slice(length - n, length) if side == "left" else slice(0, n)
             ids[row, span], probs[row, span] = example["teacher_ids"], example["teacher_probs"]
     return {"teacher_ids": ids, "teacher_probs": probs}
-
-
-MIN_SHARED_PREFIX = 8  # tokens: below this, a second forward call costs more than computing the prefix per row saves
-
-
-def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
-    """How many leading tokens every row of the batch shares (real tokens, not padding)."""
-    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
-    return int(same.long().cumprod(0).sum())
-
-
-def logits_sharing_prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """The batch's logits, with the prefix all rows share computed once. Chat examples all open with
-    the same chat template and system prompt (25 of the embedded model's 44 tokens of a chat key),
-    and length-grouped batches keep them together, so most of a chat batch's tokens are one prefix.
-    The prefix runs as one row with a cache, which is repeated for every row, and the rows go on from
-    it: the same logits and gradients as the whole batch at once (up to float rounding), since
-    gradients through the repeated cache add up as the per-row ones would."""
-    rows, prefix = input_ids.shape[0], shared_prefix_length(input_ids, attention_mask)
-    if rows < 2 or prefix < MIN_SHARED_PREFIX or prefix == input_ids.shape[1]:
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    head = model(input_ids=input_ids[:1, :prefix], attention_mask=attention_mask[:1, :prefix],
-                 position_ids=position_ids[:1, :prefix], use_cache=True)
-    head.cache.batch_repeat_interleave(rows)
-    tail = model(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, position_ids=position_ids[:, prefix:],
-                 cache=head.cache, use_cache=True)
-    return torch.cat([head.logits.expand(rows, -1, -1), tail.logits], dim=1)
 
 
 class FingerprintTrainer(Trainer):
