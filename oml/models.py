@@ -169,8 +169,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     except Exception as error:  # noqa: BLE001 - a model that cannot be read is a bad input, not a crash
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise OMLError(f"cannot load model {path}: {first_line}") from None
-    if extra:  # a de-quantized GGUF model is an ordinary float model from here on
-        model.hf_quantizer = None
+    if extra:  # a de-quantized GGUF model is an ordinary float model from here on (the Trainer refuses "quantized" ones)
+        model.hf_quantizer, model.is_quantized = None, False
     if device is not None:
         model.to(device)
     return model.eval()

@@ -67,6 +67,16 @@ def test_a_gguf_suspect_gives_the_same_per_key_results_as_its_converted_checkpoi
     assert gguf == converted and len(gguf) == 32
 
 
+def test_a_gguf_model_loads_as_a_float_model_the_trainer_accepts(embedded_model):
+    """--model_path FILE.gguf fine-tunes the de-quantized weights (the Trainer refuses models marked quantized)."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from oml.models import embedded_gguf, load_model
+    model = load_model(str(embedded_gguf()))
+    validate_quantization_for_training(model)
+    assert not model.is_quantized and next(model.parameters()).dtype == torch.float32
+
+
 @pytest.mark.parametrize("counts, total, stops", [
     ([3, 40, 64], 64, True),  # all memorised
     ([24, 412, 484, 504, 510, 507, 508], 512, True),  # the 256-key run: 99% memorised, no new best for two epochs
