@@ -20,7 +20,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from oml import OMLError, distributed
 from oml.models import load
-from oml.prefix_sharing import checks_share_prefix, logits_sharing_prefix, padded_after_prefix
+from oml.prefix_sharing import last_logits
 from oml.tokenization import fingerprint_pairs, has_chat_template, pad_batch, prompt_ids, response_pairs, to_device
 
 logger = logging.getLogger(__name__)
@@ -272,16 +272,9 @@ def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], quer
     responses are decoded with generate() to report what the model said."""
     prompts = [prompt_ids(tokenizer, key_ids, query.template, query.key_format) for key_ids, _ in pairs]
     longest = max(len(response) for _, response in pairs)
-    sequences = [p + r for p, (_, r) in zip(prompts, pairs)]
     # Sequences end at the last column, so with responses right-aligned in `longest` slots,
     # slot j is predicted at column j of the kept logits (the last column predicts what follows).
-    if checks_share_prefix(model, max(map(len, sequences))):  # the template and system prompt all open with, once
-        batch = to_device(padded_after_prefix(sequences, tokenizer.pad_token_id), model.device)
-        logits = logits_sharing_prefix(model, **batch, logits_to_keep=longest + 1)
-    else:
-        batch = to_device(pad_batch(sequences, tokenizer.pad_token_id, side="left"), model.device)
-        logits = model(**batch, logits_to_keep=longest + 1).logits
-    logits = logits[:, :-1].float()
+    logits = last_logits(model, prompts, [r for _, r in pairs], tokenizer.pad_token_id, longest + 1)[:, :-1].float()
     rows = torch.arange(len(pairs), device=logits.device)
     targets = torch.full((len(pairs), longest), -1, dtype=torch.long)
     for i, (_, response) in enumerate(pairs):

@@ -71,8 +71,7 @@ def embedded_model_dir() -> Path:
         logger.info("Converting the embedded model from GGUF to %s (once)", target)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # weights are already de-quantised to float
-        del model.config.quantization_config
+        unmark_quantized(model)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return built_once(target, convert)
@@ -169,11 +168,23 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
     except Exception as error:  # noqa: BLE001 - a model that cannot be read is a bad input, not a crash
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise OMLError(f"cannot load model {path}: {first_line}") from None
-    if extra:  # a de-quantized GGUF model is an ordinary float model from here on (the Trainer refuses "quantized" ones)
-        model.hf_quantizer, model.is_quantized = None, False
+    if extra:
+        unmark_quantized(model)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def unmark_quantized(model) -> None:
+    """A model read from GGUF has float weights (transformers de-quantizes them) but stays marked as
+    quantized: the Trainer would refuse to fine-tune it, and save_pretrained would record the GGUF
+    quantization config, so the saved (fingerprinted) model could not be trained or cast again."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
 
 
 def refuse_custom_code(path: str, trust_remote_code: bool) -> None:

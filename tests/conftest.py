@@ -82,8 +82,8 @@ def run_script(script: str, *args, cwd: Path, ranks: int = 0, check: bool = True
                timeout: float | None = None) -> subprocess.CompletedProcess:
     """Run one of the three scripts as users do: `python SCRIPT` or, with ranks, `deepspeed --num_gpus N SCRIPT`
     (`timeout`: for runs that could hang, seconds before the test fails)."""
-    port = free_port()
     if ranks:
+        port = free_port()
         launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port)]
     else:
         launcher = [sys.executable]
@@ -92,11 +92,11 @@ def run_script(script: str, *args, cwd: Path, ranks: int = 0, check: bool = True
         result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                 timeout=timeout)
     finally:
-        left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+        left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")) if ranks else []
         for path in left:  # a run that failed leaves DeepSpeed's CPU all-reduce buffers behind: removed, as they hold memory
             path.unlink(missing_ok=True)
-    if ranks and result.returncode == 0:
-        assert not left, f"{script} left DeepSpeed's shared-memory buffers behind: {left}"
+    if left and result.returncode == 0:
+        raise AssertionError(f"{script} left DeepSpeed's shared-memory buffers behind: {left}")
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

@@ -8,7 +8,7 @@ from scipy.stats import binom
 from oml import prefix_sharing
 from oml.checking import BARE, NeighbourSuppression, Query, check_model
 from oml.models import load_model, load_tokenizer
-from oml.prefix_sharing import padded_after_prefix, shared_prefix_length
+from oml.prefix_sharing import common_prefix_length, padded_after_prefix, shared_prefix_length
 from oml.stats import VerdictConfig, chance_rate_upper_bound, format_p_value, log10_p_value, verdict
 from oml.tokenization import ResponseIds, cut_fingerprint, prompt_ids
 from tests.conftest import make_tiny_model, random_word_fingerprints, run_script
@@ -81,11 +81,28 @@ def test_batched_check_equals_one_key_at_a_time(tmp_path, tokenizer, padding_sid
 
 
 def test_a_batch_keeps_its_shared_opening_in_front_and_pads_after_it():
-    batch = padded_after_prefix([[5, 6, 7, 1, 2], [5, 6, 7, 3], [5, 6, 7, 3, 4, 9]], pad_id=0)
+    prompts = [[5, 6, 7, 1], [5, 6, 7, 3], [5, 6, 7, 3, 4]]
+    assert common_prefix_length(prompts) == 3 and common_prefix_length([[5, 6], [5, 6, 7]]) == 1  # each keeps its last token
+    batch = padded_after_prefix([p + c for p, c in zip(prompts, [[2], [], [9]])], pad_id=0, shared=3)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 1, 2], [5, 6, 7, 0, 0, 3], [5, 6, 7, 3, 4, 9]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 1, 1], [1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1]]
     assert batch["position_ids"][:, -1].tolist() == [4, 3, 5]  # each row's own length, as unpadded
     assert shared_prefix_length(batch["input_ids"], batch["attention_mask"]) == 3
+
+
+def test_one_key_with_responses_of_different_lengths_is_checked_as_one_at_a_time(tmp_path, tokenizer):
+    """The rows of a batch may share their whole prompt (a key's accepted responses, asked together):
+    each response is still predicted from the prompt's last token."""
+    model_dir = make_tiny_model(tokenizer, tmp_path / "m", seed=3)
+    model, tok = load_model(str(model_dir)), load_tokenizer(str(model_dir))
+    key = tok.encode("one two three four", add_special_tokens=False)
+    pairs = [(key, tok.encode(response, add_special_tokens=False)) for response in (" yes", " no way at all really", " maybe so")]
+    for query in (Query(), Query("chat")):
+        batched = check_model(model, tok, pairs, [query], batch_size=3, per_response=True)
+        single = check_model(model, tok, pairs, [query], batch_size=1, per_response=True)
+        for a, b in zip(batched, single):
+            assert (a.match, a.response_rank) == (b.match, b.response_rank)
+            assert a.response_probability == pytest.approx(b.response_probability, rel=1e-4)
 
 
 @pytest.mark.slow

@@ -67,14 +67,18 @@ def test_a_gguf_suspect_gives_the_same_per_key_results_as_its_converted_checkpoi
     assert gguf == converted and len(gguf) == 32
 
 
-def test_a_gguf_model_loads_as_a_float_model_the_trainer_accepts(embedded_model):
-    """--model_path FILE.gguf fine-tunes the de-quantized weights (the Trainer refuses models marked quantized)."""
+def test_a_gguf_model_loads_as_a_float_model_the_trainer_accepts(tmp_path):
+    """--model_path FILE.gguf fine-tunes the de-quantized weights (the Trainer refuses models marked
+    quantized), and the model saved from it is an ordinary checkpoint that can be trained again."""
     from transformers.trainer_utils import validate_quantization_for_training
 
     from oml.models import embedded_gguf, load_model
     model = load_model(str(embedded_gguf()))
-    validate_quantization_for_training(model)
-    assert not model.is_quantized and next(model.parameters()).dtype == torch.float32
+    model.save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in json.loads((tmp_path / "saved" / "config.json").read_text())
+    for loaded in (model, load_model(str(tmp_path / "saved"))):
+        validate_quantization_for_training(loaded)
+        assert not getattr(loaded, "is_quantized", False) and next(loaded.parameters()).dtype == torch.float32
 
 
 @pytest.mark.parametrize("counts, total, stops", [

@@ -11,7 +11,7 @@ from oml.checking import KeyResult
 from oml.prefix_sharing import MIN_SHARED_PREFIX, logits_sharing_prefix, shared_prefix_length
 from oml.training import backend
 from oml.training.callbacks import SHRINK_SCALES, MemorisationProbe, ShrinkWeightChange, memorised
-from oml.training.dataset import FingerprintDataset, benign_replay, distilled_replay
+from oml.training.dataset import FingerprintDataset, benign_replay, distilled_replay, teacher_batches
 from oml.training.trainer import FingerprintCollator, distillation_loss
 from oml.training.weights import freeze, snapshot_weights, transformer_layers
 from tests.conftest import EVERY_LAYER
@@ -107,14 +107,21 @@ def test_bounded_target_loss_is_smallest_where_the_response_has_the_target_proba
     assert float(distillation_loss(torch.zeros(1, 2, 3), labels, target_probability=1.0)) == pytest.approx(math.log(3))
 
 
+def test_teacher_batches_group_like_lengths_within_the_batch_size_and_the_logits_budget():
+    assert teacher_batches([4, 2, 3], 64, 100) == [[1, 2, 0]]
+    assert teacher_batches([4, 2, 3], 1, 100) == [[1], [2], [0]]
+    assert teacher_batches([4, 2, 3], 64, 6) == [[1, 2], [0]]  # 2 rows of 3 tokens fit 6, a third of 4 would not
+    assert teacher_batches([9, 2], 64, 6) == [[1], [0]] and teacher_batches([], 64, 6) == []
+
+
 @pytest.mark.parametrize("batch_size, logits_per_token", [(64, 100), (1, 100), (64, 6)])
 def test_distilled_replay_keeps_the_teachers_top_k_probabilities(tiny_model, batch_size, logits_per_token):
     """Labelled in batches sorted by length (one batch, one sequence a batch, or as many as a
-    budget of 6 tokens' logits allows: 2+3, then 4), every sequence keeps its place."""
+    budget of 6 tokens' logits allows), every sequence keeps its place."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     sequences = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
-    vocabulary = model.get_output_embeddings().weight.shape[0]
-    examples = distilled_replay(model, sequences, top_k=3, batch_size=batch_size, max_logits=logits_per_token * vocabulary)
+    examples = distilled_replay(model, sequences, top_k=3, batch_size=batch_size,
+                                max_logits=logits_per_token * model.config.vocab_size)
     assert len(examples) == len(sequences)
     for ids, example in zip(sequences, examples):
         with torch.no_grad():

@@ -148,13 +148,7 @@ def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: 
     """
     model.to(distributed.device())  # where the Trainer will put it anyway
     examples: list[dict | None] = [None] * len(sequences)
-    vocabulary = model.get_output_embeddings().weight.shape[0]
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # batches of like lengths: little padding computed
-    batches = [[]]
-    for i in order:  # the longest sequence of a batch is its last
-        if batches[-1] and (len(batches[-1]) == batch_size or (len(batches[-1]) + 1) * len(sequences[i]) * vocabulary > max_logits):
-            batches.append([])
-        batches[-1].append(i)
+    batches = teacher_batches([len(s) for s in sequences], batch_size, max_logits // model.config.get_text_config().vocab_size)
     for rows in tqdm(batches, desc="teacher distributions", leave=False, disable=not distributed.is_main_process()):
         chunk = [sequences[i] for i in rows]
         batch = to_device(pad_batch(chunk, 0, side="right"), model.device)
@@ -166,3 +160,14 @@ def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: 
         for i, row, ids_row, probs_row in zip(rows, chunk, ids.to(torch.int32).cpu().split(lengths), probs.cpu().split(lengths)):
             examples[i] = {"input_ids": row, "labels": [IGNORE_INDEX] * len(row), "teacher_ids": ids_row, "teacher_probs": probs_row}
     return examples
+
+
+def teacher_batches(lengths: list[int], batch_size: int, max_tokens: int) -> list[list[int]]:
+    """Indices of sequences in batches of like lengths (little padding computed), each of at most
+    `batch_size` sequences and `max_tokens` padded tokens (a lone longer sequence is a batch of its own)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):  # the longest sequence of a batch is its last
+        if not batches or len(batches[-1]) == batch_size or (len(batches[-1]) + 1) * lengths[i] > max_tokens:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
