@@ -38,6 +38,7 @@ VARIANTS = {  # each names its replay loss; points measured under earlier defaul
     "distill+unfrozen": ["--benign_loss", "distill", "--frozen_layer_fraction", "0"],  # every layer trained: before 2026-12-03 evening
     "distill+replay1": ["--benign_loss", "distill", "--benign_ratio", "1"],
     "distill+lr2e-4": ["--benign_loss", "distill", "--learning_rate", "2e-4"],
+    "distill+lr2e-4+replay1": ["--benign_loss", "distill", "--learning_rate", "2e-4", "--benign_ratio", "1"],
     # points measured before the weight change was shrunk by default, and before the top 256 became the teacher
     "distill+noshrink": ["--benign_loss", "distill", "--no-shrink_weight_change"],
     "distill+augmentation+noshrink": ["--benign_loss", "distill", "--use_augmentation_prompts", "--no-shrink_weight_change"],
