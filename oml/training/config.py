@@ -13,9 +13,9 @@ from oml.tokenization import FORMAT_CHOICES
 class TrainingConfig(Settings):
     """How fingerprints are fine-tuned into a model. Field order is the order of finetune_multigpu.py's flags."""
     learning_rate: float = setting(
-        2e-4, "AdamW learning rate (constant schedule). 2e-4 memorises 64 keys in 4 epochs instead of 6 (1e-4, the default "
-              "until 2026-12-03 evening), and they hold far better inside unseen system prompts (97.8%% / 99.5%% instead of "
-              "80.3%% / 93.3%%), for more drift (KL from the base 0.041 instead of 0.023; docs/benchmarks.md).", POSITIVE_FLOAT)
+        1e-4, "AdamW learning rate (constant schedule). 2e-4 memorises 64 keys of the embedded model in 4 epochs instead of "
+              "6, and they hold far better inside unseen system prompts, for more drift (KL from the base 0.041 instead of "
+              "0.023; docs/benchmarks.md); larger models may need less (Qwen2.5-0.5B drifts to KL 0.48 at 1e-4).", POSITIVE_FLOAT)
     num_train_epochs: int = setting(20, "The cap: with --stop_when_memorised training usually ends earlier.", POSITIVE_INT)
     batch_size: int = setting(8, "Fingerprints per step on each rank.", POSITIVE_INT)
     weight_decay: float = setting(1e-4, "AdamW weight decay.", NON_NEGATIVE_FLOAT)
