@@ -21,8 +21,10 @@ def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 def attention_only(model) -> bool:
     """Whether the model declares only attention layers (state-space, linear-attention or
-    convolution layers keep a state that a repeated key/value cache does not describe)."""
-    return set(getattr(model.config.get_text_config(), "layer_types", None) or ATTENTION_LAYERS) <= ATTENTION_LAYERS
+    convolution layers keep a state that a repeated key/value cache does not describe). `model` may
+    be wrapped for training (a DeepSpeed engine's own `config` is its ZeRO settings)."""
+    config = getattr(model, "module", model).config.get_text_config()
+    return set(getattr(config, "layer_types", None) or ATTENTION_LAYERS) <= ATTENTION_LAYERS
 
 
 def logits_sharing_prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
