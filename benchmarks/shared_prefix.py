@@ -22,7 +22,7 @@ from common import (KEY_TOKENS, RESPONSE_TOKENS, benchmark_model, benchmark_pars
                     random_word_keys, save)
 from finetune_speed import trainer_epochs, training_config
 
-from oml import checking, prefix_sharing
+from oml import prefix_sharing
 from oml.checking import check_model, queries_for
 from oml.data import prompt_templates
 from oml.models import load_model, load_tokenizer
@@ -91,14 +91,14 @@ def check_seconds(model, tokenizer, pairs, share: bool) -> float:
     formats (the check of `check_fingerprints.py --system_prompts test`), with each batch's shared
     prefix computed once or per key."""
     queries = queries_for(("raw", "chat"), [None, *prompt_templates("test")])
-    allowed = checking.checks_share_prefix
-    checking.checks_share_prefix = allowed if share else (lambda model, width: False)
+    allowed = prefix_sharing.checks_share_prefix
+    prefix_sharing.checks_share_prefix = allowed if share else (lambda model, width: False)
     try:
         started = time.perf_counter()
         check_model(model, tokenizer, pairs, queries, batch_size=64, progress=False, decode_misses=False)
         return time.perf_counter() - started
     finally:
-        checking.checks_share_prefix = allowed
+        prefix_sharing.checks_share_prefix = allowed
 
 
 def summary(runs: list[dict], size: int, peak: float, gflop_per_token: float) -> dict:
