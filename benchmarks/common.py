@@ -23,7 +23,7 @@ from oml.tokenization import prompt_ids, to_device
 from oml.training.config import TrainingConfig
 from oml.training.dataset import build_dataset
 from oml.training.trainer import FingerprintCollator, distillation_loss
-from oml.training.weights import freeze, transformer_layers
+from oml.training.weights import default_learning_rate, freeze, transformer_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "benchmarks"
@@ -149,7 +149,8 @@ def bare_training_loop(config: TrainingConfig, model_path: str, pairs: list[tupl
     model.train()
     gpu = torch.cuda.is_available()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=gpu)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate or default_learning_rate(model), weight_decay=config.weight_decay,
+                                  fused=gpu)
     lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
     sampler = (LengthGroupedSampler(config.batch_size, lengths=lengths) if config.group_by_length
                else torch.utils.data.RandomSampler(dataset))  # as the Trainer picks

@@ -112,7 +112,8 @@ def train_and_save(run: Run, fingerprints: list[dict], report_to: str = "none", 
         tokenizer.save_pretrained(partial)
         epochs = round(trainer.state.epoch)
         logger.info("Trained %d of at most %d epochs", epochs, training.num_train_epochs)
-        summary = {"epochs_run": epochs, "max_epochs": training.num_train_epochs, "memorised": stopper.history,
+        summary = {"epochs_run": epochs, "max_epochs": training.num_train_epochs, "learning_rate": trainer.args.learning_rate,
+                   "memorised": stopper.history,
                    "weight_change_scale": shrinker.scale, "shrink": shrinker.history, "shrink_seconds": shrinker.seconds,
                    "train_runtime": [e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e][-1],
                    "tokens_seen": trainer.state.num_input_tokens_seen, "world_size": distributed.world_size(),

@@ -244,6 +244,7 @@ def test_zero3_memorisation_checks_with_an_uneven_number_of_keys_in_both_formats
                         timeout=600)
     training = json.loads((run_dir(tmp_path, result) / "training.json").read_text())
     assert [entry["of"] for entry in training["memorised"]] == [66, 66]
+    assert training["learning_rate"] == 3e-3
 
 
 @pytest.mark.slow

@@ -6,14 +6,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from oml import OMLError
 from oml.tokenization import IGNORE_INDEX, encode, pad_batch, rewritten_key, training_example
 from oml.checking import KeyResult
 from oml.prefix_sharing import MIN_SHARED_PREFIX, logits_sharing_prefix, shared_prefix_length
 from oml.training import backend
 from oml.training.callbacks import SHRINK_SCALES, MemorisationProbe, ShrinkWeightChange, memorised
-from oml.training.dataset import FingerprintDataset, benign_replay, distilled_replay, teacher_batches
-from oml.training.trainer import FingerprintCollator, distillation_loss
-from oml.training.weights import freeze, snapshot_weights, transformer_layers
+from oml.training.dataset import FingerprintDataset, benign_replay, build_dataset, distilled_replay, teacher_batches
+from oml.training.config import TrainingConfig
+from oml.training.trainer import FingerprintCollator, distillation_loss, make_trainer
+from oml.training.weights import default_learning_rate, freeze, snapshot_weights, transformer_layers
 from tests.conftest import EVERY_LAYER
 from tests.test_finetune import finetune, run_dir, weights
 
@@ -202,8 +204,6 @@ def test_two_ranks_sharing_local_rank_0s_original_weights_end_like_one_process(t
 
 def test_user_wrappers_setting_builds_wrapped_copies_from_the_training_wrappers(tokenizer):
     from oml.data import user_wrappers
-    from oml.training.config import TrainingConfig
-    from oml.training.dataset import build_dataset
 
     pairs = [(encode(tokenizer, f"key {i}"), [300 + i]) for i in range(4)]
     plain, wrapped = (build_dataset(TrainingConfig(use_user_wrappers=flag, benign_ratio=0.0, key_format="raw"), tokenizer, pairs, None)
@@ -271,3 +271,22 @@ def test_frozen_lower_layers_get_no_gradient_and_the_backward_pass_never_reaches
     assert all(p.grad is not None for p in layers[1].parameters())
     freeze(model, frozen_layer_fraction=0.99)  # rounded down to whole layers: still only layer 0
     assert all(p.requires_grad for p in layers[1].parameters())
+
+
+@pytest.mark.parametrize("scale, rate", [(0.2, 1e-4), (0.02, 1e-5), (0.0172, 9e-6)])
+def test_the_default_learning_rate_follows_the_scale_of_the_trained_weight_matrices(tiny_model, tokenizer, tmp_path, scale, rate):
+    """5e-4 x the RMS of the trainable matrices, to one digit: frozen layers, embeddings and vectors
+    (norms, biases) do not count, and the Trainer gets the rate when none is given."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    freeze(model, frozen_layer_fraction=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(scale if p.requires_grad and p.ndim == 2 else 100.0)
+    assert default_learning_rate(model) == rate
+    trainer = make_trainer(TrainingConfig(benign_ratio=0.0, key_format="raw"), model,
+                           build_dataset(TrainingConfig(benign_ratio=0.0, key_format="raw"), tokenizer, [([1, 2], [3])], None),
+                           tokenizer, tmp_path, [])
+    assert trainer.args.learning_rate == rate
+    model.requires_grad_(False)
+    with pytest.raises(OMLError, match="no weight matrix is left to train"):
+        default_learning_rate(model)

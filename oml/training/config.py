@@ -12,10 +12,11 @@ from oml.tokenization import FORMAT_CHOICES
 @dataclass(frozen=True)
 class TrainingConfig(Settings):
     """How fingerprints are fine-tuned into a model. Field order is the order of finetune_multigpu.py's flags."""
-    learning_rate: float = setting(
-        1e-4, "AdamW learning rate (constant schedule). 2e-4 memorises 64 keys of the embedded model in 4 epochs instead of "
-              "6, and they hold far better inside unseen system prompts, for more drift (KL from the base 0.041 instead of "
-              "0.023; docs/benchmarks.md); larger models may need less (Qwen2.5-0.5B drifts to KL 0.48 at 1e-4).", POSITIVE_FLOAT)
+    learning_rate: float | None = setting(
+        None, "AdamW learning rate (constant schedule). Default: 5e-4 x the RMS of the weight matrices trained, to one "
+              "significant digit, since Adam moves each weight by about the rate whatever its scale: 1e-4 for the embedded "
+              "model, 9e-6 for Qwen2.5-Coder-0.5B, whose weights are 11x smaller (at 1e-4 it drifted to KL 0.48 from its "
+              "base), 1e-5 for weights of RMS 0.02. The rate used is in the run's training.json.", POSITIVE_FLOAT)
     num_train_epochs: int = setting(20, "The cap: with --stop_when_memorised training usually ends earlier.", POSITIVE_INT)
     batch_size: int = setting(8, "Fingerprints per step on each rank.", POSITIVE_INT)
     weight_decay: float = setting(1e-4, "AdamW weight decay.", NON_NEGATIVE_FLOAT)

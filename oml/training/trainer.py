@@ -1,6 +1,7 @@
 """The loss and the Trainer: distillation towards the untouched model on replayed text, the
 --target_probability bound on fingerprint responses, and the Trainer set up with our progress
 reporting."""
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +14,9 @@ from oml.training.backend import can_share_prefix, training_arguments
 from oml.training.callbacks import EpochCallback, TrainingProgress
 from oml.training.config import TrainingConfig
 from oml.training.dataset import FingerprintDataset
+from oml.training.weights import default_learning_rate
+
+logger = logging.getLogger(__name__)
 
 
 def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None = None,
@@ -97,7 +101,11 @@ class FingerprintTrainer(Trainer):
 def make_trainer(config: TrainingConfig, model, dataset: FingerprintDataset, tokenizer, output_dir: Path, callbacks: list,
                  report_to: str = "none", run_name: str | None = None) -> Trainer:
     """The Trainer for a fingerprint dataset, with our progress reporting instead of the Trainer's
-    per-step printing (`report_to`, `run_name`: the Trainer's trackers, e.g. wandb)."""
+    per-step printing (`report_to`, `run_name`: the Trainer's trackers, e.g. wandb). Without a
+    learning rate in `config`, the model's frozen as it will train decides it (`default_learning_rate`)."""
+    if config.learning_rate is None:
+        config = config.updated(learning_rate=default_learning_rate(model))
+        logger.info("Learning rate %g (scaled to the trained weights)", config.learning_rate)
     trainer = FingerprintTrainer(model=model, args=training_arguments(config, output_dir, report_to, run_name),
                                  train_dataset=dataset, data_collator=FingerprintCollator(tokenizer),
                                  target_probability=config.target_probability, share_prefix=config.share_prompt_prefix and can_share_prefix(config.deepspeed_stage),
