@@ -283,9 +283,8 @@ def test_the_default_learning_rate_follows_the_scale_of_the_trained_weight_matri
         for p in model.parameters():
             p.fill_(scale if p.requires_grad and p.ndim == 2 else 100.0)
     assert default_learning_rate(model) == rate
-    trainer = make_trainer(TrainingConfig(benign_ratio=0.0, key_format="raw"), model,
-                           build_dataset(TrainingConfig(benign_ratio=0.0, key_format="raw"), tokenizer, [([1, 2], [3])], None),
-                           tokenizer, tmp_path, [])
+    config = TrainingConfig(benign_ratio=0.0, key_format="raw")
+    trainer = make_trainer(config, model, build_dataset(config, tokenizer, [([1, 2], [3])], None), tokenizer, tmp_path, [])
     assert trainer.args.learning_rate == rate
     model.requires_grad_(False)
     with pytest.raises(OMLError, match="no weight matrix is left to train"):
