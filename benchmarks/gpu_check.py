@@ -4,14 +4,16 @@
     python benchmarks/gpu_check.py --smoke            # the same stages on a CPU, tiny model, seconds
 
 With a random-weight model of a real architecture built from its config (Llama-3.2-1B's shape,
-with the embedded model's 49,152-token vocabulary: no download, no large file to carry), it runs:
-1. perinucleus responses for 1,024 random-word keys (raw and chat), batched against one key at a time;
-2. fine-tuning 1,024 random-word fingerprints through `finetune_multigpu.py` under
-   `deepspeed --num_gpus 1`, ZeRO-2 and ZeRO-3, weight averaging on, a fixed number of epochs;
-3. the same fine-tuning as a bare PyTorch loop (fp32 master weights, bf16 autocast, fused AdamW)
+with the embedded model's 49,152-token vocabulary: no download, no large file to carry), it runs,
+most telling first:
+1. fine-tuning 1,024 random-word fingerprints through `finetune_multigpu.py` under
+   `deepspeed --num_gpus 1`, ZeRO-2, weight averaging on, a fixed number of epochs;
+2. checking the fine-tuned model, batched against one `generate` per key;
+3. perinucleus responses for 1,024 random-word keys (raw and chat), batched against one key at a time;
+4. the same fine-tuning as a bare PyTorch loop (fp32 master weights, bf16 autocast, fused AdamW)
    on the same dataset, batches and loss, for the Trainer's overhead;
-4. checking the fine-tuned model, batched against one `generate` per key;
-5. if time is left, ZeRO-2 at batch 64, for the utilisation a larger batch reaches.
+5. the fine-tuning again under ZeRO-3, and under ZeRO-2 at batch 64 for the utilisation a larger
+   batch reaches.
 
 Model FLOPs count real (not padding) tokens: a forward pass costs 2 FLOPs per parameter in a
 matrix product (the input embedding is a lookup; tied to the output layer it counts once),
@@ -19,12 +21,15 @@ training adds 2 per parameter the backward pass runs through (the output layer a
 from the lowest trained one up) and 2 per trained parameter for the weight gradients
 (`benchmarks.common.training_gflop`). Utilisation is against the bf16 matrix-product
 rate measured in the same run and against the datasheet peak (989 TFLOP/s for an H100/H200 SXM).
-Every stage is guarded: one that fails is reported with its error and the others still run.
-Writes gpu_check.json (and the log) to --results_dir.
+Every stage is guarded: one that fails is reported with its error and the others still run; stages
+not started when --time_budget is spent are skipped. gpu_check.json is rewritten after each stage
+(in --results_dir, with the log), so a run stopped at its limit keeps what it measured.
 """
+import functools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +43,7 @@ from common import (KEY_TOKENS, RESPONSE_TOKENS, ROOT, bare_training_loop, bench
 
 from oml.checking import check_model, queries_for
 from oml.distributed import free_port
+from oml.files import write_json_atomic
 from oml.generation import perinucleus_responses, random_words, rng_for
 from oml.models import LLAMA_3_2_1B, TINY_LLAMA, load, load_tokenizer, resolve_model, save_random_model
 from oml.tokenization import KEY_FORMATS, encode, fingerprint_pairs, prompt_ids
@@ -45,14 +51,20 @@ from oml.training.config import TrainingConfig
 
 DATASHEET_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 STARTED = time.perf_counter()
+STAGES = ["finetune_zero2", "checker", "perinucleus", "bare_loop", "finetune_zero3", "finetune_zero2_batch64"]
 
 
 def log(message: str) -> None:
     print(f"[{time.perf_counter() - STARTED:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
-def stage(results: dict, name: str, fn, *args) -> None:
-    """Run one stage; its result, or its error, goes into `results`."""
+def stage(results: dict, results_dir: Path, budget: float, skip: list[str], name: str, fn, *args) -> None:
+    """Run one stage unless it is skipped or the time budget is spent; its result, or its error, goes into `results`,
+    which is written after every stage so that a run stopped at its time limit keeps what it measured."""
+    if name in skip or time.perf_counter() - STARTED > budget:
+        results[name] = {"skipped": "--skip" if name in skip else f"the {budget:.0f} s time budget was spent"}
+        log(f"stage {name} skipped")
+        return
     log(f"stage {name}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -63,10 +75,13 @@ def stage(results: dict, name: str, fn, *args) -> None:
     except Exception as error:  # noqa: BLE001 - a failed stage is a finding to report, not a reason to stop
         results[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
         log(f"stage {name} failed: {error}")
+    write_json_atomic(Path(results_dir) / "gpu_check.json", results)
 
 
 def fingerprint_records(count: int) -> list[dict]:
-    return [{"key": key, "response": " " + random_words(rng_for(1, i, "response"), 1)}
+    """Random-word keys, each answered by one random word; no leading space, so that the first token,
+    the one checked, is never a bare space (a rare word after a space can tokenize as one)."""
+    return [{"key": key, "response": random_words(rng_for(1, i, "response"), 1)}
             for i, key in enumerate(random_word_keys(count))]
 
 
@@ -91,18 +106,25 @@ def perinucleus_stage(model_path: str, keys: list[str], peak: float) -> dict:
             "model_gflop": gflop, "batched": utilisation(gflop, batched_s, peak), "one_at_a_time": utilisation(gflop, single_s, peak)}
 
 
-def finetune_stage(model_path: str, fingerprints: Path, work: Path, stage_args: list[str], peak: float, gflop_per_token: float) -> dict:
-    """finetune_multigpu.py under `deepspeed --num_gpus 1`, as users launch it; numbers from its training.json."""
+def finetune_stage(model_path: str, fingerprints: Path, work: Path, stage_args: list[str], peak: float, gflop_per_token: float,
+                   timeout: float) -> dict:
+    """finetune_multigpu.py under `deepspeed --num_gpus 1`, as users launch it; numbers from its training.json.
+    Stopped after `timeout` seconds, so that a launch that hangs leaves time for the other stages."""
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port())]
     command = [*launcher, str(ROOT / "finetune_multigpu.py"), "--model_path", model_path, "--fingerprints_file_path", str(fingerprints),
                "--fingerprint_generation_strategy", "random_word", "--forgetting_regularizer_strength", "0.5",
                "--no-stop_when_memorised", "--results_dir", str(work / "results"), *stage_args]
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=work, capture_output=True, text=True)
+    with subprocess.Popen(command, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as launch:
+        try:
+            stdout, stderr = launch.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGKILL)  # the launcher and the rank it started
+            raise
     wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"finetune_multigpu.py exit {result.returncode}: {result.stderr[-2000:]}")
-    run_dir = work / "results" / "saved_models" / re.search(r"Config hash of the final model: (\w+)", result.stdout).group(1)
+    if launch.returncode != 0:
+        raise RuntimeError(f"finetune_multigpu.py exit {launch.returncode}: {stderr[-2000:]}")
+    run_dir = work / "results" / "saved_models" / re.search(r"Config hash of the final model: (\w+)", stdout).group(1)
     training = json.loads((run_dir / "training.json").read_text())
     gflop = gflop_per_token * training["tokens_seen"]
     return {"args": stage_args, "wall_s": wall, "train_runtime_s": training["train_runtime"], "epochs": training["epochs_run"],
@@ -138,7 +160,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: the embedded model's).")
     parser.add_argument("--num_keys", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--time_budget", type=float, default=390.0, help="Seconds after which optional stages are skipped.")
+    parser.add_argument("--time_budget", type=float, default=390.0, help="Seconds after which the stages not yet started are skipped.")
+    parser.add_argument("--skip", nargs="*", default=[], choices=STAGES, help="Stages not to run.")
+    parser.add_argument("--stage_timeout", type=float, default=240.0, help="Seconds after which a fine-tuning launch is stopped.")
     args = parser.parse_args()
     if args.smoke:
         args.num_keys, args.epochs = 8, 1
@@ -156,18 +180,18 @@ def main() -> None:
                "epochs": args.epochs, "measured_peak_gflop_per_s": peak,
                "datasheet_peak_gflop_per_s": DATASHEET_BF16_TFLOPS * 1e3 if gpu else None, "model_body": body}
 
-    stage(results, "perinucleus", perinucleus_stage, model_path, random_word_keys(args.num_keys), peak)
     common = ["--num_train_epochs", str(args.epochs), "--batch_size", "8"]
     tune = (model_path, work / "fingerprints.json", work)
-    stage(results, "finetune_zero2", finetune_stage, *tune, [*common, "--deepspeed_stage", "2"], peak, gflop_per_token)
-    stage(results, "bare_loop", bare_loop_stage, model_path, fingerprints, args.epochs, 8, peak, gflop_per_token)
-    stage(results, "finetune_zero3", finetune_stage, *tune, [*common, "--deepspeed_stage", "3"], peak, gflop_per_token)
+    run = functools.partial(stage, results, args.results_dir, args.time_budget, args.skip)  # most telling first, in case time runs out
+    run("finetune_zero2", finetune_stage, *tune, [*common, "--deepspeed_stage", "2"], peak, gflop_per_token, args.stage_timeout)
     trained = results["finetune_zero2"].get("run")
     if trained:
-        stage(results, "checker", checker_stage, str(Path(trained) / "final_model"), fingerprints)
-    if time.perf_counter() - STARTED < args.time_budget:
-        larger = ["--num_train_epochs", str(args.epochs), "--batch_size", "64", "--deepspeed_stage", "2"]
-        stage(results, "finetune_zero2_batch64", finetune_stage, *tune, larger, peak, gflop_per_token)
+        run("checker", checker_stage, str(Path(trained) / "final_model"), fingerprints)
+    run("perinucleus", perinucleus_stage, model_path, random_word_keys(args.num_keys), peak)
+    run("bare_loop", bare_loop_stage, model_path, fingerprints, args.epochs, 8, peak, gflop_per_token)
+    run("finetune_zero3", finetune_stage, *tune, [*common, "--deepspeed_stage", "3"], peak, gflop_per_token, args.stage_timeout)
+    larger = ["--num_train_epochs", str(args.epochs), "--batch_size", "64", "--deepspeed_stage", "2"]
+    run("finetune_zero2_batch64", finetune_stage, *tune, larger, peak, gflop_per_token, args.stage_timeout)
     summarise(results)
     save(args.results_dir, "gpu_check", results)
     log("done")
