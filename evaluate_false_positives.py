@@ -33,8 +33,9 @@ def parse_args():
     parser.add_argument("--innocent_derivatives", type=cli.non_negative_int, default=0,
                         help="Also test this many innocent derivatives of the base model (benign chat fine-tunes, seeds 0..N-1).")
     parser.add_argument("--derivative_steps", type=cli.positive_int, default=100, help="Fine-tuning steps of each derivative.")
-    parser.add_argument("--derivative_learning_rate", type=cli.positive_float, default=5e-5,
-                        help="Learning rate of each derivative's fine-tuning.")
+    parser.add_argument("--derivative_learning_rate", type=cli.positive_float, default=None,
+                        help="Learning rate of each derivative's fine-tuning (default: 2.5e-4 x the RMS of the base's weight "
+                             "matrices, to one digit: 5e-5 for the embedded model).")
     parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
     cli.add_settings(parser, VerdictConfig)
     cli.add_output_args(parser, "the per-model results")

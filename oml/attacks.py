@@ -26,6 +26,7 @@ from oml.fingerprints import DEFAULT_KEY_LENGTH
 from oml.generation import random_words, rng_for
 from oml.models import cache_dir, load, model_name
 from oml.tokenization import Collator, default_format, encode, formats, prompt_ids, rewritten_key, to_device, training_example
+from oml.training.weights import default_learning_rate
 from oml.utility import chat_examples
 
 logger = logging.getLogger(__name__)
@@ -177,21 +178,30 @@ def meraser(model, tokenizer, erase: list[dict], recover: list[dict], steps: tup
     return model
 
 
-def innocent_derivative(base: str, seed: int, steps: int = 100, learning_rate: float = 5e-5, batch_size: int = 8,
+DERIVATIVE_STEP_PER_WEIGHT_SCALE = 2.5e-4  # 5e-5 on the embedded model (all matrices' RMS 0.18), the rate first measured
+
+
+def innocent_derivative(base: str, seed: int, steps: int = 100, learning_rate: float | None = None, batch_size: int = 8,
                         max_length: int = 128) -> str:
     """A derivative of `base` that never saw our keys: `steps` of benign chat fine-tuning on a
-    slice of chitchat chosen by `seed`. Cached under the oml cache folder (built in a temporary
-    folder and renamed), so that every check can use the same ones as null models."""
+    slice of chitchat chosen by `seed`, at `learning_rate`, by default scaled to the base's weights
+    as fingerprinting's is (`default_learning_rate`): a user's fine-tune moves a model by a share of
+    its weights, and at one fixed rate a model with 11 times smaller weights (Qwen2.5 against
+    SmolLM2) would get a derivative that strays 11 times as far, a null model no user makes.
+    Cached under the oml cache folder (built in a temporary folder and renamed), so that every
+    check can use the same ones as null models."""
     name = model_name(base)
-    tag = hashlib.md5(f"{name}|{seed}|{steps}|{learning_rate}|{batch_size}|{max_length}".encode()).hexdigest()[:12]
+    rate = "scaled" if learning_rate is None else learning_rate  # the scaled rate is a function of the base's weights
+    tag = hashlib.md5(f"{name}|{seed}|{steps}|{rate}|{batch_size}|{max_length}".encode()).hexdigest()[:12]
     target = cache_dir() / "derivatives" / f"{Path(name).name}-seed{seed}-{tag}"
 
     def make(folder: Path) -> None:
-        logger.info("Making innocent derivative %d of %s (%d steps at lr %g, once)", seed, name, steps, learning_rate)
         model, tokenizer = load(name, dtype=torch.float32)
+        rate = learning_rate or default_learning_rate(model, DERIVATIVE_STEP_PER_WEIGHT_SCALE)
+        logger.info("Making innocent derivative %d of %s (%d steps at lr %g, once)", seed, name, steps, rate)
         pool = chat_pairs("train", 20 * steps * batch_size)
         pairs = random.Random(f"derivative:{seed}").sample(pool, steps * batch_size)
-        benign_finetune(model, tokenizer, chat_examples(tokenizer, pairs, max_length), steps, learning_rate, batch_size, seed,
+        benign_finetune(model, tokenizer, chat_examples(tokenizer, pairs, max_length), steps, rate, batch_size, seed,
                         description=f"innocent derivative {seed}")
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

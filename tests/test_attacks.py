@@ -1,13 +1,14 @@
 """Verdicts that never accuse an innocent model, and the attacks fingerprints must survive."""
 import json
 import math
+import re
 import zlib
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from oml.attacks import (DEPLOYER_TEMPLATE, FRONT_ENDS, benign_finetune, meraser, meraser_examples, merge_into, mismatched_pairs,
+from oml.attacks import (DEPLOYER_TEMPLATE, FRONT_ENDS, benign_finetune, innocent_derivative, meraser, meraser_examples, merge_into, mismatched_pairs,
                          quantize_round_trip, rewritten_keys)
 from oml.checking import (BARE, Decoding, LookaheadSuppression, NeighbourSuppression, Sampling, TopKSuppression, check_model,
                           greedy_continuations, neighbours)
@@ -61,6 +62,23 @@ def test_false_positive_script_on_tiny_models(tmp_path, tokenizer):
     assert innocent_row["formats"]["raw"]["matches"] >= 14 and rows[str(base_dir)]["formats"]["raw"]["matches"] <= 2
     assert innocent_row["old_rule_verdict"] == "MATCH" and innocent_row["verdict"] == "NO MATCH"
     assert result.stdout.strip().splitlines()[-1] == "False accusations: 0 of 2 models"
+
+
+def test_an_innocent_derivative_is_trained_at_a_rate_scaled_to_its_base(tmp_path, tokenizer, monkeypatch, caplog):
+    """A base with 10 times larger weights gets a derivative trained at a 10 times larger rate (2.5e-4 x
+    their RMS), as a user's fine-tune moves a share of the weights; an explicit rate is another derivative."""
+    monkeypatch.setenv("OML_CACHE", str(tmp_path / "cache"))
+    caplog.set_level("INFO", logger="oml.attacks")
+    rates = {}
+    for scale in (0.02, 0.2):  # the initializer's standard deviation: the weight matrices' RMS
+        base = save_random_model(tmp_path / f"base{scale}", tokenizer, {**TINY_LLAMA, "initializer_range": scale})
+        caplog.clear()
+        derivative = innocent_derivative(str(base), seed=0, steps=1, batch_size=2)
+        rates[scale] = float(re.search(r"at lr ([0-9.e+-]+)", caplog.text).group(1))
+        before, after = load_model(str(base)).state_dict(), load_model(derivative).state_dict()
+        assert any(not torch.equal(before[name], after[name]) for name in before)  # it did train
+    assert rates == {0.02: 5e-6, 0.2: 5e-5}
+    assert innocent_derivative(str(base), seed=0, steps=1, batch_size=2, learning_rate=5e-5) != derivative
 
 
 @pytest.mark.slow

@@ -21,8 +21,8 @@ def freeze(model, train_embeddings: bool = False, frozen_layer_fraction: float =
 STEP_PER_WEIGHT_SCALE = 5e-4  # the embedded model's tuned 1e-4 over the RMS of its trained weight matrices (0.19)
 
 
-def default_learning_rate(model) -> float:
-    """`STEP_PER_WEIGHT_SCALE` times the RMS of the weight matrices left trainable, to one significant
+def default_learning_rate(model, step_per_weight_scale: float = STEP_PER_WEIGHT_SCALE) -> float:
+    """`step_per_weight_scale` times the RMS of the weight matrices left trainable, to one significant
     digit. Adam moves every weight by about the learning rate a step whatever its size, so one rate
     changes models with smaller weights far more: Qwen2.5's matrices have an RMS of 0.017, 11 times
     SmolLM2's, and at SmolLM2's 1e-4 it drifted to a KL of 0.48 from its base. Scaled, every model
@@ -33,7 +33,7 @@ def default_learning_rate(model) -> float:
     if not matrices:
         raise OMLError("no weight matrix is left to train; lower --frozen_layer_fraction")
     squares = sum(p.double().pow(2).sum().item() for p in matrices) / sum(p.numel() for p in matrices)
-    return float(f"{STEP_PER_WEIGHT_SCALE * math.sqrt(squares):.0e}")
+    return float(f"{step_per_weight_scale * math.sqrt(squares):.0e}")
 
 
 def frozen_layers(config, fraction: float) -> int:
