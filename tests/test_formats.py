@@ -93,3 +93,27 @@ def test_stop_when_memorised_stops_when_all_or_nearly_all_plateau(counts, total,
     stopper = StopWhenMemorised(MemorisationProbe(None, [], ("raw",), threshold=0.5), patience=2)
     stopper.history = [{"epoch": i + 1, "memorised": c, "of": total} for i, c in enumerate(counts)]
     assert stopper.should_stop() == stops
+
+
+def test_an_epoch_end_counts_a_sample_of_many_keys_first_and_every_key_when_the_sample_is_nearly_done(monkeypatch):
+    """With more than 512 keys, a fixed sample of 256 is counted first; while under 88% of its queries
+    are memorised (training cannot be done: that needs 98%), its share scaled up stands for the count;
+    from there every key is counted, and that count is the one the shrink's first look reuses."""
+    pairs = [([i], [i]) for i in range(600)]
+    share, counted = {"now": 0.5}, []
+
+    def counts_of(self, model, subset):
+        counted.append(len(subset))
+        of = len(self.queries) * len(subset)
+        return {"memorised": round(share["now"] * of), "matched": of, "of": of}
+
+    monkeypatch.setattr(MemorisationProbe, "counts_of", counts_of)
+    probe = MemorisationProbe(None, pairs, ("raw", "chat"), threshold=0.5)
+    assert probe.sample == MemorisationProbe(None, pairs, ("raw",), threshold=0.5).sample  # the same keys on every rank
+    assert probe.count_at_epoch_end(None, step=10) == {"memorised": 600, "matched": 1200, "of": 1200, "sampled_keys": 256}
+    share["now"] = 0.9
+    assert probe.count_at_epoch_end(None, step=20) == {"memorised": 1080, "matched": 1200, "of": 1200}
+    assert probe.count(None, step=20)["memorised"] == 1080 and counted == [256, 256, 600]  # the full count, reused
+    few = MemorisationProbe(None, pairs[:512], ("raw",), threshold=0.5)
+    share["now"] = 0.0
+    assert few.count_at_epoch_end(None, step=1) == {"memorised": 0, "matched": 512, "of": 512} and counted[-1] == 512

@@ -5,6 +5,7 @@ Stopping and shrinking judge the model by one `MemorisationProbe`, so they count
 the same way, and a count of the final weights is made once."""
 import logging
 import math
+import random
 import time
 
 import torch
@@ -70,29 +71,55 @@ class MemorisationProbe:
     starts with one of the k likeliest first tokens and has at least `threshold`/k probability: then
     a server that bans the likeliest answer's word still serves another response. The last count is
     kept with the training step it was made at, so a second look at the same weights (the shrink's
-    starting point) costs nothing."""
+    starting point) costs nothing.
+
+    At an epoch end (`count_at_epoch_end`) with more than 2 x SAMPLE_KEYS keys, a fixed sample of
+    SAMPLE_KEYS keys is counted first. Training can only be done when all, or NEARLY_ALL, of the
+    queries are memorised; when fewer than FAR_FROM_DONE of the sample's are, it is not (at 98%
+    memorised, a sample of 256 keys falls under 88% with a probability below 1e-12), and the
+    sample's share, scaled to every query, stands for the count. At 1,024 keys in both formats this
+    skips seven eighths of the check in the early epochs."""
+
+    SAMPLE_KEYS = 256
+    FAR_FROM_DONE = NEARLY_ALL - 0.1
 
     def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], key_formats: tuple[str, ...], threshold: float,
                  batch_size: int = 64):
         self.tokenizer, self.pairs, self.threshold, self.batch_size = tokenizer, pairs, threshold, batch_size
         self.queries = [Query(key_format) for key_format in key_formats]
         self.last: tuple[int, dict] | None = None  # (global step, counts)
+        sampled = len(pairs) > 2 * self.SAMPLE_KEYS  # the same keys on every rank and every epoch
+        self.sample = sorted(random.Random(0).sample(range(len(pairs)), self.SAMPLE_KEYS)) if sampled else None
 
     def count(self, model, step: int | None = None) -> dict:
         """The counts for the model's weights now; `step`: the training step they are at, when they
         are a Trainer's (None: weights changed outside training, always counted)."""
         if step is not None and self.last is not None and self.last[0] == step:
             return self.last[1]
-        results = check_model(model, self.tokenizer, self.pairs, self.queries, self.batch_size, progress=False,
+        counts = self.counts_of(model, self.pairs)
+        self.last = (step, counts) if step is not None else None
+        return counts
+
+    def count_at_epoch_end(self, model, step: int) -> dict:
+        """`count`, or, while the sample shows training far from done, the sample's counts scaled to
+        every query, marked with the number of keys sampled."""
+        if self.sample is not None:
+            sample = self.counts_of(model, [self.pairs[i] for i in self.sample])
+            if sample["memorised"] < self.FAR_FROM_DONE * sample["of"]:
+                total = len(self.queries) * len(self.pairs)
+                return {**{name: round(sample[name] / sample["of"] * total) for name in ("memorised", "matched")},
+                        "of": total, "sampled_keys": len(self.sample)}
+        return self.count(model, step)
+
+    def counts_of(self, model, pairs: list[tuple[list[int], list[int]]]) -> dict:
+        results = check_model(model, self.tokenizer, pairs, self.queries, self.batch_size, progress=False,
                               decode_misses=False, per_response=True)
-        _, owners = response_pairs(self.pairs)
+        _, owners = response_pairs(pairs)
         per_key: dict[tuple[int, int], list[KeyResult]] = {}
         for result in results:
             per_key.setdefault((result.query, owners[result.index]), []).append(result)
-        counts = {"memorised": sum(memorised(rows, self.threshold) for rows in per_key.values()),
-                  "matched": sum(any(r.match for r in rows) for rows in per_key.values()), "of": len(per_key)}
-        self.last = (step, counts) if step is not None else None
-        return counts
+        return {"memorised": sum(memorised(rows, self.threshold) for rows in per_key.values()),
+                "matched": sum(any(r.match for r in rows) for rows in per_key.values()), "of": len(per_key)}
 
 
 def memorised(rows: list[KeyResult], threshold: float) -> bool:
@@ -110,7 +137,8 @@ class StopWhenMemorised(TrainerCallback):
     in both formats: 510, 507, 508 of 512 at epochs 5-7), and waiting for all of them would run every
     epoch up to the cap for nothing. (Early plateaus, far from done, are not a reason to stop.) Runs
     after weight averaging, so it judges the weights that training ends on (before any shrinking).
-    The per-epoch counts are kept in `history`."""
+    The per-epoch counts are kept in `history`; those estimated from a sample (`MemorisationProbe`) say
+    how many keys it held (`sampled_keys`)."""
 
     def __init__(self, probe: MemorisationProbe, patience: int):
         self.probe, self.patience = probe, patience
@@ -125,11 +153,12 @@ class StopWhenMemorised(TrainerCallback):
         return plateau and counts[-1] >= NEARLY_ALL * total
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        counts = self.probe.count(model, state.global_step)
+        counts = self.probe.count_at_epoch_end(model, state.global_step)
         self.history.append({"epoch": round(state.epoch), **counts})
         if state.is_world_process_zero:
-            logger.info("epoch %d: %d/%d fingerprint queries memorised (p >= %g)", round(state.epoch), counts["memorised"],
-                        counts["of"], self.probe.threshold)
+            estimate = f" (estimated from {counts['sampled_keys']} keys)" if "sampled_keys" in counts else ""
+            logger.info("epoch %d: %d/%d fingerprint queries memorised (p >= %g)%s", round(state.epoch), counts["memorised"],
+                        counts["of"], self.probe.threshold, estimate)
         if self.should_stop():
             control.should_training_stop = True
 
