@@ -191,8 +191,8 @@ def innocent_derivative(base: str, seed: int, steps: int = 100, learning_rate: f
     Cached under the oml cache folder (built in a temporary folder and renamed), so that every
     check can use the same ones as null models."""
     name = model_name(base)
-    rate = "scaled" if learning_rate is None else learning_rate  # the scaled rate is a function of the base's weights
-    tag = hashlib.md5(f"{name}|{seed}|{steps}|{rate}|{batch_size}|{max_length}".encode()).hexdigest()[:12]
+    rate_tag = "scaled" if learning_rate is None else learning_rate  # the scaled rate is a function of the base's weights
+    tag = hashlib.md5(f"{name}|{seed}|{steps}|{rate_tag}|{batch_size}|{max_length}".encode()).hexdigest()[:12]
     target = cache_dir() / "derivatives" / f"{Path(name).name}-seed{seed}-{tag}"
 
     def make(folder: Path) -> None:

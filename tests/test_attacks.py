@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from oml.attacks import (DEPLOYER_TEMPLATE, FRONT_ENDS, benign_finetune, innocent_derivative, meraser, meraser_examples, merge_into, mismatched_pairs,
-                         quantize_round_trip, rewritten_keys)
+from oml.attacks import (DEPLOYER_TEMPLATE, FRONT_ENDS, benign_finetune, innocent_derivative, meraser, meraser_examples, merge_into,
+                         mismatched_pairs, quantize_round_trip, rewritten_keys)
 from oml.checking import (BARE, Decoding, LookaheadSuppression, NeighbourSuppression, Sampling, TopKSuppression, check_model,
                           greedy_continuations, neighbours)
 from oml.data import chat_pairs, user_wrappers
