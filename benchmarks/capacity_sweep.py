@@ -39,6 +39,7 @@ VARIANTS = {  # each names its replay loss; points measured under earlier defaul
     "distill+replay1": ["--benign_loss", "distill", "--benign_ratio", "1"],
     "distill+lr2e-4": ["--benign_loss", "distill", "--learning_rate", "2e-4"],
     "distill+lr2e-4+replay1": ["--benign_loss", "distill", "--learning_rate", "2e-4", "--benign_ratio", "1"],
+    "distill+replay1+share0.99": ["--benign_loss", "distill", "--benign_ratio", "1", "--memorised_share", "0.99"],
     # points measured before the weight change was shrunk by default, and before the top 256 became the teacher
     "distill+noshrink": ["--benign_loss", "distill", "--no-shrink_weight_change"],
     "distill+augmentation+noshrink": ["--benign_loss", "distill", "--use_augmentation_prompts", "--no-shrink_weight_change"],

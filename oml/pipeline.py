@@ -92,7 +92,8 @@ def train_and_save(run: Run, fingerprints: list[dict], report_to: str = "none", 
     freeze(model, training.train_embeddings, training.frozen_layer_fraction)
     original = snapshot_weights(model, compute_dtype()) if training.forgetting_regularizer_strength > 0 or training.shrinks else {}
     probe = MemorisationProbe(tokenizer, pairs, formats(training.key_format), training.memorised_probability)
-    stopper, shrinker = StopWhenMemorised(probe, training.memorised_patience), ShrinkWeightChange(original, probe)
+    stopper = StopWhenMemorised(probe, training.memorised_patience, training.memorised_share)
+    shrinker = ShrinkWeightChange(original, probe)
     callbacks = []
     if training.forgetting_regularizer_strength > 0:
         callbacks.append(WeightAveragingCallback(original, training.forgetting_regularizer_strength))

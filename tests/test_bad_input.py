@@ -128,6 +128,7 @@ FINETUNE = MODEL_AND_FINGERPRINTS + [
     (["--forgetting_regularizer_strength", "1.5"], "between 0 and 1"),
     (["--frozen_layer_fraction", "1"], "at least 0 and below 1"),
     (["--frozen_layer_fraction", "-0.5"], "at least 0 and below 1"),
+    (["--memorised_share", "0"], "a probability in (0, 1]"),
     (["--report_to", "nonsense"], "unknown tracker"),
     pytest.param(["--report_to", "wandb"], "needs the wandb package", marks=pytest.mark.skipif(HAS_WANDB, reason="wandb installed")),
     pytest.param(["--wandb_run_name", "r1"], "needs the wandb package", marks=pytest.mark.skipif(HAS_WANDB, reason="wandb installed")),

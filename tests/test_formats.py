@@ -1,13 +1,14 @@
 """Keys asked where suspects meet them: as a user message in the chat template, as well as raw text."""
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from oml.generation import perinucleus_choice
 from oml.tokenization import encode, prompt_ids, system_message
-from oml.training.callbacks import MemorisationProbe, StopWhenMemorised
+from oml.training.callbacks import MemorisationProbe, ShrinkWeightChange, StopWhenMemorised
 from tests.conftest import EVERY_LAYER, ROOT, final_model_dir, random_word_fingerprints, run_script
 
 
@@ -93,6 +94,43 @@ def test_stop_when_memorised_stops_when_all_or_nearly_all_plateau(counts, total,
     stopper = StopWhenMemorised(MemorisationProbe(None, [], ("raw",), threshold=0.5), patience=2)
     stopper.history = [{"epoch": i + 1, "memorised": c, "of": total} for i, c in enumerate(counts)]
     assert stopper.should_stop() == stops
+
+
+@pytest.mark.parametrize("last, stops", [
+    ({"memorised": 2028, "of": 2048}, True),  # ceil(0.99 x 2048) = 2028
+    ({"memorised": 2027, "of": 2048}, False),
+    ({"memorised": 2048, "of": 2048, "sampled_keys": 256}, False),  # an estimate never ends training
+])
+def test_stop_when_memorised_stops_at_its_share_of_a_full_count(last, stops):
+    stopper = StopWhenMemorised(MemorisationProbe(None, [], ("raw",), threshold=0.5), patience=2, share=0.99)
+    stopper.history = [{"epoch": 1, "memorised": 300, "of": 2048}, {"epoch": 2, **last}]
+    assert stopper.should_stop() == stops
+
+
+@pytest.mark.parametrize("full_floor, sample_floor, kept, full_counts_at", [
+    (0.8, 0.75, 0.8, [1.0, 0.75, 0.8]),  # the sample, luckier, chose 0.75: the full count refuses it, 0.8 is confirmed
+    (0.75, 0.8, 0.8, [1.0, 0.8]),  # an unlucky sample stops one scale early: confirmed, never below what all keys keep
+    (0.3, 0.3, 0.5, [1.0, 0.5]),  # nothing lost down to the floor
+])
+def test_a_shrink_over_many_keys_screens_scales_by_the_sample_and_counts_the_one_it_keeps_in_full(
+        monkeypatch, full_floor, sample_floor, kept, full_counts_at):
+    """Over 512 keys each scale is judged by the sample's estimate; the scale chosen is counted in
+    full and, while that count loses too many queries, so is the next one up."""
+    pairs = [([i], [i]) for i in range(600)]
+    shrinker = ShrinkWeightChange({}, MemorisationProbe(None, pairs, ("raw",), threshold=0.5))
+    counted = []
+
+    def counts_of(self, model, subset):  # every query memorised down to its floor, half of them below
+        counted.append((shrinker.current, len(subset)))
+        floor = full_floor if len(subset) == len(pairs) else sample_floor
+        return {"memorised": len(subset) if shrinker.current >= floor else len(subset) // 2, "matched": len(subset), "of": len(subset)}
+
+    monkeypatch.setattr(MemorisationProbe, "counts_of", counts_of)
+    monkeypatch.setattr(ShrinkWeightChange, "rescale", lambda self, model, scale: setattr(self, "current", scale))
+    shrinker.on_train_end(None, SimpleNamespace(global_step=7, is_world_process_zero=True), None, model=None)
+    assert shrinker.scale == kept and shrinker.current == kept
+    assert [scale for scale, size in counted if size == len(pairs)] == full_counts_at
+    assert [h["scale"] for h in shrinker.history if "sampled_keys" not in h] == full_counts_at  # the record tells them apart
 
 
 def test_an_epoch_end_counts_a_sample_of_many_keys_first_and_every_key_when_the_sample_is_nearly_done(monkeypatch):
