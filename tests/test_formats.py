@@ -111,6 +111,8 @@ def test_stop_when_memorised_stops_at_its_share_of_a_full_count(last, stops):
     (0.8, 0.75, 0.8, [1.0, 0.75, 0.8]),  # the sample, luckier, chose 0.75: the full count refuses it, 0.8 is confirmed
     (0.75, 0.8, 0.8, [1.0, 0.8]),  # an unlucky sample stops one scale early: confirmed, never below what all keys keep
     (0.3, 0.3, 0.5, [1.0, 0.5]),  # nothing lost down to the floor
+    (0.8, 0.99, 1.0, [1.0]),  # the sample refuses 0.95: the trained weights stay, no further full count
+    (0.96, 0.75, 1.0, [1.0, 0.75, 0.8, 0.85, 0.9, 0.95]),  # every full count refuses the sample's choices, back up to 1.0
 ])
 def test_a_shrink_over_many_keys_screens_scales_by_the_sample_and_counts_the_one_it_keeps_in_full(
         monkeypatch, full_floor, sample_floor, kept, full_counts_at):

@@ -174,7 +174,8 @@ class ShrinkWeightChange(TrainerCallback):
     """When training ends with nearly all queries memorised, weights <- original + s * (trained -
     original), s going down SHRINK_SCALES until the memorised or the matched count falls below 98%
     (NEARLY_ALL) of its value at the end of training; the last s before that is kept. `scale` is
-    the s kept (None: not shrunk), `history` the counts at each s tried, `seconds` the time taken.
+    the s kept (None: not shrunk), `history` the counts at each s tried (a sample's estimates marked
+    with `sampled_keys`, so an s can appear twice), `seconds` the time taken.
 
     Cross-entropy keeps pushing early-learned responses towards certainty while the last keys are
     learned, and that surplus margin is weight change that moves ordinary predictions as well. The
@@ -187,7 +188,10 @@ class ShrinkWeightChange(TrainerCallback):
 
     Where the probe holds a sample (over 512 keys), each scale is first judged by the sample's
     estimate, and only the scale it would keep is counted in full, stepping back up while that count
-    loses too many: at 1,024 keys in both formats, about two full counts instead of five."""
+    loses too many: at 1,024 keys in both formats, four screens of a quarter of the keys and one
+    full count instead of four full counts. The estimates are judged against 98% of the full count
+    at the end of training, so a sample that reads low stops the search a scale early (it never
+    keeps a scale that every key did not confirm)."""
 
     def __init__(self, original: dict[str, torch.Tensor], probe: MemorisationProbe):
         self.original, self.probe = original, probe

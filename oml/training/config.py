@@ -69,7 +69,7 @@ class TrainingConfig(Settings):
     memorised_share: float = setting(
         1.0, "--stop_when_memorised stops at the first epoch end where at least this share of the fingerprint queries is "
              "memorised (1: every one). Below 1 the tail of a few late keys is not waited for: 1,024 keys in both formats "
-             "reach 99%% two epochs before 100%%, and shrinking the weight change gives up 1-2%% anyway (docs/benchmarks.md).",
+             "reach 99%% two epochs before 100%%, and shrinking the weight change gives up to 2%% back anyway (docs/benchmarks.md). Above 512 keys every key is counted only once a 256-key sample shows 88%% memorised, so a share below 0.88 acts as 0.88 there; below 0.98 the weight change is not shrunk.",
         PROBABILITY)
     memorised_patience: int = setting(
         2, "Also stop when at least 98%% are memorised and their number has not beaten its best for this many epochs "
