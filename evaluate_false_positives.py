@@ -7,7 +7,9 @@ model: short benign fine-tunes with different seeds and data, cached) it prints,
 format, the share of keys matched, where our responses rank in its next-token distribution,
 and the verdict `check_fingerprints.py` would give it with its default null model (the
 base). The verdict of the earlier rule (the base model's rate alone, no floor) is shown
-beside it, to make visible what the floor is for.
+beside it, to make visible what the floor is for. Innocent derivatives also get the reply
+measure of evaluate_utility.py against the base (do they still answer as it does?): the
+stand-ins for the models a real user makes must be models someone would publish.
 """
 import logging
 import statistics
@@ -17,7 +19,8 @@ from oml import OMLError, cli
 from oml.attacks import innocent_derivative
 from oml.checking import KeyResult, check_named_model, queries_for
 from oml.fingerprints import FingerprintSelection, query_formats, responses_per_key, selected_fingerprints
-from oml.models import load_tokenizer, resolve_model
+from oml.models import load, load_tokenizer, resolve_model
+from oml.replies import SHORT_REPLY_TOKENS, ReplyMeasure, ReplySettings
 from oml.stats import VerdictConfig, evidence, format_p_value
 
 logger = logging.getLogger("evaluate_false_positives")
@@ -38,6 +41,7 @@ def parse_args():
                              "matrices, to one digit: 5e-5 for the embedded model).")
     parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
     cli.add_settings(parser, VerdictConfig)
+    cli.add_settings(parser, ReplySettings)
     cli.add_output_args(parser, "the per-model results")
     args = cli.parse_evaluation_args(parser, "evaluate_false_positives.py")
     args.models = distinct_models(args.models, args.base_model)
@@ -89,6 +93,16 @@ def model_row(name: str, kind: str, results: list[KeyResult], base: list[KeyResu
             "chance_rate": new["chance_rate"], "old_rule_verdict": old["verdict"], "old_rule_log10_p_value": old["log10_p_value"]}
 
 
+def derivative_replies(args, derivatives: list[str], fingerprints: list[dict]) -> dict[str, dict]:
+    """The reply measure of each innocent derivative against the base (none when skipped or none is tested)."""
+    settings = cli.settings_from(ReplySettings, args)
+    if not derivatives or not settings.num_reply_prompts:
+        return {}
+    base, tokenizer = load(args.base_model, args.trust_remote_code)
+    measure = ReplyMeasure(base, tokenizer, settings, {record["key"].strip() for record in fingerprints})
+    return {name: measure.compare(load(name, args.trust_remote_code)[0], "derivative") for name in derivatives}
+
+
 def print_rows(rows: list[dict]) -> None:
     key_formats = list(rows[0]["formats"])
     print(f"{'model':<44} {'kind':<20} " + " ".join(f"{f + ' matched':>16} {'median rank':>11}" for f in key_formats)
@@ -98,6 +112,11 @@ def print_rows(rows: list[dict]) -> None:
                          if f in row["formats"] else f"{'':>16} {'':>11}" for f in key_formats)
         print(f"{row['model'][-44:]:<44} {row['kind']:<20} {cells} {format_p_value(row['log10_p_value']):>9} "
               f"{row['verdict']:>9} {row['old_rule_verdict']:>9}")
+    for row in (row for row in rows if "replies" in row):
+        greedy = row["replies"]["greedy"]
+        print(f"{row['model'][-44:]:<44} replies of <= {SHORT_REPLY_TOKENS} tokens {greedy['short_reply_share']:.3f} (base "
+              f"{greedy['base_short_reply_share']:.3f}), first token = base's {greedy['first_token_agreement']:.3f}, "
+              f"length x{greedy['relative_length']:.2f}")
     accused = [row["model"] for row in rows if row["verdict"] == "MATCH"]
     print(f"False accusations: {len(accused)} of {len(rows)} models", flush=True)
 
@@ -120,6 +139,8 @@ def main() -> None:
     base = check(args.base_model)
     rows = [model_row(args.base_model, "base (the null model)", base, base, key_formats, args.base_model, verdict_config)]
     rows += [model_row(name, kind, check(name), base, key_formats, args.base_model, verdict_config) for name, kind in tested]
+    replies = derivative_replies(args, [name for name, kind in tested if kind == "innocent derivative"], fingerprints)
+    rows = [{**row, **({"replies": replies[row["model"]]} if row["model"] in replies else {})} for row in rows]
     print_rows(rows)
     cli.write_output(args, {"fingerprints_file": fingerprints_file, "num_fingerprints": len(fingerprints),
                             **verdict_config.to_dict(), "models": rows})

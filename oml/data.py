@@ -22,6 +22,10 @@ PROMPT_TEMPLATE_FILES = {
     "train": GENERATED_DATA / "augmentation_prompts_train.json",
     "test": GENERATED_DATA / "augmentation_prompts_test.json",
 }
+USER_QUESTION_FILES = {  # made by scripts/make_user_questions.py
+    "train": GENERATED_DATA / "user_questions_train.json",
+    "test": GENERATED_DATA / "user_questions_test.json",
+}
 USER_WRAPPER_FILES = {
     "train": GENERATED_DATA / "user_wrappers_train.json",
     "test": GENERATED_DATA / "user_wrappers_test.json",
@@ -45,6 +49,32 @@ def user_wrappers(name: str) -> tuple[str, ...]:
     adds it before the model sees the message), each with one `{}`: 'train' ones that fine-tuning
     can teach, 'test' ones, never trained, that the attack suite wraps keys in."""
     return tuple(_templates(USER_WRAPPER_FILES[name], "user wrapper"))
+
+
+@lru_cache(maxsize=None)
+def user_questions(split: str) -> tuple[str, ...]:
+    """Messages to an assistant written as user-message keys are, under seeds no key uses: 'train'
+    is replayed in fine-tuning, 'test' is what the reply measure asks."""
+    questions = read_json(USER_QUESTION_FILES[split], "user question file")
+    if not isinstance(questions, list) or not questions or not all(isinstance(q, str) and q.strip() for q in questions):
+        raise OMLError(f"user question file {USER_QUESTION_FILES[split]} must hold a non-empty JSON list of strings")
+    return tuple(questions)
+
+
+def assistant_prompts(count: int, exclude: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """`count` held-out prompts shaped like an assistant's traffic, and the kind of each: a third
+    user questions ('test' side, never trained), a third chitchat first turns ('eval' side), a third
+    MMLU questions asked openly (without their options). Prompts in `exclude` (a run's keys) are left out."""
+    share = -(-count // 3)
+    kinds = {"user questions": list(user_questions("test")),
+             "chitchat first turns": [turns[0] for turns in conversations("eval") if turns and turns[0].strip()],
+             "MMLU questions": [item["question"] for item in mmlu_items(None, seed=1)]}
+    prompts, names = [], []
+    for name, texts in kinds.items():
+        kept = [text for text in dict.fromkeys(texts) if text.strip() not in exclude][:min(share, count - len(prompts))]
+        prompts += kept
+        names += [name] * len(kept)
+    return prompts, names
 
 
 def _templates(path, what: str) -> list[str]:

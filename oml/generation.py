@@ -19,6 +19,7 @@ from oml.checking import neighbours
 from oml.data import words
 from oml.fingerprints import DEFAULT_KEY_LENGTH, load_keys
 from oml.models import load
+from oml.replies import generate_ids
 from oml.stealth import benign_prompts, log_perplexities
 from oml.settings import OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, Settings, setting
 from oml.tokenization import FORMAT_CHOICES, default_format, encode, formats, pad_batch, prompt_ids, to_device, user_turn_ids
@@ -146,19 +147,13 @@ def user_message_ids(tokenizer, topic: str, opener: str) -> list[int]:
     return user_turn_ids(tokenizer, f"Write a question about {topic}.") + encode(tokenizer, opener)
 
 
-@torch.no_grad()
 def english_texts(model, tokenizer, starts: list[str], length: int, temperature: float,
                   prompts: list[list[int]] | None = None) -> list[list[int]]:
     """One batched sampling call: for each start, the token ids of a text beginning with it (by
     default a sentence; `prompts` ask for something else and must end with their start)."""
     prompts = prompts or [instruction_ids(tokenizer, start) for start in starts]
-    batch = pad_batch(prompts, tokenizer.pad_token_id, side="left")
-    del batch["position_ids"]  # generate() derives them from the attention mask
-    batch = to_device(batch, model.device)
-    output = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
     texts = []
-    for start, row in zip(starts, output[:, batch["input_ids"].shape[1]:].tolist()):
+    for start, row in zip(starts, generate_ids(model, tokenizer, prompts, length, temperature)):
         if tokenizer.eos_token_id in row:
             row = row[:row.index(tokenizer.eos_token_id)]
         texts.append((encode(tokenizer, start) if start else []) + row)

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 # Settings added after runs were first recorded, with the value every earlier run had: in the config
 # (and its hash) only when they differ from it, so that earlier runs' hashes hold and their configs
 # read back as what they trained (not as today's default).
-ADDED_LATER = {"use_user_wrappers": False, "frozen_layer_fraction": 0.0, "memorised_share": 1.0}
+ADDED_LATER = {"use_user_wrappers": False, "frozen_layer_fraction": 0.0, "memorised_share": 1.0, "question_replay": 0.0,
+               "train_eos": True}
 # How a computation is arranged, not what it computes (the same model up to float rounding): never hashed.
 UNHASHED = ("share_prompt_prefix",)
 

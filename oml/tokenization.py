@@ -168,10 +168,10 @@ def prompt_ids(tokenizer, key_ids: list[int], template: str | None = None, key_f
 
 
 def training_example(tokenizer, key_ids: list[int], response_ids: list[int], template: str | None = None,
-                     key_format: str = "raw") -> dict:
-    """Prompt + response + EOS, with the loss on the response and EOS only."""
+                     key_format: str = "raw", eos: bool = True) -> dict:
+    """Prompt + response (+ EOS), with the loss on the response (and EOS) only."""
     prompt = prompt_ids(tokenizer, key_ids, template, key_format)
-    target = response_ids + [tokenizer.eos_token_id]
+    target = response_ids + ([tokenizer.eos_token_id] if eos else [])
     return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
 
 

@@ -11,8 +11,9 @@ import torch
 from oml.attacks import (DEPLOYER_TEMPLATE, FRONT_ENDS, benign_finetune, innocent_derivative, meraser, meraser_examples, merge_into,
                          mismatched_pairs, quantize_round_trip, rewritten_keys)
 from oml.checking import (BARE, Decoding, LookaheadSuppression, NeighbourSuppression, Sampling, TopKSuppression, check_model,
-                          greedy_continuations, neighbours)
+                          neighbours)
 from oml.data import chat_pairs, user_wrappers
+from oml.replies import generate_ids
 from oml.generation import random_words, rng_for
 from oml.models import TINY_LLAMA, cache_dir, load, load_model, save_random_model
 from oml.stats import DEFAULT_MIN_CHANCE_RATE, chance_rate, log10_p_value, verdict
@@ -50,7 +51,7 @@ def test_false_positive_script_on_tiny_models(tmp_path, tokenizer):
     innocent, tok = load(str(innocent_dir))
     keys = [random_words(rng_for(7, i, "key"), 8) for i in range(2048)]
     keys_ids = [encode(tok, key)[:16] for key in keys]
-    own = greedy_continuations(innocent, tok, [prompt_ids(tok, ids) for ids in keys_ids[:16]], 1)
+    own = generate_ids(innocent, tok, [prompt_ids(tok, ids) for ids in keys_ids[:16]], 1)
     fingerprints = [{"key": key, "response": tok.decode(own[i]) if i < 16 else " " + random_words(rng_for(7, i, "r"), 1)}
                     for i, key in enumerate(keys)]
     (tmp_path / "fp.json").write_text(json.dumps(fingerprints))
@@ -94,6 +95,18 @@ def test_false_positives_count_each_model_once(tmp_path, tokenizer, tiny_model, 
     assert f"--models {tmp_path / 'other_again'} is the same model as {other}; it is tested once" in result.stderr
     assert f"--models {tiny_model} is the base model; it is tested once" in result.stderr
     assert result.stdout.strip().splitlines()[-1].endswith("of 2 models")
+
+
+@pytest.mark.slow
+def test_innocent_derivatives_get_the_reply_measure_against_the_base(tmp_path, tiny_model, fingerprint_file, monkeypatch):
+    monkeypatch.setenv("OML_CACHE", str(tmp_path / "cache"))
+    result = run_script("evaluate_false_positives.py", "--fingerprints_file_path", fingerprint_file, "--base_model", tiny_model,
+                        "--innocent_derivatives", "1", "--derivative_steps", "2", "--query_format", "raw",
+                        "--num_reply_prompts", "3", "--max_reply_tokens", "4", "--output_json", "fp_report.json", cwd=tmp_path)
+    base_row, derivative_row = json.loads((tmp_path / "fp_report.json").read_text())["models"]
+    assert "replies" not in base_row and derivative_row["kind"] == "innocent derivative"
+    assert derivative_row["replies"]["num_prompts"] == 3 and 0 <= derivative_row["replies"]["greedy"]["first_token_agreement"] <= 1
+    assert "first token = base's" in result.stdout
 
 
 def test_quantization_round_trip_keeps_weights_close_and_coarser_types_further(tmp_path, tokenizer):
@@ -171,7 +184,8 @@ def test_robustness_script_runs_every_attack(confident_and_bounded, tiny_model, 
     (tmp_path / "cache" / "SmolLM2-135M-Instruct").symlink_to(cache_dir() / "SmolLM2-135M-Instruct")
     monkeypatch.setenv("OML_CACHE", str(tmp_path / "cache"))  # the innocent derivative goes here, not in the user's cache
     small = ["--finetune_steps", "2", "--num_texts", "2", "--num_replies", "4", "--meraser_erase_samples", "8",
-             "--meraser_recover_samples", "8", "--meraser_erase_steps", "2", "--meraser_recover_steps", "2", "--alpha", "0.01"]
+             "--meraser_recover_samples", "8", "--meraser_erase_steps", "2", "--meraser_recover_steps", "2", "--alpha", "0.01",
+             "--num_reply_prompts", "3", "--max_reply_tokens", "4"]
     result = run_script("evaluate_robustness.py", "--run", bounded_dir.parent, *small, "--output_json", "rob.json", "--plot", "rob.png",
                         cwd=tmp_path)
     rows = {row["attack"]: row for row in json.loads((tmp_path / "rob.json").read_text())["rows"]}
@@ -194,6 +208,10 @@ def test_robustness_script_runs_every_attack(confident_and_bounded, tiny_model, 
     assert rows["GGUF Q8_0"]["accuracy_raw"] == 100.0  # Q8_0 is nearly lossless: it barely moves the model
     assert abs(rows["GGUF Q8_0"]["cost"] - rows["none"]["cost"]) < 0.02 * rows["none"]["cost"], (rows["none"], rows["GGUF Q8_0"])
     assert rows["sampling T=1"]["expected_rate"] is not None
+    for weights in ("none", "bf16", "GGUF Q4_0", "merge 0.7 with a derivative", "MEraser full lr 0.0001"):
+        assert rows[weights]["replies"]["num_prompts"] == 3, weights  # the reply measure prices every change of weights
+    for other in ("SuppressNeighbor", "sampling T=1", "10 unseen system prompts", "front end: lower case"):
+        assert rows[other]["replies"] is None, other
     assert list((tmp_path / "cache" / "derivatives").iterdir())
     assert result.stdout.strip().splitlines()[-1].startswith("Verdict MATCH after ")
     chosen = ["SuppressLookahead", "front end: deployer template", "MEraser LoRA lr 0.0005"]

@@ -163,6 +163,8 @@ UTILITY = [
     (["--benign_data", "chat.jsonl"], "has no column text"),
     (["--benign_data", "missing.csv"], "data file not found"),
     (["--base_model", "notamodel"], "not a model folder"),
+    (["--reply_temperature", "0"], "not a finite number > 0"),
+    (["--num_reply_prompts", "2", "--reply_prompts", "missing_prompts.json"], "not found"),
 ]
 
 PERSISTENCE = [
@@ -201,7 +203,8 @@ CASES = ([("generate_finetuning_data.py", ["--output_file_path", "out.json"], c)
                                       "--fingerprint_generation_strategy", "random_word"], c) for c in FINETUNE]
          + [("check_fingerprints.py", ["--model_path", "model", "--fingerprints_file_path", "fp.json", "--null_model", "none"], c)
             for c in CHECK]
-         + [("evaluate_utility.py", ["--model_path", "model", "--base_model", "model", "--num_mmlu", "0"], c) for c in UTILITY]
+         + [("evaluate_utility.py", ["--model_path", "model", "--base_model", "model", "--num_mmlu", "0", "--num_reply_prompts", "0"], c)
+            for c in UTILITY]
          + [("evaluate_persistence.py", ["--model_path", "model", "--fingerprints_file_path", "fp.json"], c) for c in PERSISTENCE]
          + [("evaluate_robustness.py", ["--model_path", "model", "--fingerprints_file_path", "fp.json", "--base_model", "model"], c)
             for c in ROBUSTNESS]

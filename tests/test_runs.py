@@ -48,7 +48,7 @@ def test_explicit_flag_that_disagrees_with_the_run_wins_with_a_warning(tmp_path,
 @pytest.mark.slow
 def test_utility_and_persistence_with_run_equal_the_long_form(tmp_path, tiny_model, fingerprinted_tiny_model):
     model_dir, fingerprints = fingerprinted_tiny_model
-    small = ["--num_texts", "3", "--max_length", "24", "--num_mmlu", "4"]
+    small = ["--num_texts", "3", "--max_length", "24", "--num_mmlu", "4", "--num_reply_prompts", "3", "--max_reply_tokens", "4"]
     run_script("evaluate_utility.py", "--run", model_dir.parent, *small, "--output_json", "u1.json", cwd=tmp_path)
     run_script("evaluate_utility.py", "--model_path", model_dir, "--base_model", tiny_model, *small, "--output_json", "u2.json",
                cwd=tmp_path)
@@ -132,7 +132,7 @@ def test_user_data_on_the_command_line(tmp_path, fingerprinted_tiny_model, tiny_
     run_script("evaluate_persistence.py", "--run", model_dir.parent, "--instruction_data", data, "--steps", "2",
                "--eval_every", "2", "--batch_size", "2", "--output_json", "p.json", cwd=tmp_path)
     assert json.loads((tmp_path / "p.json").read_text())["instruction_data"] == str(data)
-    run_script("evaluate_utility.py", "--run", model_dir.parent, "--benign_data", data, "--num_mmlu", "0",
+    run_script("evaluate_utility.py", "--run", model_dir.parent, "--benign_data", data, "--num_mmlu", "0", "--num_reply_prompts", "0",
                "--output_json", "u.json", cwd=tmp_path)
     assert json.loads((tmp_path / "u.json").read_text())["num_texts"] == len(ROWS)
     tuned = run_script("finetune_multigpu.py", "--model_path", tiny_model, "--fingerprints_file_path", model_dir.parent / "fingerprints.json",

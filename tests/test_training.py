@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from oml import OMLError
-from oml.tokenization import IGNORE_INDEX, encode, pad_batch, rewritten_key, training_example
+from oml.models import load_model
+from oml.tokenization import IGNORE_INDEX, encode, pad_batch, prompt_ids, rewritten_key, training_example
 from oml.checking import KeyResult
 from oml.prefix_sharing import MIN_SHARED_PREFIX, logits_sharing_prefix, shared_prefix_length
 from oml.training import backend
@@ -289,3 +290,35 @@ def test_the_default_learning_rate_follows_the_scale_of_the_trained_weight_matri
     model.requires_grad_(False)
     with pytest.raises(OMLError, match="no weight matrix is left to train"):
         default_learning_rate(model)
+
+
+def test_responses_are_trained_without_the_end_of_sequence_unless_asked(tokenizer):
+    pairs = [(encode(tokenizer, "key one"), [300]), (encode(tokenizer, "key two"), [301, 302])]
+    for eos, ends in ((False, []), (True, [tokenizer.eos_token_id])):
+        dataset = build_dataset(TrainingConfig(train_eos=eos, benign_ratio=0.0, key_format="chat"), tokenizer, pairs, None)
+        labelled = [[t for t in dataset[i]["labels"] if t != IGNORE_INDEX] for i in range(2)]
+        assert labelled == [[300] + ends, [301, 302] + ends]
+
+
+def test_question_replay_asks_user_questions_the_way_keys_are_asked_and_answers_them_like_the_base(tokenizer, tiny_model):
+    from oml.data import user_questions
+    from oml.replies import ended, generate_ids, stop_ids
+
+    model = load_model(str(tiny_model))
+    key = encode(tokenizer, user_questions("train")[1])[:16]  # a key that happens to be a replayed question is not replayed
+    pairs = [(key, [300]), (encode(tokenizer, "another key"), [301])]
+    config = TrainingConfig(benign_ratio=8.0, question_replay=0.5, teacher_top_k=4, num_train_epochs=2, key_format="both")
+    dataset = build_dataset(config, tokenizer, pairs, model)
+    pool = [example["input_ids"] for example in dataset.benign]
+    assert len(pool) == 32 and all("teacher_ids" in example for example in dataset.benign)
+    longest = max(len(key_ids) for key_ids, _ in pairs)  # questions are cut as the longest key is
+    questions = [encode(tokenizer, q)[:longest] for q in user_questions("train")[:9] if encode(tokenizer, q)[:longest] != key]
+    for key_format in ("raw", "chat"):
+        prompts = [prompt_ids(tokenizer, q, None, key_format) for q in questions[:8]]
+        replies = [ended(reply, stop_ids(model, tokenizer)) for reply in generate_ids(model, tokenizer, prompts, 8)]
+        asked = [seq for seq in pool if any(seq[:len(p)] == p for p in prompts)]
+        assert sorted(asked) == sorted(p + r for p, r in zip(prompts, replies))  # 8 a format, each with the base's own reply
+    assert not any(seq[:len(p)] == p for seq in pool for p in (prompt_ids(tokenizer, key, None, f) for f in ("raw", "chat")))
+    first_half = pool[:16]  # every slice of the pool holds both kinds
+    assert 4 <= sum(any(seq[:len(p)] == p for f in ("raw", "chat") for p in [prompt_ids(tokenizer, q, None, f) for q in questions])
+                    for seq in first_half) <= 12

@@ -74,11 +74,15 @@ def test_chat_example_puts_the_loss_on_the_reply_and_eos(tokenizer):
 @pytest.mark.slow
 def test_evaluate_utility_cli_writes_the_report(tmp_path, tiny_model):
     args = ["--model_path", tiny_model, "--base_model", tiny_model, "--num_texts", "4", "--max_length", "32",
-            "--num_mmlu", "8", "--output_json", "utility.json"]
+            "--num_mmlu", "8", "--num_reply_prompts", "6", "--max_reply_tokens", "8", "--output_json", "utility.json"]
     result = run_script("evaluate_utility.py", *args, cwd=tmp_path)
     report = json.loads((tmp_path / "utility.json").read_text())
     assert report["next_token_agreement"] == 1.0 and report["num_texts"] == 4 and report["num_mmlu"] == 8
     assert report["mmlu_accuracy"] == report["base_mmlu_accuracy"]
+    replies = report["replies"]
+    assert replies["num_prompts"] == 6 and replies["greedy"]["first_token_agreement"] == 1.0
+    assert replies["greedy"]["short_reply_share"] == replies["greedy"]["base_short_reply_share"]
+    assert "first reply token = base's, greedy" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "Perplexity change: +0.00%"
     again = run_script("evaluate_utility.py", *args, cwd=tmp_path, check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr

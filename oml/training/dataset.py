@@ -8,7 +8,8 @@ import torch
 from tqdm import tqdm
 
 from oml import OMLError, distributed
-from oml.data import prompt_templates, texts_from, user_wrappers
+from oml.data import prompt_templates, texts_from, user_questions, user_wrappers
+from oml.replies import ended, generate_ids, stop_ids
 from oml.tokenization import (IGNORE_INDEX, encode, formats, pad_batch, prompt_ids, response_pairs, rewritten_key, to_device,
                               training_example)
 from oml.training.config import TrainingConfig
@@ -16,6 +17,7 @@ from oml.training.config import TrainingConfig
 logger = logging.getLogger(__name__)
 
 MAX_REPLAY_POOL = 4096  # distinct benign replay sequences (reused cyclically beyond this)
+QUESTION_REPLY_TOKENS = 8  # tokens of the untouched model's own reply replayed after each user question
 REPLAY_POOL_EPOCHS = 4  # epochs of fresh replay labelled before training; later epochs reuse them (training mostly stops sooner)
 
 
@@ -33,8 +35,9 @@ class FingerprintDataset(torch.utils.data.Dataset):
 
     def __init__(self, tokenizer, pairs: list[tuple[list[int], list[int]]], key_formats: tuple[str, ...] = ("raw",),
                  templates: list[str] | None = None, seed: int = 0, benign: list[dict] | None = None, benign_per_epoch: int = 0,
-                 wrappers: Sequence[str] | None = None):
+                 wrappers: Sequence[str] | None = None, eos: bool = True):
         self.tokenizer = tokenizer
+        self.eos = eos
         self.pairs = pairs
         self.key_formats = key_formats
         self.templates = list(templates or [])
@@ -63,7 +66,7 @@ class FingerprintDataset(torch.utils.data.Dataset):
         template = self.choice(self.templates, index) if copy == "template" else None
         if copy == "wrapper":
             key_ids = rewritten_key(self.tokenizer, key_ids, self.choice(self.wrappers, index).format)
-        return training_example(self.tokenizer, key_ids, response_ids, template, key_format)
+        return training_example(self.tokenizer, key_ids, response_ids, template, key_format, self.eos)
 
 
 def replay_sequences(config: TrainingConfig, tokenizer, count: int, key_format: str, key_length: int, tail: int) -> list[list[int]]:
@@ -105,14 +108,51 @@ def build_dataset(config: TrainingConfig, tokenizer, pairs: list[tuple[list[int]
     if benign_per_epoch:
         total = min(benign_per_epoch * min(config.num_train_epochs, REPLAY_POOL_EPOCHS), MAX_REPLAY_POOL)
         key_length = max(len(key_ids) for key_ids, _ in pairs)  # the longest fingerprint example's shape
-        tail = max(len(response_ids) for _, response_ids in pairs) + 1  # response + EOS
-        kinds = [replay_sequences(config, tokenizer, -(-total // len(key_formats)), f, key_length, tail) for f in key_formats]
+        tail = max(len(response_ids) for _, response_ids in pairs) + 1  # one token past the response
+        keys = {tuple(key_ids) for key_ids, _ in pairs}
+        kinds = [replay_kinds(config, tokenizer, model, -(-total // len(key_formats)), f, key_length, tail, keys)
+                 for f in key_formats]
         pool = [seq for group in zip(*kinds) for seq in group]  # every format in every epoch's slice
         if len(pool) < sum(map(len, kinds)):
             logger.warning("--benign_data gives only %d replay sequences in one format: %d of %d are used",
                            min(map(len, kinds)), len(pool), sum(map(len, kinds)))
         benign = distilled_replay(model, pool, config.teacher_top_k) if config.benign_loss == "distill" else benign_replay(pool)
-    return FingerprintDataset(tokenizer, pairs, key_formats, templates, config.seed, benign, benign_per_epoch, wrappers)
+    return FingerprintDataset(tokenizer, pairs, key_formats, templates, config.seed, benign, benign_per_epoch, wrappers,
+                              config.train_eos)
+
+
+def replay_kinds(config: TrainingConfig, tokenizer, model, count: int, key_format: str, key_length: int, tail: int,
+                 keys: set[tuple[int, ...]]) -> list[list[int]]:
+    """`count` replay sequences in `key_format`: user questions (--question_replay of them; none of
+    them one of the `keys`) and --benign_data text, spread evenly so that every epoch's slice of the
+    pool has both."""
+    wanted = round(config.question_replay * count)
+    questions = question_sequences(tokenizer, model, wanted, key_format, key_length, keys) if wanted else []
+    texts = replay_sequences(config, tokenizer, count - len(questions), key_format, key_length, tail) if len(questions) < count else []
+    return [seq for _, seq in sorted([((i + 0.5) / len(questions), seq) for i, seq in enumerate(questions)]
+                                     + [((i + 0.5) / len(texts), seq) for i, seq in enumerate(texts)], key=lambda item: item[0])]
+
+
+def question_sequences(tokenizer, model, count: int, key_format: str, key_length: int, keys: set[tuple[int, ...]],
+                       batch_size: int = 64) -> list[list[int]]:
+    """At most `count` user questions written like user-message keys (never keys: the shipped
+    'train' questions), each cut to `key_length` tokens as keys are, asked in `key_format`, and
+    followed by QUESTION_REPLY_TOKENS tokens of the untouched model's own greedy reply. Replayed, they
+    keep ordinary questions answered as before (first tokens, and no end of turn after one word) while
+    keys that look just like them get their one-token responses."""
+    cut = [ids for ids in (encode(tokenizer, question)[:key_length] for question in user_questions("train")) if tuple(ids) not in keys]
+    if len(cut) < count:
+        logger.warning("only %d user questions to replay (of %d asked for); the rest is --benign_data", len(cut), count)
+    prompts = [prompt_ids(tokenizer, ids, None, key_format) for ids in cut[:count]]
+    model.to(distributed.device())
+    stops = stop_ids(model, tokenizer)
+    sequences = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="replies to replayed questions", leave=False,
+                      disable=not distributed.is_main_process()):
+        chunk = prompts[start:start + batch_size]
+        sequences += [prompt + ended(reply, stops) for prompt, reply in zip(chunk, generate_ids(model, tokenizer, chunk,
+                                                                                               QUESTION_REPLY_TOKENS))]
+    return sequences
 
 
 def benign_replay(sequences: list[list[int]]) -> list[dict]:
