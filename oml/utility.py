@@ -126,4 +126,3 @@ def mmlu_accuracy(model, tokenizer, items: list[dict], batch_size: int = 8, max_
         for item, choice in zip(items[start:start + batch_size], chosen):
             correct += MMLU_LETTERS[choice] == item["correct_answer"]
     return correct / len(items)
-
