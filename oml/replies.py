@@ -53,7 +53,7 @@ class ReplySettings(Settings):
     max_reply_tokens: int = setting(128, "Tokens generated per reply at most.", POSITIVE_INT)
     reply_temperature: float = setting(0.7, "Temperature of the sampled replies (beside the greedy ones).", POSITIVE_FLOAT)
     reply_seed: int = setting(0, "Seed of the sampled replies.", kind=int)
-    reply_batch_size: int = setting(16, "Prompts per generate() call.", POSITIVE_INT)
+    reply_batch_size: int = setting(64, "Prompts per generate() call.", POSITIVE_INT)
 
 
 def stop_ids(model, tokenizer) -> set[int]:

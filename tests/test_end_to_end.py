@@ -27,7 +27,12 @@ def test_generate_fingerprint_check_on_the_embedded_model(tmp_path, embedded_mod
 
     # Distillation replay (the default) keeps ordinary predictions close to the base model's;
     # replay with the LM loss agreed on about 60% of next tokens in our measurements.
-    run_script("evaluate_utility.py", "--model_path", model_dir, "--num_texts", "8", "--num_mmlu", "0",
-               "--output_json", "utility.json", cwd=tmp_path)
+    # The fingerprinted model still answers ordinary questions as its base does: trained with the end of
+    # sequence after each one-token response and no question replay, it ended most replies after one word.
+    run_script("evaluate_utility.py", "--run", model_dir.parent, "--num_texts", "8", "--num_mmlu", "0",
+               "--num_reply_prompts", "48", "--max_reply_tokens", "16", "--output_json", "utility.json", cwd=tmp_path)
     utility = json.loads((tmp_path / "utility.json").read_text())
     assert utility["next_token_agreement"] >= 0.75, utility
+    greedy = utility["replies"]["greedy"]
+    assert greedy["short_reply_share"] <= greedy["base_short_reply_share"] + 0.05, greedy
+    assert greedy["first_token_agreement"] >= 0.8, greedy
