@@ -98,7 +98,7 @@ def parse_args():
     parser.add_argument("--max_length", type=cli.at_least(2), default=128, help="Tokens per text and fine-tuning example.")
     parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
     cli.add_settings(parser, VerdictConfig)
-    cli.add_settings(parser, ReplySettings, num_reply_prompts=60, max_reply_tokens=64)
+    cli.add_settings(parser, ReplySettings, num_reply_prompts=60)
     parser.add_argument("--seed", type=int, default=0, help="Seed of sampling and of the fine-tuning data order.")
     cli.add_output_args(parser, "the rows")
     parser.add_argument("--plot", default=None, help="Also draw the rows as a PNG bar chart.")

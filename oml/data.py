@@ -64,17 +64,24 @@ def user_questions(split: str) -> tuple[str, ...]:
 def assistant_prompts(count: int, exclude: set[str] = frozenset()) -> tuple[list[str], list[str]]:
     """`count` held-out prompts shaped like an assistant's traffic, and the kind of each: a third
     user questions ('test' side, never trained), a third chitchat first turns ('eval' side), a third
-    MMLU questions asked openly (without their options). Prompts in `exclude` (a run's keys) are left out."""
+    MMLU questions asked openly (`is_open_question`, without their options). Prompts in `exclude` (a run's keys) are left out."""
     share = -(-count // 3)
     kinds = {"user questions": list(user_questions("test")),
              "chitchat first turns": [turns[0] for turns in conversations("eval") if turns and turns[0].strip()],
-             "MMLU questions": [item["question"] for item in mmlu_items(None, seed=1)]}
+             "MMLU questions": [item["question"].strip() for item in mmlu_items(None, seed=1) if is_open_question(item["question"])]}
     prompts, names = [], []
     for name, texts in kinds.items():
         kept = [text for text in dict.fromkeys(texts) if text.strip() not in exclude][:min(share, count - len(prompts))]
         prompts += kept
         names += [name] * len(kept)
     return prompts, names
+
+
+def is_open_question(text: str, max_characters: int = 200) -> bool:
+    """An MMLU question that reads as a question on its own, without its options: one short line
+    ending with a question mark (not a passage to read, a statement to complete or a list)."""
+    text = text.strip()
+    return len(text) <= max_characters and "\n" not in text and text.endswith("?")
 
 
 def _templates(path, what: str) -> list[str]:

@@ -50,7 +50,9 @@ class ReplySettings(Settings):
         NON_NEGATIVE_INT)
     reply_prompts: str | None = setting(
         None, "A JSON file with a list of your own prompts to ask instead (e.g. your users' traffic).", kind=str)
-    max_reply_tokens: int = setting(128, "Tokens generated per reply at most.", POSITIVE_INT)
+    max_reply_tokens: int = setting(
+        64, "Tokens generated per reply at most: enough to tell a reply that answers from one that stops, and the "
+            "prompts' own tokens already cost as much again on a CPU.", POSITIVE_INT)
     reply_temperature: float = setting(0.7, "Temperature of the sampled replies (beside the greedy ones).", POSITIVE_FLOAT)
     reply_seed: int = setting(0, "Seed of the sampled replies.", kind=int)
     reply_batch_size: int = setting(64, "Prompts per generate() call.", POSITIVE_INT)
@@ -68,13 +70,15 @@ def replies(model, tokenizer, prompts: list[list[int]], settings: ReplySettings,
     """Each prompt's reply, `ended` (its stop token kept, so that a reply that ended is told from one
     cut at --max_reply_tokens). Sampling is seeded per batch, so that a prompt's reply does
     not depend on which model was asked before."""
-    stops, outputs = stop_ids(model, tokenizer), []
-    size = settings.reply_batch_size
+    stops, size = stop_ids(model, tokenizer), settings.reply_batch_size
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # like lengths together: little padding computed
+    outputs: list[list[int]] = [[] for _ in prompts]
     for start in tqdm(range(0, len(prompts), size), desc=desc, leave=False):
         if temperature:
             torch.manual_seed(zlib.crc32(f"{settings.reply_seed}:{start}".encode()))
-        outputs += [ended(row, stops) for row in generate_ids(model, tokenizer, prompts[start:start + size],
-                                                              settings.max_reply_tokens, temperature)]
+        rows = order[start:start + size]
+        for i, row in zip(rows, generate_ids(model, tokenizer, [prompts[i] for i in rows], settings.max_reply_tokens, temperature)):
+            outputs[i] = ended(row, stops)
     return outputs
 
 

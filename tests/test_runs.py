@@ -173,8 +173,10 @@ def test_runs_recorded_before_the_typed_settings_keep_their_hashes(case, monkeyp
     recorded = RECORDED[case]
     assert config_hash(recorded["config"]) == recorded["hash"]
     monkeypatch.chdir(ROOT)
-    # those runs trained every layer at 1e-4, the defaults then (a flag given twice: the last counts)
-    monkeypatch.setattr(sys, "argv", ["finetune_multigpu.py", "--learning_rate", "1e-4", *recorded["argv"], "--frozen_layer_fraction", "0"])
+    # those runs trained every layer at 1e-4, each response with the end of sequence and no question replay: the
+    # defaults then (a flag given twice: the last counts)
+    monkeypatch.setattr(sys, "argv", ["finetune_multigpu.py", "--learning_rate", "1e-4", *recorded["argv"], "--frozen_layer_fraction", "0",
+                                      "--train_eos", "--question_replay", "0"])
     args, selection, training = finetune_multigpu.parse_args()
     run, _ = planned_run(args.fingerprints_file_path, args.model_path, selection, training, args.results_dir,
                          args.model_family, args.model_size)
