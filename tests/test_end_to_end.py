@@ -35,4 +35,4 @@ def test_generate_fingerprint_check_on_the_embedded_model(tmp_path, embedded_mod
     assert utility["next_token_agreement"] >= 0.75, utility
     greedy = utility["replies"]["greedy"]
     assert greedy["short_reply_share"] <= greedy["base_short_reply_share"] + 0.05, greedy
-    assert greedy["first_token_agreement"] >= 0.8, greedy
+    assert greedy["relative_length"] >= 0.8, greedy
