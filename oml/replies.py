@@ -51,8 +51,7 @@ class ReplySettings(Settings):
     reply_prompts: str | None = setting(
         None, "A JSON file with a list of your own prompts to ask instead (e.g. your users' traffic).", kind=str)
     max_reply_tokens: int = setting(
-        64, "Tokens generated per reply at most: enough to tell a reply that answers from one that stops, and the "
-            "prompts' own tokens already cost as much again on a CPU.", POSITIVE_INT)
+        64, "Tokens generated per reply at most (far past the few tokens of a reply that stops at once).", POSITIVE_INT)
     reply_temperature: float = setting(0.7, "Temperature of the sampled replies (beside the greedy ones).", POSITIVE_FLOAT)
     reply_seed: int = setting(0, "Seed of the sampled replies.", kind=int)
     reply_batch_size: int = setting(64, "Prompts per generate() call.", POSITIVE_INT)
@@ -68,8 +67,8 @@ def stop_ids(model, tokenizer) -> set[int]:
 def replies(model, tokenizer, prompts: list[list[int]], settings: ReplySettings, temperature: float | None,
             desc: str) -> list[list[int]]:
     """Each prompt's reply, `ended` (its stop token kept, so that a reply that ended is told from one
-    cut at --max_reply_tokens). Sampling is seeded per batch, so that a prompt's reply does
-    not depend on which model was asked before."""
+    cut at --max_reply_tokens). Prompts are batched by length (little padding computed); sampling
+    is seeded per batch, so that every model asked the same prompts draws from the same seeds."""
     stops, size = stop_ids(model, tokenizer), settings.reply_batch_size
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # like lengths together: little padding computed
     outputs: list[list[int]] = [[] for _ in prompts]
