@@ -12,7 +12,7 @@ dataset and replay, loss and trainer, callbacks, weight algebra, backend), the r
 (`runs`), its commitment (`commitment`) and ledger of revealed keys (`ledger`), checking
 (`checking`), suspects behind an API (`remote`), the statistics of a check (`stats`) and its
 sequential form (`sequential`), evidence bundles (`evidence`), benign evaluation data (`data`),
-attacks (`attacks`), utility measures (`utility`), process ranks (`distributed`) and the
+attacks (`attacks`), utility measures (`utility`), generated replies and the reply measure (`replies`), process ranks (`distributed`) and the
 command-line plumbing (`cli`).
 """
 import importlib
