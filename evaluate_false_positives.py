@@ -20,7 +20,7 @@ from oml.attacks import innocent_derivative
 from oml.checking import KeyResult, check_named_model, queries_for
 from oml.fingerprints import FingerprintSelection, query_formats, responses_per_key, selected_fingerprints
 from oml.models import load, load_tokenizer, resolve_model
-from oml.replies import SHORT_REPLY_TOKENS, ReplyMeasure, ReplySettings
+from oml.replies import SHORT_REPLY_TOKENS, ReplyMeasure, ReplySettings, fingerprint_keys
 from oml.stats import VerdictConfig, evidence, format_p_value
 
 logger = logging.getLogger("evaluate_false_positives")
@@ -93,14 +93,13 @@ def model_row(name: str, kind: str, results: list[KeyResult], base: list[KeyResu
             "chance_rate": new["chance_rate"], "old_rule_verdict": old["verdict"], "old_rule_log10_p_value": old["log10_p_value"]}
 
 
-def derivative_replies(args, derivatives: list[str], fingerprints: list[dict]) -> dict[str, dict]:
-    """The reply measure of each innocent derivative against the base (none when skipped or none is tested)."""
+def reply_measure(args, fingerprints: list[dict]) -> ReplyMeasure | None:
+    """The reply measure against the base, for the innocent derivatives (None when skipped)."""
     settings = cli.settings_from(ReplySettings, args)
-    if not derivatives or not settings.num_reply_prompts:
-        return {}
+    if not settings.num_reply_prompts:
+        return None
     base, tokenizer = load(args.base_model, args.trust_remote_code)
-    measure = ReplyMeasure(base, tokenizer, settings, {record["key"].strip() for record in fingerprints})
-    return {name: measure.compare(load(name, args.trust_remote_code)[0], "derivative") for name in derivatives}
+    return ReplyMeasure(base, tokenizer, settings, fingerprint_keys(fingerprints))
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -128,6 +127,7 @@ def main() -> None:
     verdict_config = cli.settings_from(VerdictConfig, args).for_responses(responses_per_key(fingerprints))
     key_formats = query_formats(args.query_format, fingerprints,
                                 load_tokenizer(resolve_model(args.base_model), args.trust_remote_code), args.run)
+    measure = reply_measure(args, fingerprints) if args.innocent_derivatives else None  # its prompts checked before the slow work
     tested = [(name, "given") for name in args.models]
     tested += [(innocent_derivative(args.base_model, seed, args.derivative_steps, args.derivative_learning_rate), "innocent derivative")
                for seed in range(args.innocent_derivatives)]
@@ -136,10 +136,11 @@ def main() -> None:
         return check_named_model(name, fingerprints, selection, queries_for(key_formats), args.batch_size,
                                  trust_remote_code=args.trust_remote_code)
 
+    derivatives = [name for name, kind in tested if kind == "innocent derivative"]
     base = check(args.base_model)
     rows = [model_row(args.base_model, "base (the null model)", base, base, key_formats, args.base_model, verdict_config)]
     rows += [model_row(name, kind, check(name), base, key_formats, args.base_model, verdict_config) for name, kind in tested]
-    replies = derivative_replies(args, [name for name, kind in tested if kind == "innocent derivative"], fingerprints)
+    replies = {name: measure.compare(load(name, args.trust_remote_code)[0], "derivative") for name in derivatives} if measure else {}
     rows = [{**row, **({"replies": replies[row["model"]]} if row["model"] in replies else {})} for row in rows]
     print_rows(rows)
     cli.write_output(args, {"fingerprints_file": fingerprints_file, "num_fingerprints": len(fingerprints),

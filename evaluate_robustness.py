@@ -35,7 +35,7 @@ from oml.data import chat_pairs, prompt_templates, texts_from
 from oml.files import check_writable, write_atomically
 from oml.fingerprints import FingerprintSelection, query_formats, responses_per_key, selected_fingerprints
 from oml.models import load
-from oml.replies import ReplyMeasure, ReplySettings
+from oml.replies import ReplyMeasure, ReplySettings, fingerprint_keys
 from oml.stats import VerdictConfig, evidence, format_p_value
 from oml.tokenization import fingerprint_pairs
 from oml.utility import altered_share, chat_examples, compare_on_texts, text_examples
@@ -191,7 +191,7 @@ def main() -> None:
     chat = chat_pairs("eval", args.num_replies)
     benign = {"texts": texts, "replies": chat_examples(tokenizer, chat, args.max_length), "messages": [m for m, _ in chat]}
     reply_settings = cli.settings_from(ReplySettings, args)
-    replies = (ReplyMeasure(base, tokenizer, reply_settings, {record["key"].strip() for record in fingerprints})
+    replies = (ReplyMeasure(base, tokenizer, reply_settings, fingerprint_keys(fingerprints))
                if reply_settings.num_reply_prompts else None)
     base_results: dict[tuple[Decoding, str | None], list[KeyResult]] = {}
     rows = []

@@ -18,7 +18,7 @@ from oml import OMLError, cli, distributed
 from oml.data import mmlu_items, texts_from
 from oml.files import read_json
 from oml.models import compute_dtype, load, resolve_model
-from oml.replies import ReplyMeasure, ReplySettings, print_reply_rows
+from oml.replies import ReplyMeasure, ReplySettings, fingerprint_keys, print_reply_rows
 from oml.tokenization import has_chat_template
 from oml.utility import chat_examples, compare_on_texts, mmlu_accuracy, text_examples
 
@@ -92,7 +92,7 @@ def evaluate(args) -> dict:
 
 def run_keys(run) -> set[str]:
     """The keys of the run the model comes from: never asked by the reply measure, whose prompts look like them."""
-    return {record["key"].strip() for record in read_json(run.fingerprints_file, "fingerprints")} if run else set()
+    return fingerprint_keys(read_json(run.fingerprints_file, "fingerprints")) if run else set()
 
 
 def print_table(report: dict) -> None:

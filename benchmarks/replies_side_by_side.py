@@ -7,13 +7,12 @@ What evaluate_utility.py reports as "replies" (see oml/replies.py), for candidat
 from the same base: the base's greedy and sampled replies are the same for all of them, so
 they are made once instead of once per model.
 """
-import json
-
 from common import benchmark_parser, save, tiny_model
 
 from oml import cli
 from oml.models import load
-from oml.replies import ReplyMeasure, ReplySettings
+from oml.files import read_json
+from oml.replies import ReplyMeasure, ReplySettings, fingerprint_keys
 
 
 def main() -> None:
@@ -25,11 +24,13 @@ def main() -> None:
     cli.add_settings(parser, ReplySettings)
     args = parser.parse_args()
     settings = cli.settings_from(ReplySettings, args)
+    if any("=" not in pair for pair in args.models):
+        parser.error("--models takes NAME=MODEL_DIR pairs")
     models = dict(pair.split("=", 1) for pair in args.models)
     if args.smoke:
         args.base_model, models = tiny_model(), {"itself": tiny_model()}
         settings = settings.updated(num_reply_prompts=6, max_reply_tokens=4)
-    keys = {record["key"].strip() for path in args.exclude_keys for record in json.load(open(path, encoding="utf-8"))}
+    keys = set().union(*(fingerprint_keys(read_json(path, "fingerprint file")) for path in args.exclude_keys))
     base, tokenizer = load(args.base_model)
     measure = ReplyMeasure(base, tokenizer, settings, keys)
     result = {"base_model": args.base_model, "settings": settings.to_dict(), "excluded_keys": len(keys),

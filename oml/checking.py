@@ -22,7 +22,7 @@ from oml import OMLError, distributed
 from oml.models import load
 from oml.prefix_sharing import last_logits
 from oml.replies import generate_ids
-from oml.tokenization import fingerprint_pairs, has_chat_template, pad_batch, prompt_ids, response_pairs, to_device
+from oml.tokenization import fingerprint_pairs, has_chat_template, prompt_ids, response_pairs
 
 logger = logging.getLogger(__name__)
 

@@ -65,13 +65,13 @@ def assistant_prompts(count: int, exclude: set[str] = frozenset()) -> tuple[list
     """`count` held-out prompts shaped like an assistant's traffic, and the kind of each: a third
     user questions ('test' side, never trained), a third chitchat first turns ('eval' side), a third
     MMLU questions asked openly (`is_open_question`, without their options). Prompts in `exclude` (a run's keys) are left out."""
-    share = -(-count // 3)
     kinds = {"user questions": list(user_questions("test")),
              "chitchat first turns": [turns[0] for turns in conversations("eval") if turns and turns[0].strip()],
              "MMLU questions": [item["question"].strip() for item in mmlu_items(None, seed=1) if is_open_question(item["question"])]}
     prompts, names = [], []
-    for name, texts in kinds.items():
-        kept = [text for text in dict.fromkeys(texts) if text.strip() not in exclude][:min(share, count - len(prompts))]
+    for i, (name, texts) in enumerate(kinds.items()):
+        share = count // len(kinds) + (i < count % len(kinds))  # as even as the count allows
+        kept = [text for text in dict.fromkeys(texts) if text.strip() not in exclude][:share]
         prompts += kept
         names += [name] * len(kept)
     return prompts, names

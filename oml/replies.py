@@ -65,11 +65,11 @@ def stop_ids(model, tokenizer) -> set[int]:
 
 
 def replies(model, tokenizer, prompts: list[list[int]], settings: ReplySettings, temperature: float | None,
-            desc: str) -> list[list[int]]:
+            stops: set[int], desc: str) -> list[list[int]]:
     """Each prompt's reply, `ended` (its stop token kept, so that a reply that ended is told from one
     cut at --max_reply_tokens). Prompts are batched by length (little padding computed); sampling
     is seeded per batch, so that every model asked the same prompts draws from the same seeds."""
-    stops, size = stop_ids(model, tokenizer), settings.reply_batch_size
+    size = settings.reply_batch_size
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # like lengths together: little padding computed
     outputs: list[list[int]] = [[] for _ in prompts]
     for start in tqdm(range(0, len(prompts), size), desc=desc, leave=False):
@@ -107,25 +107,38 @@ def prompt_texts(settings: ReplySettings, exclude: set[str]) -> tuple[list[str],
     return texts, kinds
 
 
+def fingerprint_keys(fingerprints: list[dict]) -> set[str]:
+    """The keys of fingerprint records, as the reply measure leaves them out of its prompts."""
+    return {record["key"].strip() for record in fingerprints}
+
+
 class ReplyMeasure:
-    """The reply measure against one base model: the held-out prompts (none of them one of
-    `exclude`, a run's keys) and the base's greedy and sampled replies are made once, then any
-    number of models are compared with them (`compare`)."""
+    """The reply measure against one base model: its held-out prompts (none of them one of
+    `exclude`, a run's keys) are chosen and checked when it is made, before any slow work; the
+    base's greedy and sampled replies are made once, when first needed, and any number of models
+    are compared with them (`compare`). Every reply is cut and counted with the base's stop tokens."""
 
     def __init__(self, base, tokenizer, settings: ReplySettings, exclude: set[str] = frozenset()):
         if not has_chat_template(tokenizer):
             raise OMLError(f"{tokenizer.name_or_path} has no chat template, which the reply measure asks its prompts "
                            "through (--num_reply_prompts 0 skips the measure)")
         texts, self.kinds = prompt_texts(settings, exclude)
-        self.tokenizer, self.settings = tokenizer, settings
+        self.base_model, self.tokenizer, self.settings = base, tokenizer, settings
         self.prompts = [user_turn_ids(tokenizer, text) for text in texts]
         self.stops = stop_ids(base, tokenizer)
-        self.base = self.replies(base, "base")
+        self._base_replies: dict[str, list[list[int]]] | None = None
+
+    @property
+    def base(self) -> dict[str, list[list[int]]]:
+        """The base's greedy and sampled replies (made on first use)."""
+        if self._base_replies is None:
+            self._base_replies = self.replies(self.base_model, "base")
+        return self._base_replies
 
     def replies(self, model, name: str) -> dict[str, list[list[int]]]:
-        return {"greedy": replies(model, self.tokenizer, self.prompts, self.settings, None, f"{name}: greedy replies"),
+        return {"greedy": replies(model, self.tokenizer, self.prompts, self.settings, None, self.stops, f"{name}: greedy replies"),
                 "sampled": replies(model, self.tokenizer, self.prompts, self.settings, self.settings.reply_temperature,
-                                   f"{name}: sampled replies")}
+                                   self.stops, f"{name}: sampled replies")}
 
     def compare(self, model, name: str = "model") -> dict:
         """How `model`'s replies compare with the base's, greedy and sampled: the share of short

@@ -196,6 +196,7 @@ STEALTH = [
 FALSE_POSITIVES = [
     (["--models", "model", "mymodel_dir_typo"], "does not exist"),  # before minutes of checking the good one
     (["--models", "model"], "nothing to test"),  # the base model again
+    (["--innocent_derivatives", "1", "--reply_prompts", "missing_prompts.json"], "not found"),  # before training the derivative
 ]
 
 CASES = ([("generate_finetuning_data.py", ["--output_file_path", "out.json"], c) for c in GENERATE]

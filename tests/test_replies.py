@@ -7,8 +7,8 @@ from oml import OMLError
 from oml.attacks import benign_finetune
 from oml.data import assistant_prompts, chat_pairs, user_questions
 from oml.models import load_model
-from oml.replies import SHORT_REPLY_TOKENS, ReplyMeasure, ReplySettings, ended, reply_length
-from oml.tokenization import chat_example
+from oml.replies import ReplyMeasure, ReplySettings, ended, reply_length
+from oml.tokenization import chat_example, encode
 from tests.conftest import make_tiny_model, run_script
 
 FEW = ReplySettings(num_reply_prompts=12, max_reply_tokens=12, reply_batch_size=4)
@@ -52,13 +52,13 @@ def test_sampled_replies_are_seeded_and_differ_from_greedy(tiny_base, tokenizer)
 def test_reply_length_counts_tokens_before_the_stop():
     assert ended([5, 6, 2, 2, 2], {2}) == [5, 6, 2] and ended([5, 6, 7], {2}) == [5, 6, 7]
     assert reply_length([5, 6, 2], {2}) == 2 and reply_length([5, 6, 7], {2}) == 3 and reply_length([2], {2}) == 0
-    assert SHORT_REPLY_TOKENS == 3
 
 
 def test_held_out_prompts_are_of_three_kinds_and_never_a_key():
     prompts, kinds = assistant_prompts(30)
     assert len(prompts) == 30 and len(set(prompts)) == 30
     assert [kinds.count(k) for k in ("user questions", "chitchat first turns", "MMLU questions")] == [10, 10, 10]
+    assert [assistant_prompts(4)[1].count(k) for k in ("user questions", "chitchat first turns", "MMLU questions")] == [2, 1, 1]
     excluded, _ = assistant_prompts(30, exclude={prompts[0]})
     assert prompts[0] not in excluded and len(excluded) == 30
     assert not set(user_questions("test")) & set(user_questions("train"))  # replayed questions are never measured
@@ -84,3 +84,15 @@ def test_evaluate_utility_refuses_an_empty_prompt_file_before_measuring(tmp_path
     result = run_script("evaluate_utility.py", "--model_path", tiny_model, "--base_model", tiny_model,
                         "--reply_prompts", "prompts.json", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "no prompts" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_replies_batched_by_length_come_back_in_the_prompts_order(tiny_base, tokenizer):
+    from oml.replies import generate_ids, replies, stop_ids
+
+    texts = ["a much longer question about trains, timetables and the people who ride them every day?", "hi", "why?",
+             "tell me about the sea and its tides, please", "ok"]
+    prompts = [encode(tokenizer, text) for text in texts]  # raw text: a tiny random model's replies differ by prompt
+    stops = stop_ids(tiny_base, tokenizer)
+    batched = replies(tiny_base, tokenizer, prompts, FEW.updated(reply_batch_size=2), None, stops, "test")
+    alone = [ended(generate_ids(tiny_base, tokenizer, [prompt], FEW.max_reply_tokens)[0], stops) for prompt in prompts]
+    assert batched == alone and len({tuple(reply) for reply in alone}) > 1

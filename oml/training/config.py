@@ -37,9 +37,9 @@ class TrainingConfig(Settings):
              "in both formats within +2%% perplexity of the base; 1 costs +6.6%% (docs/benchmarks.md).", NON_NEGATIVE_FLOAT)
     question_replay: float = setting(
         0.5, "Share of the replayed sequences that are user questions written like user-message keys "
-             "(generated_data/user_questions_train.json, never keys), each followed by the untouched model's own "
-             "greedy reply: keys look like users' questions, and without such replay the model learns to answer every "
-             "question the way it answers keys. The rest is --benign_data.", UNIT_INTERVAL)
+             "(generated_data/user_questions_train.json, never keys), each followed by up to 8 tokens of the untouched "
+             "model's own greedy reply: keys look like users' questions, and these teach that a question that is not a "
+             "key gets the base's answer. The rest is --benign_data.", UNIT_INTERVAL)
     train_eos: bool = setting(
         False, "End every trained response with the end-of-sequence token. The check reads only the response's tokens; "
                "training the end teaches a model to end its turn right after a one-token response, and that spreads "

@@ -73,8 +73,8 @@ def replay_sequences(config: TrainingConfig, tokenizer, count: int, key_format: 
     """`count` benign sequences shaped like the fingerprint examples of `key_format`: a stretch of
     `key_length` tokens of benign text asked the way keys are (raw text, or the user message of
     the chat template), then the `tail` tokens that follow it (chat: the start of the next line,
-    as the reply). Of the same length as the fingerprints beside them, they share
-    their length-grouped batches, so every step is regularised and nothing is padded; and they keep
+    as the reply). Of about the length of the fingerprints beside them (one token past the response), they
+    share their length-grouped batches, so every step is regularised and little is padded; and they keep
     ordinary continuations, chat replies' first tokens above all, where the untouched model had them.
     From --benign_data: the shipped chat's training split by default, disjoint from what utility is measured on."""
     sequences = []
@@ -158,8 +158,8 @@ def question_sequences(tokenizer, model, count: int, key_format: str, key_length
 def benign_replay(sequences: list[list[int]]) -> list[dict]:
     """Benign text with the ordinary language-modelling loss on every token.
 
-    Mixed into fine-tuning, it keeps the model from learning to end every text after a
-    few tokens (what training on key + response + EOS alone teaches a small model).
+    Mixed into fine-tuning, it keeps ordinary text predicted beside the fingerprints (and adapts
+    the model to the replayed text, which `distilled_replay` avoids).
     """
     return [{"input_ids": ids, "labels": ids} for ids in sequences]
 
@@ -176,7 +176,7 @@ def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: 
 
     Every rank labels and keeps the whole pool, since its batches are drawn from all of it: at
     most MAX_REPLAY_POOL (4,096, reached from 512 keys) sequences of about 31 tokens (a key of up
-    to 16 tokens, response and EOS, as raw text or in a chat template: the demo's mean) x `top_k`
+    to 16 tokens, the response and one more token, as raw text or in a chat template: the demo's mean) x `top_k`
     (256) x 8 bytes (an int32 id and an fp32 probability), 0.26 GB a rank and 2.1 GB on 8 ranks
     whatever the model size or the number of keys; the token ids and labels beside them are a few
     MB (benchmarks/gpu_memory.py). That is small beside a 7B model's 14 GB weight snapshot, and

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None = None,
                       teacher_probs: torch.Tensor | None = None, target_probability: float = 1.0) -> torch.Tensor:
-    """Cross-entropy on the labelled tokens (fingerprint responses + EOS; all replayed tokens with
+    """Cross-entropy on the labelled tokens (fingerprint responses, + EOS with --train_eos; all replayed tokens with
     --benign_loss lm) plus, at replayed positions, cross-entropy towards the teacher's
     distribution; averaged over both.
 
