@@ -146,10 +146,17 @@ def revealed(run_dir: str | Path) -> set[int]:
     return _positions(entries(run_dir))
 
 
+def unrevealed(run_dir: str | Path, candidates: Sequence[int]) -> list[int]:
+    """The `candidates` (positions in committed order) a later check may draw: those after the last key
+    ever revealed, so that a check's keys are consecutive committed positions (a gap left by an earlier
+    check of a narrower selection stays unused)."""
+    frontier = max(revealed(run_dir), default=-1)
+    return [position for position in candidates if position > frontier]
+
+
 def remaining(run_dir: str | Path, candidates: Sequence[int]) -> int:
-    """How many of `candidates` (positions in committed order) were never revealed: the keys still worth asking."""
-    taken = revealed(run_dir)
-    return sum(1 for position in candidates if position not in taken)
+    """How many of `candidates` a later check may still draw (see `unrevealed`)."""
+    return len(unrevealed(run_dir, candidates))
 
 
 def choose(taken: set[int], count: int, candidates: Sequence[int], reuse: bool = False) -> list[int]:

@@ -181,11 +181,10 @@ class Disclosure:
         self.run_dir = run.directory if run is not None and own_fingerprints and reveals else None
         self.offset, self.suspect, self.reuse = offset, suspect, reuse
         self.check = uuid.uuid4().hex
-        taken = ledger.revealed(self.run_dir) if self.run_dir is not None and not reuse else set()
-        # After the last key ever revealed, so that a check's keys are consecutive committed positions
-        # (a gap left by an earlier check of a narrower selection stays unused).
-        frontier = max(taken, default=-1)
-        self.candidates = [i for i in range(count) if offset + i > frontier]  # indices into the selected fingerprints
+        positions = range(offset, offset + count)
+        if self.run_dir is not None and not reuse:
+            positions = ledger.unrevealed(self.run_dir, positions)
+        self.candidates = [p - offset for p in positions]  # indices into the selected fingerprints
         if not self.candidates:
             raise OMLError(f"every selected key of run {run.directory} was revealed by earlier checks (see its "
                            f"{ledger.LEDGER_NAME}); select others, or pass --reuse_revealed to ask known keys again")
@@ -209,12 +208,11 @@ class Disclosure:
 
     def summary(self, count: int) -> dict | None:
         """The committed positions this check revealed, and how many of the `count` selected keys a later
-        check can still draw (those after the last key ever revealed)."""
+        check can still draw (`ledger.unrevealed`)."""
         if self.run_dir is None:
             return None
-        frontier = max(ledger.revealed(self.run_dir), default=-1)
         return {"positions": [self.offset + i for i in self.sent], "ledger": str(ledger.ledger_path(self.run_dir)),
-                "never_revealed": sum(1 for p in range(self.offset, self.offset + count) if p > frontier)}
+                "never_revealed": ledger.remaining(self.run_dir, range(self.offset, self.offset + count))}
 
 
 def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list[dict] | None = None,

@@ -8,7 +8,7 @@ recorded config.json (read back through the same validation, so a hand-edited fi
 `max_key_length: -3` is refused rather than silently used).
 """
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable
 
 from oml import OMLError
@@ -32,7 +32,6 @@ class Bound:
 
 POSITIVE_INT = Bound(int, lambda v: v >= 1, "an integer >= 1")
 NON_NEGATIVE_INT = Bound(int, lambda v: v >= 0, "an integer >= 0")
-ANY_INT = Bound(int, lambda v: True, "an integer")
 POSITIVE_FLOAT = Bound(float, lambda v: v > 0, "a finite number > 0")
 NON_NEGATIVE_FLOAT = Bound(float, lambda v: v >= 0, "a finite number >= 0")
 UNIT_INTERVAL = Bound(float, lambda v: 0 <= v <= 1, "between 0 and 1")
@@ -45,13 +44,20 @@ def at_least(minimum: int) -> Bound:
     return Bound(int, lambda v: v >= minimum, f"an integer >= {minimum}")
 
 
+def at_least_float(minimum: float) -> Bound:
+    return Bound(float, lambda v: v >= minimum, f"a finite number >= {minimum:g}")
+
+
 def setting(default: Any, help: str, bound: Bound | None = None, choices: tuple | None = None, kind: type | None = None,
-            nargs: str | None = None) -> Any:
+            nargs: str | None = None, positional: bool = False) -> Any:
     """A dataclass field with what the command line and validation need. `kind` is the type of a
-    non-numeric value (default: the default's type); `nargs="+"` makes a tuple of values."""
+    non-numeric value (default: the default's type); `nargs="+"` makes a tuple of values ("*": one
+    that may be empty). A `default` of MISSING makes the setting required: a required flag, or with
+    `positional` an argument given without a flag name."""
+    given = default is not None and default is not MISSING
     return field(default=default, metadata={"help": help, "bound": bound, "choices": choices,
-                                             "kind": kind or (type(default) if default is not None and bound is None else None),
-                                             "nargs": nargs})
+                                             "kind": kind or (type(default) if given and bound is None else None),
+                                             "nargs": nargs, "positional": positional})
 
 
 def check_value(name: str, value: Any, metadata: dict) -> Any:
@@ -60,8 +66,8 @@ def check_value(name: str, value: Any, metadata: dict) -> Any:
     if value is None:
         return None
     if metadata.get("nargs"):
-        if not isinstance(value, (list, tuple)) or not value:
-            raise OMLError(f"{name} must be a non-empty list, not {value!r}")
+        if not isinstance(value, (list, tuple)) or (not value and metadata["nargs"] == "+"):
+            raise OMLError(f"{name} must be a {'non-empty ' if metadata['nargs'] == '+' else ''}list, not {value!r}")
         return tuple(check_value(name, item, {**metadata, "nargs": None}) for item in value)
     bound, choices, kind = metadata.get("bound"), metadata.get("choices"), metadata.get("kind")
     if bound is not None:
