@@ -29,8 +29,8 @@ import torch
 from oml import cli
 from oml.attacks import (FRONT_ENDS, GGUF_TYPES, benign_finetune, innocent_derivative, lora_finetune, meraser, meraser_examples,
                          merge_into, quantize_round_trip, rewritten_keys)
-from oml.checking import (GREEDY, Decoding, KeyResult, LookaheadSuppression, NeighbourSuppression, Sampling, TopKSuppression,
-                          check_model, queries_for)
+from oml.checking import KeyResult, check_model, queries_for
+from oml.decoding import GREEDY, Decoding, LookaheadSuppression, NeighbourSuppression, Sampling, TopKSuppression
 from oml.data import chat_pairs, prompt_templates, texts_from
 from oml.files import check_writable, write_atomically
 from oml.fingerprints import FingerprintSelection, query_formats, responses_per_key, selected_fingerprints

@@ -1,7 +1,7 @@
 """What happens to a published model, as functions: what deployers do (casts, GGUF quantization,
 further fine-tuning, merging, rewriting the user's text in a front end) and what a thief adds to
 hide a fingerprint (MEraser). Decoding-side attacks (sampling, output suppression and the other
-suppressions of `checking.Decoding`'s subclasses) are played by the checker itself (`checking.check_batch`).
+suppressions of `decoding.Decoding`'s subclasses) are played by the checker itself (`checking.check_batch`).
 
 Also the innocent derivatives of a base model: short benign fine-tunes, never shown our keys,
 which the verdict must never accuse.

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from oml import OMLError, distributed
-from oml.checking import neighbours
+from oml.decoding import neighbours
 from oml.data import words
 from oml.fingerprints import DEFAULT_KEY_LENGTH, load_keys
 from oml.models import load

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from oml import OMLError
-from oml.checking import Decoding
+from oml.decoding import Decoding
 from oml.tokenization import IGNORE_INDEX, chat_example, encode, pad_batch, special_prefix, to_device
 
 MMLU_LETTERS = ("A", "B", "C", "D")

@@ -10,8 +10,8 @@ import torch
 
 from oml.attacks import (DEPLOYER_TEMPLATE, FRONT_ENDS, benign_finetune, innocent_derivative, meraser, meraser_examples, merge_into,
                          mismatched_pairs, quantize_round_trip, rewritten_keys)
-from oml.checking import (BARE, Decoding, LookaheadSuppression, NeighbourSuppression, Sampling, TopKSuppression, check_model,
-                          neighbours)
+from oml.checking import BARE, check_model
+from oml.decoding import Decoding, LookaheadSuppression, NeighbourSuppression, Sampling, TopKSuppression, neighbours
 from oml.data import chat_pairs, user_wrappers
 from oml.replies import generate_ids
 from oml.generation import random_words, rng_for

@@ -6,7 +6,8 @@ import torch
 from scipy.stats import binom
 
 from oml import prefix_sharing
-from oml.checking import BARE, NeighbourSuppression, Query, check_model
+from oml.checking import BARE, Query, check_model
+from oml.decoding import NeighbourSuppression
 from oml.models import load_model, load_tokenizer
 from oml.prefix_sharing import common_prefix_length, padded_after_prefix, shared_prefix_length
 from oml.stats import VerdictConfig, chance_rate_upper_bound, format_p_value, log10_p_value, verdict

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from oml.checking import BARE, NeighbourSuppression, check_model
+from oml.checking import BARE, check_model
+from oml.decoding import NeighbourSuppression
 from oml.data import benign_texts
 from oml.models import load_model, load_tokenizer
 from oml.tokenization import fingerprint_pairs

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from oml.checking import normalised
+from oml.decoding import normalised
 from oml.generation import perinucleus_choice
 from tests.conftest import run_script
 
