@@ -17,11 +17,15 @@ from oml.runs import committed_records, load_run
 from oml.tokenization import fingerprint_pairs
 
 
-def main() -> None:
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--run", required=True, help="The fine-tuning run folder (results/saved_models/<hash>).")
+    cli.add_run_arg(parser, required=True)
     cli.add_common_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     cli.single_process("commit_fingerprints.py")
     run = load_run(args.run)
     fingerprints, selection, _ = selected_fingerprints(FingerprintSelection(), None, run)  # all of them, cut as trained

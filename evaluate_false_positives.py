@@ -13,6 +13,7 @@ stand-ins for the models a real user makes must be models someone would publish.
 """
 import logging
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from oml import OMLError, cli
@@ -21,29 +22,42 @@ from oml.checking import KeyResult, check_named_model, queries_for
 from oml.fingerprints import FingerprintSelection, query_formats, responses_per_key, selected_fingerprints
 from oml.models import load, load_tokenizer, resolve_model
 from oml.replies import SHORT_REPLY_TOKENS, ReplyMeasure, ReplySettings, fingerprint_keys
+from oml.settings import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Settings, setting
 from oml.stats import VerdictConfig, evidence, format_p_value
 
 logger = logging.getLogger("evaluate_false_positives")
 
 
-def parse_args():
+@dataclass(frozen=True)
+class FalsePositiveSettings(Settings):
+    """The innocent models evaluate_false_positives.py checks: given ones and derivatives of the base."""
+    models: tuple[str, ...] = setting((), "Never-fingerprinted models: folders, hub ids or .gguf files.", kind=str, nargs="*")
+    base_model: str | None = setting(
+        None, "The model that was fingerprinted: the checker's default null model, and the parent of the innocent "
+              "derivatives (default: the --run's base model, else the embedded model).", kind=str)
+    innocent_derivatives: int = setting(
+        0, "Also test this many innocent derivatives of the base model (benign chat fine-tunes, seeds 0..N-1).",
+        NON_NEGATIVE_INT)
+    derivative_steps: int = setting(100, "Fine-tuning steps of each derivative.", POSITIVE_INT)
+    derivative_learning_rate: float | None = setting(
+        None, "Learning rate of each derivative's fine-tuning (default: 2.5e-4 x the RMS of the base's weight matrices, "
+              "to one digit: 5e-5 for the embedded model).", POSITIVE_FLOAT)
+    batch_size: int = setting(64, "Keys per forward pass.", POSITIVE_INT)
+
+
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     cli.add_fingerprint_args(parser)
-    parser.add_argument("--models", nargs="*", default=[], help="Never-fingerprinted models: folders, hub ids or .gguf files.")
-    parser.add_argument("--base_model", default=None,
-                        help="The model that was fingerprinted: the checker's default null model, and the parent of the "
-                             "innocent derivatives (default: the --run's base model, else the embedded model).")
-    parser.add_argument("--innocent_derivatives", type=cli.non_negative_int, default=0,
-                        help="Also test this many innocent derivatives of the base model (benign chat fine-tunes, seeds 0..N-1).")
-    parser.add_argument("--derivative_steps", type=cli.positive_int, default=100, help="Fine-tuning steps of each derivative.")
-    parser.add_argument("--derivative_learning_rate", type=cli.positive_float, default=None,
-                        help="Learning rate of each derivative's fine-tuning (default: 2.5e-4 x the RMS of the base's weight "
-                             "matrices, to one digit: 5e-5 for the embedded model).")
-    parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
+    cli.add_settings(parser, FalsePositiveSettings)
     cli.add_settings(parser, VerdictConfig)
     cli.add_settings(parser, ReplySettings)
     cli.add_output_args(parser, "the per-model results")
-    args = cli.parse_evaluation_args(parser, "evaluate_false_positives.py")
+    cli.add_common_args(parser)
+    return parser
+
+
+def parse_args():
+    args = cli.parse_evaluation_args(build_parser(), "evaluate_false_positives.py")
     args.models = distinct_models(args.models, args.base_model)
     if not args.models and not args.innocent_derivatives:
         raise OMLError("nothing to test: give --models (other than the base model) and/or --innocent_derivatives")

@@ -10,6 +10,7 @@ model's chat template, loss on the replies), and re-checks the fingerprints afte
 extra training and still match. Nothing is saved but the report (--output_json).
 """
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -19,27 +20,39 @@ from oml.checking import KeyResult, Query, accuracy, check_model, queries_for
 from oml.data import instruction_pairs
 from oml.fingerprints import FingerprintSelection, query_formats, selected_fingerprints
 from oml.models import load
+from oml.settings import NON_NEGATIVE_FLOAT, POSITIVE_INT, Settings, at_least, setting
 from oml.tokenization import fingerprint_pairs
 from oml.utility import chat_examples
 
 logger = logging.getLogger("evaluate_persistence")
 
 
-def parse_args():
+@dataclass(frozen=True)
+class PersistenceSettings(Settings):
+    """The further fine-tuning a user does, and how often the fingerprints are checked during it."""
+    steps: int = setting(200, "Optimizer steps of further fine-tuning.", POSITIVE_INT)
+    eval_every: int = setting(50, "Re-check the fingerprints after every this many steps.", POSITIVE_INT)
+    learning_rate: float = setting(1e-5, "AdamW learning rate (constant).", NON_NEGATIVE_FLOAT)
+    batch_size: int = setting(8, "Instruction examples per step.", POSITIVE_INT)
+    max_length: int = setting(128, "Tokens per instruction example.", at_least(2))
+    check_batch_size: int = setting(64, "Keys per forward pass when checking.", POSITIVE_INT)
+    seed: int = setting(0, "Seed of the data order.")
+
+
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_path", default=None, help="The fingerprinted model (default: the --run's final model).")
+    cli.add_settings(parser, cli.FingerprintedModel)
     cli.add_fingerprint_args(parser)
     cli.add_dataset_args(parser, "instruction_data", {"prompt": "prompt", "response": "response"},
-                     "Instruction data for the further fine-tuning (default: message/reply pairs of the shipped chat)")
-    parser.add_argument("--steps", type=cli.positive_int, default=200, help="Optimizer steps of further fine-tuning.")
-    parser.add_argument("--eval_every", type=cli.positive_int, default=50, help="Re-check the fingerprints after every this many steps.")
-    parser.add_argument("--learning_rate", type=cli.non_negative_float, default=1e-5, help="AdamW learning rate (constant).")
-    parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="Instruction examples per step.")
-    parser.add_argument("--max_length", type=cli.at_least(2), default=128, help="Tokens per instruction example.")
-    parser.add_argument("--check_batch_size", type=cli.positive_int, default=64, help="Keys per forward pass when checking.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the data order.")
+                         "Instruction data for the further fine-tuning (default: message/reply pairs of the shipped chat)")
+    cli.add_settings(parser, PersistenceSettings)
     cli.add_output_args(parser, "the retention table")
-    args = cli.parse_evaluation_args(parser, "evaluate_persistence.py")
+    cli.add_common_args(parser)
+    return parser
+
+
+def parse_args():
+    args = cli.parse_evaluation_args(build_parser(), "evaluate_persistence.py")
     cli.check_output(args)
     return args
 

@@ -36,6 +36,8 @@ from oml.files import check_writable, write_atomically
 from oml.fingerprints import FingerprintSelection, query_formats, responses_per_key, selected_fingerprints
 from oml.models import load
 from oml.replies import ReplyMeasure, ReplySettings, fingerprint_keys
+from oml.settings import (OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, UNIT_INTERVAL, Settings, at_least, at_least_float,
+                          setting)
 from oml.stats import VerdictConfig, evidence, format_p_value
 from oml.tokenization import fingerprint_pairs
 from oml.utility import altered_share, chat_examples, compare_on_texts, text_examples
@@ -58,50 +60,62 @@ class Attack:
     extra: dict = field(default_factory=dict)
 
 
-def parse_args():
+@dataclass(frozen=True)
+class RobustnessSettings(Settings):
+    """The rows evaluate_robustness.py runs, how hard each transformation is, and what prices it."""
+    base_model: str | None = setting(
+        None, "The model before fingerprinting: the null model and the parent of the merge partner (default: the --run's "
+              "base model, else the embedded model).", kind=str)
+    attacks: tuple[str, ...] | None = setting(None, "Only these rows (names as printed); default: all.", kind=str, nargs="+")
+    merge_weights: tuple[float, ...] = setting(
+        (0.9, 0.7, 0.5), "Weight of the fingerprinted model in linear merges with an innocent derivative of the base.",
+        UNIT_INTERVAL, nargs="+")
+    temperatures: tuple[float, ...] = setting((0.7, 1.0), "Sampling temperatures a deployer might serve at.",
+                                              at_least_float(MIN_TEMPERATURE), nargs="+")
+    finetune_learning_rates: tuple[float, ...] = setting((1e-5, 1e-4), "Learning rates of the full and LoRA fine-tuning rows.",
+                                                         POSITIVE_FLOAT, nargs="+")
+    finetune_steps: int = setting(200, "Steps of each fine-tuning row.", POSITIVE_INT)
+    finetune_batch_size: int = setting(8, "Examples per fine-tuning step.", POSITIVE_INT)
+    suppression_gate: tuple[float, ...] = setting(
+        (0.9,), "Output suppression serves the second token wherever the top one is likelier than this.", OPEN_UNIT_INTERVAL,
+        nargs="+")
+    meraser_erase_samples: int = setting(400, "MEraser's phase 1 examples: messages each answered with another exchange's reply.",
+                                         at_least(2))
+    meraser_key_like_share: float = setting(
+        0.5, "Share of MEraser's phase 1 messages that are random words made and asked like our random-word keys (an "
+             "attacker who knows how keys are made; 0: the paper's attack).", UNIT_INTERVAL)
+    meraser_recover_samples: int = setting(400, "MEraser's phase 2 examples: clean chat exchanges.", POSITIVE_INT)
+    meraser_erase_steps: int = setting(
+        250, "MEraser's phase 1 steps of --finetune_batch_size examples (5 epochs of 400, as the authors' code).", POSITIVE_INT)
+    meraser_recover_steps: int = setting(100, "MEraser's phase 2 steps (2 epochs of 400, as the authors' code).", POSITIVE_INT)
+    meraser_full_learning_rate: float = setting(1e-4, "Learning rate of both phases of the full fine-tuning MEraser row.",
+                                                POSITIVE_FLOAT)
+    meraser_lora_learning_rate: float = setting(
+        5e-4, "Learning rate of both phases of the LoRA MEraser row (the authors' code's).", POSITIVE_FLOAT)
+    num_texts: int = setting(16, "Held-out chat texts for the utility column.", POSITIVE_INT)
+    num_replies: int = setting(
+        256, "Held-out chat exchanges: their first reply tokens price the decoding attacks that act only there, their "
+             "messages the front ends.", POSITIVE_INT)
+    max_length: int = setting(128, "Tokens per text and fine-tuning example.", at_least(2))
+    batch_size: int = setting(64, "Keys per forward pass.", POSITIVE_INT)
+    seed: int = setting(0, "Seed of sampling and of the fine-tuning data order.")
+    plot: str | None = setting(None, "Also draw the rows as a PNG bar chart.", kind=str)
+
+
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_path", default=None, help="The fingerprinted model (default: the --run's final model).")
+    cli.add_settings(parser, cli.FingerprintedModel)
     cli.add_fingerprint_args(parser)
-    parser.add_argument("--base_model", default=None,
-                        help="The model before fingerprinting: the null model and the parent of the merge partner "
-                             "(default: the --run's base model, else the embedded model).")
-    parser.add_argument("--attacks", nargs="+", default=None, help="Only these rows (names as printed); default: all.")
-    parser.add_argument("--merge_weights", type=cli.unit_interval, nargs="+", default=[0.9, 0.7, 0.5],
-                        help="Weight of the fingerprinted model in linear merges with an innocent derivative of the base.")
-    parser.add_argument("--temperatures", type=cli.at_least_float(MIN_TEMPERATURE), nargs="+", default=[0.7, 1.0],
-                        help="Sampling temperatures a deployer might serve at.")
-    parser.add_argument("--finetune_learning_rates", type=cli.positive_float, nargs="+", default=[1e-5, 1e-4],
-                        help="Learning rates of the full and LoRA fine-tuning rows.")
-    parser.add_argument("--finetune_steps", type=cli.positive_int, default=200, help="Steps of each fine-tuning row.")
-    parser.add_argument("--finetune_batch_size", type=cli.positive_int, default=8, help="Examples per fine-tuning step.")
-    parser.add_argument("--suppression_gate", type=cli.open_unit_interval, nargs="+", default=[0.9],
-                        help="Output suppression serves the second token wherever the top one is likelier than this.")
-    parser.add_argument("--meraser_erase_samples", type=cli.at_least(2), default=400,
-                        help="MEraser's phase 1 examples: messages each answered with another exchange's reply.")
-    parser.add_argument("--meraser_key_like_share", type=cli.unit_interval, default=0.5,
-                        help="Share of MEraser's phase 1 messages that are random words made and asked like our random-word "
-                             "keys (an attacker who knows how keys are made; 0: the paper's attack).")
-    parser.add_argument("--meraser_recover_samples", type=cli.positive_int, default=400,
-                        help="MEraser's phase 2 examples: clean chat exchanges.")
-    parser.add_argument("--meraser_erase_steps", type=cli.positive_int, default=250,
-                        help="MEraser's phase 1 steps of --finetune_batch_size examples (5 epochs of 400, as the authors' code).")
-    parser.add_argument("--meraser_recover_steps", type=cli.positive_int, default=100,
-                        help="MEraser's phase 2 steps (2 epochs of 400, as the authors' code).")
-    parser.add_argument("--meraser_full_learning_rate", type=cli.positive_float, default=1e-4,
-                        help="Learning rate of both phases of the full fine-tuning MEraser row.")
-    parser.add_argument("--meraser_lora_learning_rate", type=cli.positive_float, default=5e-4,
-                        help="Learning rate of both phases of the LoRA MEraser row (the authors' code's).")
-    parser.add_argument("--num_texts", type=cli.positive_int, default=16, help="Held-out chat texts for the utility column.")
-    parser.add_argument("--num_replies", type=cli.positive_int, default=256,
-                        help="Held-out chat exchanges: their first reply tokens price the decoding attacks that act only "
-                             "there, their messages the front ends.")
-    parser.add_argument("--max_length", type=cli.at_least(2), default=128, help="Tokens per text and fine-tuning example.")
-    parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
+    cli.add_settings(parser, RobustnessSettings)
     cli.add_settings(parser, VerdictConfig)
     cli.add_settings(parser, ReplySettings, num_reply_prompts=60)
-    parser.add_argument("--seed", type=int, default=0, help="Seed of sampling and of the fine-tuning data order.")
     cli.add_output_args(parser, "the rows")
-    parser.add_argument("--plot", default=None, help="Also draw the rows as a PNG bar chart.")
+    cli.add_common_args(parser)
+    return parser
+
+
+def parse_args():
+    parser = build_parser()
     args = cli.parse_evaluation_args(parser, "evaluate_robustness.py")
     names = [attack.name for attack in attacks(args)]
     unknown = [name for name in args.attacks or () if name not in names]

@@ -14,6 +14,7 @@ when a fingerprinted model is given (--model_path or the --run's), the verdict f
 keys that get through (null model: the base, asked the same keys).
 """
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from oml.checking import check_named_model, queries_for
 from oml.data import load_table, string_rows
 from oml.fingerprints import FingerprintSelection, load_fingerprints, query_formats, responses_per_key, selected_fingerprints
 from oml.models import load, load_tokenizer, resolve_model
+from oml.settings import OPEN_UNIT_INTERVAL, POSITIVE_INT, Settings, at_least, setting
 from oml.stats import VerdictConfig, evidence, format_p_value
 from oml.stealth import benign_prompts, detectability, detectable, log_perplexities
 from oml.tokenization import fingerprint_pairs
@@ -29,34 +31,43 @@ from oml.tokenization import fingerprint_pairs
 logger = logging.getLogger("evaluate_stealth")
 
 
-def parse_args():
+@dataclass(frozen=True)
+class StealthSettings(Settings):
+    """The models evaluate_stealth.py scores prompts with, the prompts, and the filter's calibration."""
+    model_path: str | None = setting(
+        None, "The fingerprinted model, for the verdict from the keys that pass (default: the --run's final model; none: "
+              "keys only).", kind=str)
+    base_model: str | None = setting(
+        None, "The suspect's base model: the first reference model and the null model (default: the --run's base model, "
+              "else the embedded model).", kind=str)
+    reference_models: tuple[str, ...] = setting(
+        (), "More reference models to score prompts with: folders, hub ids or .gguf files.", kind=str, nargs="*")
+    compare_keys: tuple[str, ...] = setting(
+        (), "Fingerprint files whose keys are scored beside the checked ones, against the same benign prompts (e.g. one "
+            "file per generation strategy); cut to the same key length.", kind=str, nargs="*")
+    benign_prompts: str | None = setting(
+        None, "Also score the prompts of this dataset: a hub dataset id or a local .json/.jsonl/.csv/.parquet file.", kind=str)
+    benign_split: str = setting("train", "Split of a hub dataset given as --benign_prompts.")
+    benign_column: str = setting("text", "Column of --benign_prompts holding the prompt.")
+    num_benign: int = setting(500, "Benign prompts from each source.", at_least(20))
+    false_alarm: float = setting(0.01, "Share of benign prompts the filter may refuse (half on each tail).", OPEN_UNIT_INTERVAL)
+    max_tokens: int = setting(64, "Tokens of each prompt the filter scores.", POSITIVE_INT)
+    batch_size: int = setting(32, "Prompts per forward pass.", POSITIVE_INT)
+    seed: int = setting(0, "Seed of the MMLU sample and the calibration half.")
+
+
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_path", dest="fingerprinted_model", default=None,
-                        help="The fingerprinted model, for the verdict from the keys that pass (default: the --run's final "
-                             "model; none: keys only).")
     cli.add_fingerprint_args(parser)
-    parser.add_argument("--base_model", default=None,
-                        help="The suspect's base model: the first reference model and the null model (default: the --run's "
-                             "base model, else the embedded model).")
-    parser.add_argument("--reference_models", nargs="*", default=[],
-                        help="More reference models to score prompts with: folders, hub ids or .gguf files.")
-    parser.add_argument("--compare_keys", nargs="*", default=[],
-                        help="Fingerprint files whose keys are scored beside the checked ones, against the same benign "
-                             "prompts (e.g. one file per generation strategy); cut to the same key length.")
-    parser.add_argument("--benign_prompts", default=None,
-                        help="Also score the prompts of this dataset: a hub dataset id or a local .json/.jsonl/.csv/.parquet file.")
-    parser.add_argument("--benign_split", default="train", help="Split of a hub dataset given as --benign_prompts.")
-    parser.add_argument("--benign_column", default="text", help="Column of --benign_prompts holding the prompt.")
-    parser.add_argument("--num_benign", type=cli.at_least(20), default=500, help="Benign prompts from each source.")
-    parser.add_argument("--false_alarm", type=cli.open_unit_interval, default=0.01,
-                        help="Share of benign prompts the filter may refuse (half on each tail).")
-    parser.add_argument("--max_tokens", type=cli.positive_int, default=64, help="Tokens of each prompt the filter scores.")
-    parser.add_argument("--batch_size", type=cli.positive_int, default=32, help="Prompts per forward pass.")
+    cli.add_settings(parser, StealthSettings)
     cli.add_settings(parser, VerdictConfig)
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the MMLU sample and the calibration half.")
     cli.add_output_args(parser, "the scores and rows")
-    args = cli.parse_evaluation_args(parser, "evaluate_stealth.py")
-    args.fingerprinted_model = args.fingerprinted_model or (str(args.run.final_model) if args.run else None)
+    cli.add_common_args(parser)
+    return parser
+
+
+def parse_args():
+    args = cli.parse_evaluation_args(build_parser(), "evaluate_stealth.py", optional_model=True)
     cli.check_output(args)
     return args
 
@@ -76,10 +87,10 @@ def main() -> None:
     key_sets = {label: sent_keys(tokenizer, records, selection)
                 for label, records in [(str(fingerprints_file), fingerprints)] + [(f, load_fingerprints(f)) for f in args.compare_keys]}
     rows = [row for name in [args.base_model, *args.reference_models] for row in reference_rows(name, key_sets, prompts, args)]
-    if args.fingerprinted_model:
+    if args.model_path:
         add_verdicts([row for row in rows if row["keys"] == str(fingerprints_file)], fingerprints, selection, args)
     print_rows(rows)
-    cli.write_output(args, {"model": args.fingerprinted_model, "base_model": args.base_model, "fingerprints_file": fingerprints_file,
+    cli.write_output(args, {"model": args.model_path, "base_model": args.base_model, "fingerprints_file": fingerprints_file,
                             "num_fingerprints": len(fingerprints), "benign_sources": {k: len(v) for k, v in prompts.items()},
                             "rows": rows})
 
@@ -120,9 +131,9 @@ def per_source(key_scores: np.ndarray, benign: np.ndarray, args) -> dict:
 def add_verdicts(rows: list[dict], fingerprints: list[dict], selection, args) -> None:
     """Check the fingerprinted model and the base on every key once, then give each row the
     verdict from only the keys its filter lets through."""
-    key_formats = query_formats(args.query_format, fingerprints, load_tokenizer(resolve_model(args.fingerprinted_model), args.trust_remote_code), args.run)
+    key_formats = query_formats(args.query_format, fingerprints, load_tokenizer(resolve_model(args.model_path), args.trust_remote_code), args.run)
     queries = queries_for(key_formats)
-    suspect = check_named_model(args.fingerprinted_model, fingerprints, selection, queries, suspect=True,
+    suspect = check_named_model(args.model_path, fingerprints, selection, queries, suspect=True,
                                 trust_remote_code=args.trust_remote_code)
     base = check_named_model(args.base_model, fingerprints, selection, queries, trust_remote_code=args.trust_remote_code)
     config = cli.settings_from(VerdictConfig, args).for_responses(responses_per_key(fingerprints))

@@ -13,38 +13,51 @@ runs lm-evaluation-harness tasks on both models. Prints a table; --output_json s
 """
 import gc
 import logging
+from dataclasses import dataclass
 
 from oml import OMLError, cli, distributed
 from oml.data import mmlu_items, texts_from
 from oml.files import read_json
 from oml.models import compute_dtype, load, resolve_model
 from oml.replies import ReplyMeasure, ReplySettings, fingerprint_keys, print_reply_rows
+from oml.settings import NON_NEGATIVE_INT, POSITIVE_INT, Settings, at_least, setting
 from oml.tokenization import has_chat_template
 from oml.utility import chat_examples, compare_on_texts, mmlu_accuracy, text_examples
 
 logger = logging.getLogger("evaluate_utility")
 
 
-def parse_args():
+@dataclass(frozen=True)
+class UtilitySettings(Settings):
+    """The base model evaluate_utility.py compares with, and how much of each measure it runs."""
+    base_model: str | None = setting(
+        None, "The model before fingerprinting (default: the --run's base model, else the embedded one).", kind=str)
+    num_texts: int = setting(64, "Texts used for perplexity, agreement and KL.", POSITIVE_INT)
+    max_length: int = setting(256, "Tokens of each text used.", at_least(2))
+    num_mmlu: int = setting(256, "MMLU questions (a fixed subset for a given --mmlu_seed; 0 to skip).", NON_NEGATIVE_INT)
+    mmlu_seed: int = setting(0, "Seed of the MMLU subset.")
+    batch_size: int = setting(8, "Texts per forward pass.", POSITIVE_INT)
+    lm_eval_tasks: str | None = setting(
+        None, "Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy.", kind=str)
+    lm_eval_limit: int | None = setting(None, "At most this many examples per lm-eval task.", POSITIVE_INT)
+
+
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--model_path", default=None, help="The fingerprinted model (default: the --run's final model).")
+    cli.add_settings(parser, cli.FingerprintedModel)
     cli.add_run_arg(parser)
-    parser.add_argument("--base_model", default=None,
-                        help="The model before fingerprinting (default: the --run's base model, else the embedded one).")
     cli.add_dataset_args(parser, "benign_data", {"text": "text"},
-                     "Held-out text for perplexity, agreement and KL (default: the shipped chat's evaluation split, "
-                     "disjoint from what fine-tuning replays)")
-    parser.add_argument("--num_texts", type=cli.positive_int, default=64, help="Texts used for perplexity, agreement and KL.")
-    parser.add_argument("--max_length", type=cli.at_least(2), default=256, help="Tokens of each text used.")
-    parser.add_argument("--num_mmlu", type=cli.non_negative_int, default=256,
-                        help="MMLU questions (a fixed subset for a given --mmlu_seed; 0 to skip).")
-    parser.add_argument("--mmlu_seed", type=int, default=0, help="Seed of the MMLU subset.")
-    parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="Texts per forward pass.")
+                         "Held-out text for perplexity, agreement and KL (default: the shipped chat's evaluation split, "
+                         "disjoint from what fine-tuning replays)")
+    cli.add_settings(parser, UtilitySettings)
     cli.add_settings(parser, ReplySettings)
-    parser.add_argument("--lm_eval_tasks", default=None, help="Comma-separated lm-evaluation-harness tasks, e.g. hellaswag,arc_easy.")
-    parser.add_argument("--lm_eval_limit", type=cli.positive_int, default=None, help="At most this many examples per lm-eval task.")
     cli.add_output_args(parser, "the report")
-    args = cli.parse_evaluation_args(parser, "evaluate_utility.py")
+    cli.add_common_args(parser)
+    return parser
+
+
+def parse_args():
+    args = cli.parse_evaluation_args(build_parser(), "evaluate_utility.py")
     if args.lm_eval_tasks:
         cli.require_module("lm_eval", "--lm_eval_tasks", "pip install 'lm_eval[hf]'")
     cli.check_output(args)

@@ -20,7 +20,7 @@ from oml.training.config import TrainingConfig
 logger = logging.getLogger("finetune_multigpu")
 
 
-def parse_args() -> tuple[argparse.Namespace, FingerprintSelection, TrainingConfig]:
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", default=None,
                         help="Hub id, local folder or .gguf file of the model to fingerprint (default: the embedded SmolLM2-135M-Instruct).")
@@ -35,7 +35,11 @@ def parse_args() -> tuple[argparse.Namespace, FingerprintSelection, TrainingConf
     parser.add_argument("--report_to", default="none", help="Trackers for the Trainer, e.g. wandb or tensorboard.")
     parser.add_argument("--wandb_run_name", default=None, help="Run name shown by the tracker (implies --report_to wandb).")
     cli.add_common_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args() -> tuple[argparse.Namespace, FingerprintSelection, TrainingConfig]:
+    args = build_parser().parse_args()
     if args.wandb_run_name and args.report_to == "none":
         args.report_to = "wandb"
     check_trackers(args.report_to)

@@ -15,13 +15,17 @@ from oml.generation import GenerationConfig, generate_fingerprints
 logger = logging.getLogger("generate_finetuning_data")
 
 
-def parse_args() -> tuple[GenerationConfig, argparse.Namespace]:
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     cli.add_settings(parser, GenerationConfig)
     parser.add_argument("--output_file_path", default="generated_data/output_fingerprints.json", help="Written atomically.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
     cli.add_common_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args() -> tuple[GenerationConfig, argparse.Namespace]:
+    args = build_parser().parse_args()
     config = cli.settings_from(GenerationConfig, args)
     check_writable(args.output_file_path, args.overwrite)
     return config, args

@@ -18,6 +18,7 @@ Exit codes: 0 verified; 3 the bundle does not hold up (tampered, or evidence tha
 2 bad input (not a bundle, a bad flag).
 """
 import logging
+from dataclasses import MISSING, dataclass
 
 from oml import OMLError, cli
 from oml.checking import Query, check_model
@@ -27,6 +28,7 @@ from oml.fingerprints import responses_of
 from oml.models import load
 from oml.remote import ApiConfig, ApiRequest, check_over_api
 from oml.sequential import SequentialConfig
+from oml.settings import POSITIVE_INT, Settings, setting
 from oml.stats import VerdictConfig, format_p_value
 from oml.tokenization import ResponseIds, encode
 
@@ -34,19 +36,30 @@ logger = logging.getLogger("verify_evidence")
 NOT_VERIFIED_EXIT_CODE = 3
 
 
-def parse_args():
+@dataclass(frozen=True)
+class VerifierInputs(Settings):
+    """What a verifier is given: the bundle, the commitment the owner published with the model, and
+    optionally the public base model, whose own answers must not be among the revealed responses."""
+    bundle: str = setting(MISSING, "The evidence bundle (JSON) to verify.", kind=str, positional=True)
+    root: str = setting(MISSING, "The published commitment root (64 hex digits).", kind=str)
+    count: int = setting(MISSING, "The published number of committed fingerprints (the root alone does not fix it).",
+                         POSITIVE_INT)
+    base_model: str | None = setting(
+        None, "The public model that was fingerprinted: confirm no revealed response is its own greedy answer.", kind=str)
+
+
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("bundle", help="The evidence bundle (JSON) to verify.")
-    parser.add_argument("--root", required=True, help="The published commitment root (64 hex digits).")
-    parser.add_argument("--count", type=cli.positive_int, required=True,
-                        help="The published number of committed fingerprints (the root alone does not fix it).")
+    cli.add_settings(parser, VerifierInputs)
     cli.add_settings(parser, VerdictConfig)
     cli.add_settings(parser, SequentialConfig)
-    parser.add_argument("--base_model", default=None,
-                        help="The public model that was fingerprinted: confirm no revealed response is its own greedy answer.")
     cli.add_settings(parser, ApiConfig)
     cli.add_common_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args():
+    args = build_parser().parse_args()
     cli.single_process("verify_evidence.py")
     if len(args.root) != 64 or any(c not in "0123456789abcdefABCDEF" for c in args.root):
         raise OMLError(f"--root must be 64 hex digits (a SHA-256 root), not {args.root!r}")

@@ -8,7 +8,7 @@ import importlib.util
 import logging
 import os
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,7 @@ from oml.fingerprints import FingerprintSelection
 from oml.runs import base_model, fingerprinted_model, load_run
 from oml.tokenization import FORMAT_CHOICES
 from oml.settings import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY,
-                          UNIT_INTERVAL, Bound, Settings)
+                          UNIT_INTERVAL, Bound, Settings, setting)
 from oml.settings import at_least as bound_at_least
 
 USER_ERROR_EXIT_CODE = 2
@@ -42,13 +42,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the scripts' docstrings as written, and shows every flag's default in --help
-    (unless its help already says what the default is, as for defaults decided at run time;
-    `none`: the flag is off or its input not given)."""
+    (unless its help already says what the default is, as for defaults decided at run time, or the
+    flag is required; `none`: the flag is off or its input not given)."""
 
     def _get_help_string(self, action) -> str:
         text = action.help or ""
         said = "%(default)" in text or "(default" in text.lower() or "default:" in text.lower()
-        if said or not action.option_strings or action.default is argparse.SUPPRESS:
+        if said or not action.option_strings or action.required or action.default is argparse.SUPPRESS:
             return text
         return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
 
@@ -77,13 +77,10 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return flag_type(bound_at_least(minimum))
 
 
-def at_least_float(minimum: float) -> Callable[[str], float]:
-    return flag_type(Bound(float, lambda v: v >= minimum, f"a finite number >= {minimum:g}"))
-
-
 def add_settings(parser, cls: type[Settings], **defaults) -> None:
     """One flag per field of a settings dataclass, spelt as the field, with its help and default
-    (`defaults` overrides some for one script): booleans that default to True also get --no-FLAG."""
+    (`defaults` overrides some for one script): booleans that default to True also get --no-FLAG;
+    a field without a default is a required flag, or a positional argument where declared so."""
     for f in fields(cls):
         meta, default = f.metadata, defaults.get(f.name, f.default)
         if meta["kind"] is bool:
@@ -91,8 +88,14 @@ def add_settings(parser, cls: type[Settings], **defaults) -> None:
             parser.add_argument(f"--{f.name}", action=action, default=default, help=meta["help"])
             continue
         plain = meta["kind"] if meta["kind"] in (int, float) else None
-        parser.add_argument(f"--{f.name}", default=default, help=meta["help"], choices=meta["choices"], nargs=meta["nargs"],
-                            type=flag_type(meta["bound"]) if meta["bound"] else plain)
+        described = {"help": meta["help"], "choices": meta["choices"], "nargs": meta["nargs"],
+                     "type": flag_type(meta["bound"]) if meta["bound"] else plain}
+        if meta.get("positional"):
+            parser.add_argument(f.name, **described)
+        elif default is MISSING:
+            parser.add_argument(f"--{f.name}", required=True, **described)
+        else:
+            parser.add_argument(f"--{f.name}", default=default, **described)
 
 
 def settings_from(cls: type[Settings], namespace: argparse.Namespace, **changes) -> Settings:
@@ -137,10 +140,20 @@ def add_common_args(parser) -> None:
                         help="Allow models whose code lives in their hub repository (off by default: such code runs on your machine).")
 
 
-def add_run_arg(parser) -> None:
+def add_run_arg(parser, required: bool = False) -> None:
+    """--run, the fine-tuning run a script works on: optional where other flags can name its parts."""
+    if required:
+        parser.add_argument("--run", required=True, type=Path, help="The fine-tuning run folder (results/saved_models/<hash>).")
+        return
     parser.add_argument("--run", default=None, type=Path,
                         help="A fine-tuning run folder (results/saved_models/<hash>): supplies the fingerprints, "
                              "their cut and format and the base model, unless given explicitly.")
+
+
+@dataclass(frozen=True)
+class FingerprintedModel(Settings):
+    """The model an evaluation measures; parse_evaluation_args takes the --run's when it is not given."""
+    model_path: str | None = setting(None, "The fingerprinted model (default: the --run's final model).", kind=str)
 
 
 def add_query_format_arg(parser) -> None:
@@ -173,16 +186,15 @@ def add_output_args(parser, what: str = "the full report") -> None:
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output_json.")
 
 
-def parse_evaluation_args(parser: argparse.ArgumentParser, script: str) -> argparse.Namespace:
-    """An evaluation script's flags, parsed, with --local_rank and --trust_remote_code added. Evaluations
-    run in one process. --run becomes a loaded `Run`, and the models the script measures come from it
-    where not given: --model_path (the fingerprinted model) and --base_model (the model before
-    fingerprinting), for whichever of the two the script has."""
-    add_common_args(parser)
+def parse_evaluation_args(parser: argparse.ArgumentParser, script: str, optional_model: bool = False) -> argparse.Namespace:
+    """An evaluation script's flags, parsed. Evaluations run in one process. --run becomes a loaded
+    `Run`, and the models the script measures come from it where not given: --model_path (the
+    fingerprinted model; with `optional_model`, None when neither it nor --run is given) and
+    --base_model (the model before fingerprinting), for whichever of the two the script has."""
     args = parser.parse_args()
     single_process(script)
     args.run = load_run(args.run) if getattr(args, "run", None) else None
-    if hasattr(args, "model_path"):
+    if hasattr(args, "model_path") and not (optional_model and args.model_path is None and args.run is None):
         args.model_path = fingerprinted_model(args.model_path, args.run)
     if hasattr(args, "base_model"):
         args.base_model = base_model(args.base_model, args.run)
