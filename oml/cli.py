@@ -21,9 +21,7 @@ from oml.data import SHIPPED
 from oml.fingerprints import FingerprintSelection
 from oml.runs import base_model, fingerprinted_model, load_run
 from oml.tokenization import FORMAT_CHOICES
-from oml.settings import (NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY,
-                          UNIT_INTERVAL, Bound, Settings, setting)
-from oml.settings import at_least as bound_at_least
+from oml.settings import Bound, Settings, setting
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -66,15 +64,6 @@ def flag_type(bound: Bound) -> Callable[[str], int | float]:
         return value
     parse.__name__ = bound.text
     return parse
-
-
-positive_int, non_negative_int = flag_type(POSITIVE_INT), flag_type(NON_NEGATIVE_INT)
-positive_float, non_negative_float = flag_type(POSITIVE_FLOAT), flag_type(NON_NEGATIVE_FLOAT)
-unit_interval, probability, open_unit_interval = flag_type(UNIT_INTERVAL), flag_type(PROBABILITY), flag_type(OPEN_UNIT_INTERVAL)
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    return flag_type(bound_at_least(minimum))
 
 
 def add_settings(parser, cls: type[Settings], **defaults) -> None:
