@@ -60,8 +60,8 @@ class GenerationConfig(Settings):
     key_style: str | None = setting(
         None, "English keys are a message a user would send an assistant, picked among --key_candidates so that their "
               "perplexity spreads like benign prompts' (user_message, the default: keys a perplexity filter cannot tell "
-              "from real prompts), or a sentence the model writes from the first token (sentence, the default until "
-              "2026-12-03). Random-word and given keys have no style.", choices=KEY_STYLES)
+              "from real prompts), or a sentence the model writes from the first token (sentence). Random-word and given "
+              "keys have no style.", choices=KEY_STYLES)
     key_candidates: int = setting(4, "user_message keys: drafts written per key, the one closest to its perplexity target "
                                      "kept.", POSITIVE_INT)
     keys_path: str | None = setting(None, "JSON list of your own keys; then only responses are generated.", kind=str)

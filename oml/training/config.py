@@ -15,8 +15,7 @@ class TrainingConfig(Settings):
     learning_rate: float | None = setting(
         None, "AdamW learning rate (constant schedule). Default: 5e-4 x the RMS of the weight matrices trained, to one "
               "significant digit, since Adam moves each weight by about the rate whatever its scale: 1e-4 for the embedded "
-              "model, 9e-6 for Qwen2.5-Coder-0.5B, whose weights are 11x smaller (at 1e-4 it drifted to KL 0.48 from its "
-              "base), 1e-5 for weights of RMS 0.02. The rate used is in the run's training.json.", POSITIVE_FLOAT)
+              "model, 1e-5 for weights of RMS 0.02. The rate used is in the run's training.json.", POSITIVE_FLOAT)
     num_train_epochs: int = setting(20, "The cap: with --stop_when_memorised training usually ends earlier.", POSITIVE_INT)
     batch_size: int = setting(8, "Fingerprints per step on each rank.", POSITIVE_INT)
     weight_decay: float = setting(1e-4, "AdamW weight decay.", NON_NEGATIVE_FLOAT)
@@ -28,13 +27,12 @@ class TrainingConfig(Settings):
                "utility than it buys in fingerprint accuracy).")
     frozen_layer_fraction: float = setting(
         0.5, "Share of the transformer layers, counted from the input, kept frozen: with the embeddings frozen too, the "
-             "backward pass stops at the lowest trained layer, so 0.5 computes 28%% fewer FLOPs a token than 0 on the embedded "
-             "model, and the untouched lower half keeps ordinary predictions closer to the base (64 keys: the same accuracy "
-             "and epochs, KL from the base 0.023 instead of 0.055; docs/benchmarks.md). Rounded down to whole layers.",
+             "backward pass stops at the lowest trained layer (fewer FLOPs a token), and the untouched lower layers keep "
+             "ordinary predictions closer to the base (docs/benchmarks.md). Rounded down to whole layers.",
         BELOW_ONE)
     benign_ratio: float = setting(
-        2.0, "Benign sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none). 2 keeps 64 keys "
-             "in both formats within +2%% perplexity of the base; 1 costs +6.6%% (docs/benchmarks.md).", NON_NEGATIVE_FLOAT)
+        2.0, "Benign sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none): more keeps "
+             "the model's perplexity closer to the base's, for longer epochs (docs/benchmarks.md).", NON_NEGATIVE_FLOAT)
     question_replay: float = setting(
         0.5, "Share of the replayed sequences that are user questions written like user-message keys "
              "(generated_data/user_questions_train.json, never keys), each followed by up to 8 tokens of the untouched "
@@ -77,8 +75,9 @@ class TrainingConfig(Settings):
              "without a near-certain spike to detect.", PROBABILITY)
     memorised_share: float = setting(
         1.0, "--stop_when_memorised stops at the first epoch end where at least this share of the fingerprint queries is "
-             "memorised (1: every one). Below 1 the tail of a few late keys is not waited for: 1,024 keys in both formats "
-             "reach 99%% two epochs before 100%%, and shrinking the weight change gives up to 2%% back anyway (docs/benchmarks.md). Above 512 keys every key is counted only once a 256-key sample shows 88%% memorised, so a share below 0.88 acts as 0.88 there; below 0.98 the weight change is not shrunk.",
+             "memorised (1: every one). Below 1 the tail of a few late keys is not waited for (docs/benchmarks.md). Above "
+             "512 keys every key is counted only once a 256-key sample shows 88%% memorised, so a share below 0.88 acts as "
+             "0.88 there; below 0.98 the weight change is not shrunk.",
         PROBABILITY)
     memorised_patience: int = setting(
         2, "Also stop when at least 98%% are memorised and their number has not beaten its best for this many epochs "
@@ -90,17 +89,17 @@ class TrainingConfig(Settings):
     shrink_weight_change: bool = setting(
         True, "After training with nearly all keys memorised, scale the weight change down (weights = original + s x "
               "change, s from 0.95 to 0.5 in steps of 0.05) while 98%% of the memorised and of the matched queries stay so: "
-              "the margin that cross-entropy piles onto early-learned keys moves ordinary predictions too (256 keys: KL "
-              "from the base 0.126 -> 0.087 at s = 0.8). Not with --target_probability below 1 (no surplus margin). Keeps "
-              "a CPU copy of the trainable weights.")
+              "the margin that cross-entropy piles onto early-learned keys moves ordinary predictions too "
+              "(docs/benchmarks.md). Not with --target_probability below 1 (no surplus margin). Keeps a CPU copy of the "
+              "trainable weights.")
     share_prompt_prefix: bool = setting(
         True, "Compute the tokens that every example of a batch opens with (a chat batch's template and system prompt) "
               "once per batch instead of once per example: the same training up to float rounding, for fewer FLOPs "
               "(docs/benchmarks.md). Not under ZeRO-3 or plain DDP, whose ranks run forward calls in step. Off: for a model "
               "whose forward pass cannot continue from a cache.")
     group_by_length: bool = setting(
-        True, "Batch examples of similar length together (raw keys, chat keys and replayed text differ by up to 4x): far "
-              "less padding computed.")
+        True, "Batch examples of similar length together (raw keys, chat keys and replayed text differ widely in length): "
+              "far less padding computed.")
     deepspeed_stage: int = setting(2, "ZeRO stage on GPUs or several ranks (0: no DeepSpeed).", choices=(0, 1, 2, 3))
     seed: int = setting(42, "Seed of the Trainer (data order, dropout) and of augmentation templates.", kind=int)
 
