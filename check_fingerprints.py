@@ -15,7 +15,7 @@ import logging
 
 from oml import OMLError, cli, distributed
 from oml.fingerprints import FingerprintSelection, responses_of
-from oml.pipeline import CheckInterrupted, CheckReport, check_suspect
+from oml.pipeline import CheckConfig, CheckInterrupted, CheckReport, check_suspect
 from oml.remote import ApiConfig
 from oml.files import check_writable, write_json_atomic
 from oml.runs import load_run
@@ -29,25 +29,10 @@ def parse_args() -> argparse.Namespace:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", default=None, help="The suspect model: hub id, local folder or .gguf file.")
     cli.add_settings(parser, ApiConfig)
-    parser.add_argument("--tokenizer", default=None,
-                        help="With --api_base: the tokenizer that cuts keys and responses (default: the --run's base model, "
-                             "else the embedded model).")
     cli.add_fingerprint_args(parser)
-    parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="Keys per forward pass.")
-    parser.add_argument("--system_prompts", default=None,
-                        help="Also check each key inside every template: 'test' (10 unseen), 'train' (20) or a JSON list file.")
-    parser.add_argument("--null_model", nargs="+", default=None,
-                        help="Models never fingerprinted, checked on the same keys to measure the chance rate "
-                             "(default: the --run's base model, else the embedded model; 'none' to skip).")
+    cli.add_settings(parser, CheckConfig)
     cli.add_settings(parser, VerdictConfig)
-    parser.add_argument("--check_all_keys", action="store_true",
-                        help="API suspects: ask every selected key (at once) instead of the sequential check, which sends "
-                             "keys in rounds and stops as soon as the verdict is reached: every key sent is known to the "
-                             "server's operator from then on.")
     cli.add_settings(parser, SequentialConfig)
-    parser.add_argument("--reuse_revealed", action="store_true",
-                        help="With --run: also ask keys that earlier checks revealed (recorded in the run's revealed.jsonl); "
-                             "by default a check that reveals keys draws only keys never revealed.")
     parser.add_argument("--evidence", default=None,
                         help="Also write an evidence bundle that anyone can check with verify_evidence.py against the "
                              "run's published commitment (needs --run; the bundle reveals the keys it holds).")
@@ -72,17 +57,6 @@ def parse_args() -> argparse.Namespace:
     if args.evidence:
         check_writable(args.evidence, args.overwrite)
     return args
-
-
-def null_models(given: list[str] | None) -> list[str] | None:
-    """--null_model as check_suspect takes it: None for the default, [] for 'none'."""
-    if given is None:
-        return None
-    if any(name.lower() == "none" for name in given):
-        if len(given) > 1:
-            raise OMLError("--null_model none means no null model; it cannot be combined with models")
-        return []
-    return given
 
 
 def print_report(report: CheckReport, verbose: bool) -> None:
@@ -153,11 +127,10 @@ def main() -> None:
     args = parse_args()
     try:
         report = check_suspect(cli.settings_from(ApiConfig, args) if args.api_base is not None else args.model_path,
-                               args.fingerprints_file_path, load_run(args.run) if args.run else None,
-                               cli.settings_from(FingerprintSelection, args), args.query_format, args.system_prompts,
-                               null_models(args.null_model), cli.settings_from(VerdictConfig, args), args.batch_size,
-                               args.tokenizer, args.trust_remote_code,
-                               None if args.check_all_keys else cli.settings_from(SequentialConfig, args), args.reuse_revealed,
+                               fingerprints_file=args.fingerprints_file_path, run=load_run(args.run) if args.run else None,
+                               selection=cli.settings_from(FingerprintSelection, args), query_format=args.query_format,
+                               config=cli.settings_from(CheckConfig, args), verdict=cli.settings_from(VerdictConfig, args),
+                               sequential=cli.settings_from(SequentialConfig, args), trust_remote_code=args.trust_remote_code,
                                evidence=bool(args.evidence))
     except CheckInterrupted as stop:
         save_partial(args, stop.report)

@@ -36,6 +36,7 @@ from oml.models import EMBEDDED_MODEL, compute_dtype, load, load_tokenizer, mode
 from oml.remote import ApiConfig, Interrupted, api_requests, base_url_of, check_over_api, shown_url
 from oml.runs import Run, committed_records, config_hash, dataset_csv, load_run, removed_on_failure, run_config, save_run
 from oml.sequential import SequentialConfig, SequentialTest
+from oml.settings import POSITIVE_INT, Settings, setting
 from oml.stats import VerdictConfig, keys_needed, null_chance_rate
 from oml.stats import verdict as verdict_at
 from oml.stats import evidence as evidence_of
@@ -215,23 +216,52 @@ class Disclosure:
                 "never_revealed": ledger.remaining(self.run_dir, range(self.offset, self.offset + count))}
 
 
+@dataclass(frozen=True)
+class CheckConfig(Settings):
+    """How a check asks a suspect, beside which keys it asks (`FingerprintSelection`) and how it
+    decides (`VerdictConfig`, `SequentialConfig`)."""
+    tokenizer: str | None = setting(
+        None, "With --api_base: the tokenizer that cuts keys and responses (default: the --run's base model, else the "
+              "embedded model).", kind=str)
+    batch_size: int = setting(64, "Keys per forward pass.", POSITIVE_INT)
+    system_prompts: str | None = setting(
+        None, "Also check each key inside every template: 'test' (10 unseen), 'train' (20) or a JSON list file.", kind=str)
+    null_model: tuple[str, ...] | None = setting(
+        None, "Models never fingerprinted, checked on the same keys to measure the chance rate (default: the --run's base "
+              "model, else the embedded model; 'none' to skip).", kind=str, nargs="+")
+    check_all_keys: bool = setting(
+        False, "API suspects: ask every selected key (at once) instead of the sequential check, which sends keys in rounds "
+               "and stops as soon as the verdict is reached: every key sent is known to the server's operator from then on.")
+    reuse_revealed: bool = setting(
+        False, "With --run: also ask keys that earlier checks revealed (recorded in the run's revealed.jsonl); by default a "
+               "check that reveals keys draws only keys never revealed.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.null_model and len(self.null_model) > 1 and any(name.lower() == "none" for name in self.null_model):
+            raise OMLError("--null_model none means no null model; it cannot be combined with models")
+
+    def null_models(self, run: Run | None) -> list[str]:
+        """The null models to ask: those named ('none': no null model), else the run's base model, else the embedded model."""
+        if self.null_model is None:
+            return [run.base_model if run else EMBEDDED_MODEL]
+        return [] if self.null_model[0].lower() == "none" else list(self.null_model)
+
+
 def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list[dict] | None = None,
                   run: Run | str | Path | None = None, selection: FingerprintSelection = FingerprintSelection(),
-                  query_format: str | None = None, system_prompts: str | None = None, null_models: list[str] | None = None,
-                  verdict: VerdictConfig = VerdictConfig(), batch_size: int = 64, tokenizer: str | None = None,
-                  trust_remote_code: bool = False, sequential: SequentialConfig | None = SequentialConfig(),
-                  reuse_revealed: bool = False, evidence: bool = False) -> CheckReport:
+                  query_format: str | None = None, config: CheckConfig = CheckConfig(), verdict: VerdictConfig = VerdictConfig(),
+                  sequential: SequentialConfig = SequentialConfig(), trust_remote_code: bool = False,
+                  evidence: bool = False) -> CheckReport:
     """Ask a suspect (a model name or path, or a server as `ApiConfig`) the selected keys in every
-    format, and the null models (default: the run's base model, else the embedded model; [] for
-    none) the bare keys, and weigh the evidence. Settings left None come from `run` (a `Run` or its
-    folder), else from the fingerprints. `system_prompts` ('test', 'train' or a JSON file) also asks
-    every key inside each template. `tokenizer` cuts the keys for an API suspect (default: the run's
-    base model's, else the embedded model's).
+    format (`query_format`), and the null models the bare keys, and weigh the evidence. Settings left
+    None come from `run` (a `Run` or its folder), else from the fingerprints; `config` says how the
+    suspect is asked (see `CheckConfig`).
 
     A server learns every key it is asked, so an API suspect is checked `sequential`ly: in rounds,
-    until the verdict is reached (None: every selected key). With a run, keys a server or a bundle
+    until the verdict is reached (unless `config.check_all_keys`). With a run, keys a server or a bundle
     has seen are spent: they are recorded in the run's ledger and not asked again (unless
-    `reuse_revealed`). `evidence` adds a bundle a third party can verify against the run's
+    `config.reuse_revealed`). `evidence` adds a bundle a third party can verify against the run's
     published commitment (`report.evidence`). Ctrl-C during an API check raises `CheckInterrupted`,
     whose report holds the answers so far, marked partial."""
     run = load_run(run) if isinstance(run, (str, Path)) else run
@@ -242,13 +272,12 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
     if api and (not suspect.api_base or not suspect.api_model):
         raise OMLError("an API suspect needs --api_base URL and --api_model NAME")
     if evidence:
-        check_evidence_possible(run, own, selection, query_format, tokenizer)
-    templates = [None] + (prompt_templates(system_prompts) if system_prompts else [])
-    null_models = [run.base_model if run else EMBEDDED_MODEL] if null_models is None else null_models
+        check_evidence_possible(run, own, selection, query_format, config.tokenizer)
+    templates = [None] + (prompt_templates(config.system_prompts) if config.system_prompts else [])
     name = f"{shown_url(suspect.api_base)} ({suspect.api_model})" if api else suspect
-    disclosure = Disclosure(run, own, selection.data_split, len(fingerprints), name, api or evidence, reuse_revealed)
+    disclosure = Disclosure(run, own, selection.data_split, len(fingerprints), name, api or evidence, config.reuse_revealed)
     if api:
-        owner_tokenizer = load_tokenizer(resolve_model(tokenizer or (run.base_model if run else None)), trust_remote_code)
+        owner_tokenizer = load_tokenizer(resolve_model(config.tokenizer or (run.base_model if run else None)), trust_remote_code)
         key_formats = query_formats(query_format, fingerprints, None, run)
         pairs = fingerprint_pairs(owner_tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
 
@@ -260,11 +289,12 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
         distributed.init()
 
         def ask(indices: list[int], require_an_answer: bool = True) -> list[KeyResult]:
-            return check_subset(suspect, fingerprints, indices, selection, queries_for(key_formats, templates), batch_size,
-                                suspect=True, trust_remote_code=trust_remote_code)
-    nulls = {null: check_subset(null, fingerprints, disclosure.candidates, selection, queries_for(key_formats), batch_size,
-                                trust_remote_code=trust_remote_code) for null in null_models}
-    if api and sequential is not None:
+            return check_subset(suspect, fingerprints, indices, selection, queries_for(key_formats, templates),
+                                config.batch_size, suspect=True, trust_remote_code=trust_remote_code)
+    nulls = {null: check_subset(null, fingerprints, disclosure.candidates, selection, queries_for(key_formats), config.batch_size,
+                                trust_remote_code=trust_remote_code) for null in config.null_models(run)}
+    sequential = sequential if api and not config.check_all_keys else None
+    if sequential is not None:
         results, test, interrupted = sequential_check(ask, disclosure, key_formats, nulls, verdict, sequential)
         found, state = sequential_evidence(test, results, nulls, key_formats), test.summary()
     else:
@@ -287,8 +317,7 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
     if evidence:
         about = ({"kind": "api", "endpoint": shown_url(base_url_of(suspect.api_base)), "model": suspect.api_model} if api
                  else {"kind": "local", "model": suspect})
-        report.evidence = evidence_bundle(report, run, disclosure, about, nulls, key_formats, verdict,
-                                          sequential if api else None)
+        report.evidence = evidence_bundle(report, run, disclosure, about, nulls, key_formats, verdict, sequential)
     return report
 
 
