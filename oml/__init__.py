@@ -2,7 +2,7 @@
 
 The Python API (see `oml.pipeline` and README, "Python API"): `generate_fingerprints`,
 `fingerprint_model` and `check_suspect`, with their settings `GenerationConfig`,
-`FingerprintSelection`, `TrainingConfig`, `VerdictConfig`, `SequentialConfig` and `ApiConfig`;
+`FingerprintSelection`, `TrainingConfig`, `CheckConfig`, `VerdictConfig`, `SequentialConfig` and `ApiConfig`;
 the results are a `Run` and a `CheckReport` of `KeyResult`s (keys asked as `Query`s).
 
 Each module holds one concept: the fingerprint file format and selection (`fingerprints`),
@@ -10,8 +10,8 @@ typed settings (`settings`), model loading (`models`), tokenisation and loss mas
 (`tokenization`), fingerprint generation (`generation`), fine-tuning (`training/`: settings,
 dataset and replay, loss and trainer, callbacks, weight algebra, backend), the run folder
 (`runs`), its commitment (`commitment`) and ledger of revealed keys (`ledger`), checking
-(`checking`), suspects behind an API (`remote`), the statistics of a check (`stats`) and its
-sequential form (`sequential`), evidence bundles (`evidence`), benign evaluation data (`data`),
+(`checking`) and the decodings it plays (`decoding`), suspects behind an API (`remote`), the
+statistics of a check (`stats`) and its sequential form (`sequential`), evidence bundles (`evidence`), benign evaluation data (`data`),
 attacks (`attacks`), utility measures (`utility`), generated replies and the reply measure (`replies`), process ranks (`distributed`) and the
 command-line plumbing (`cli`).
 """
@@ -27,7 +27,7 @@ _API = {"generate_fingerprints": "oml.generation", "GenerationConfig": "oml.gene
         "fingerprint_model": "oml.pipeline", "check_suspect": "oml.pipeline", "CheckReport": "oml.pipeline",
         "FingerprintSelection": "oml.fingerprints", "TrainingConfig": "oml.training.config", "VerdictConfig": "oml.stats",
         "ApiConfig": "oml.remote", "SequentialConfig": "oml.sequential", "Run": "oml.runs", "load_run": "oml.runs",
-        "KeyResult": "oml.checking", "Query": "oml.checking", "CheckInterrupted": "oml.pipeline"}
+        "KeyResult": "oml.checking", "Query": "oml.checking", "CheckInterrupted": "oml.pipeline", "CheckConfig": "oml.pipeline"}
 __all__ = ["OMLError", *_API]
 
 
