@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 import random
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -77,11 +78,16 @@ def assistant_prompts(count: int, exclude: set[str] = frozenset()) -> tuple[list
     return prompts, names
 
 
+OPTIONS_MENTIONED = re.compile(r"\b(following|above|below|statements?)\b", re.IGNORECASE)
+
+
 def is_open_question(text: str, max_characters: int = 200) -> bool:
     """An MMLU question that reads as a question on its own, without its options: one short line
-    ending with a question mark (not a passage to read, a statement to complete or a list)."""
+    ending with a question mark (not a passage to read, a statement to complete or a list), that
+    does not point at options it no longer shows ("which of the following ...")."""
     text = text.strip()
-    return len(text) <= max_characters and "\n" not in text and text.endswith("?")
+    return (len(text) <= max_characters and "\n" not in text and text.endswith("?")
+            and not OPTIONS_MENTIONED.search(text))
 
 
 def _templates(path, what: str) -> list[str]:

@@ -5,7 +5,7 @@ import pytest
 
 from oml import OMLError
 from oml.attacks import benign_finetune
-from oml.data import assistant_prompts, chat_pairs, user_questions
+from oml.data import assistant_prompts, chat_pairs, is_open_question, user_questions
 from oml.models import load_model
 from oml.replies import ReplyMeasure, ReplySettings, ended, reply_length
 from oml.tokenization import chat_example, encode
@@ -62,6 +62,15 @@ def test_held_out_prompts_are_of_three_kinds_and_never_a_key():
     excluded, _ = assistant_prompts(30, exclude={prompts[0]})
     assert prompts[0] not in excluded and len(excluded) == 30
     assert not set(user_questions("test")) & set(user_questions("train"))  # replayed questions are never measured
+
+
+def test_mmlu_questions_asked_openly_stand_on_their_own():
+    assert is_open_question("Which structure is found in the inner ear?")
+    for text in ("Which of the following is a prime number?", "Which statement is true?", "Is the answer above right?",
+                 "What is 2 + 2?\nPick one.", "Complete the sentence: the sky is", "Why? " * 50):
+        assert not is_open_question(text)
+    prompts, kinds = assistant_prompts(90)
+    assert all(is_open_question(p) for p, k in zip(prompts, kinds) if k == "MMLU questions")
 
 
 def test_a_model_without_chat_template_or_prompts_is_a_clear_error(tiny_base, tokenizer, tmp_path):
