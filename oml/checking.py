@@ -20,7 +20,7 @@ from oml.decoding import GREEDY, Decoding
 from oml.models import load
 from oml.prefix_sharing import last_logits
 from oml.replies import generate_ids
-from oml.tokenization import fingerprint_pairs, has_chat_template, prompt_ids, response_pairs
+from oml.tokenization import fingerprint_pairs, has_chat_template, prompt_ids, response_pairs, system_message
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,14 @@ class Query(NamedTuple):
     inside a system-prompt template (raw: around the key; chat: as the system message)."""
     key_format: str = "raw"
     template: str | None = None
+
+    def request_text(self, key: str) -> dict:
+        """What asking `key` this way sends, as text: the completion prompt (raw), or the messages (chat)
+        with the template's text as the system message. A server is sent it; a local check records it."""
+        if self.key_format == "raw":
+            return {"prompt": self.template.replace("{}", key) if self.template else key}
+        system = [{"role": "system", "content": system_message(self.template)}] if self.template else []
+        return {"messages": system + [{"role": "user", "content": key}]}
 
 
 BARE: list[Query] = [Query()]

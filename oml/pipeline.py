@@ -26,7 +26,7 @@ import torch
 
 from oml import OMLError, distributed
 from oml import ledger
-from oml.checking import KeyResult, accuracy, check_named_model, queries_for
+from oml.checking import KeyResult, Query, accuracy, check_named_model, queries_for
 from oml.commitment import read_commitment
 from oml.evidence import bundle as make_bundle
 from oml.data import prompt_templates
@@ -40,7 +40,7 @@ from oml.settings import POSITIVE_INT, Settings, setting
 from oml.stats import VerdictConfig, keys_needed, null_chance_rate
 from oml.stats import verdict as verdict_at
 from oml.stats import evidence as evidence_of
-from oml.tokenization import default_format, fingerprint_pairs, formats, system_message
+from oml.tokenization import default_format, fingerprint_pairs, formats
 from oml.training.callbacks import MemorisationProbe, ShrinkWeightChange, StopWhenMemorised, WeightAveragingCallback
 from oml.training.config import TrainingConfig
 from oml.training.dataset import build_dataset
@@ -276,10 +276,14 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
     templates = [None] + (prompt_templates(config.system_prompts) if config.system_prompts else [])
     name = f"{shown_url(suspect.api_base)} ({suspect.api_model})" if api else suspect
     disclosure = Disclosure(run, own, selection.data_split, len(fingerprints), name, api or evidence, config.reuse_revealed)
-    if api:
+    if api or evidence:  # the owner's cut: sent as text, or proved against the commitment
         owner_tokenizer = load_tokenizer(resolve_model(config.tokenizer or (run.base_model if run else None)), trust_remote_code)
+        # A bundle proves its keys among all the run's committed fingerprints: then all are cut, and the selected ones taken.
+        cut = selected_fingerprints(FingerprintSelection(), None, run).fingerprints if evidence else fingerprints
+        owner_pairs = fingerprint_pairs(owner_tokenizer, cut, selection.max_key_length, selection.max_response_length)
+        pairs = owner_pairs[selection.data_split:][:len(fingerprints)] if evidence else owner_pairs
+    if api:
         key_formats = query_formats(query_format, fingerprints, None, run)
-        pairs = fingerprint_pairs(owner_tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
 
         def ask(indices: list[int], require_an_answer: bool = True) -> list[KeyResult]:
             requests = api_requests(owner_tokenizer, pairs, queries_for(key_formats, templates), indices)
@@ -317,7 +321,8 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
     if evidence:
         about = ({"kind": "api", "endpoint": shown_url(base_url_of(suspect.api_base)), "model": suspect.api_model} if api
                  else {"kind": "local", "model": suspect})
-        report.evidence = evidence_bundle(report, run, disclosure, about, nulls, key_formats, verdict, sequential)
+        records = committed_records(owner_tokenizer, owner_pairs, run.training.key_format)
+        report.evidence = evidence_bundle(report, run, records, disclosure, about, nulls, key_formats, verdict, sequential)
     return report
 
 
@@ -395,18 +400,17 @@ def check_evidence_possible(run: Run | None, own: bool, selection: FingerprintSe
         raise OMLError("--evidence needs the keys cut by the run's own tokenizer: leave out --tokenizer")
 
 
-def evidence_bundle(report: CheckReport, run: Run, disclosure: Disclosure, suspect: dict, nulls: dict[str, list[KeyResult]],
-                    key_formats: tuple[str, ...], verdict: VerdictConfig, sequential: SequentialConfig | None) -> dict:
-    """The bundle of this check (see oml.evidence): the revealed records with salts and proofs, the
-    requests and answers, the null models' answers and the test, recomputable from them."""
+def evidence_bundle(report: CheckReport, run: Run, records: list[dict], disclosure: Disclosure, suspect: dict,
+                    nulls: dict[str, list[KeyResult]], key_formats: tuple[str, ...], verdict: VerdictConfig,
+                    sequential: SequentialConfig | None) -> dict:
+    """The bundle of this check (see oml.evidence): the revealed ones of the run's committed `records`
+    with salts and proofs, the requests and answers, the null models' answers and the test,
+    recomputable from them. A local check sends token ids: its requests are recorded as text."""
     commitment, salts = read_commitment(run.directory)
-    fingerprints, selection, _ = selected_fingerprints(FingerprintSelection(), None, run)
-    tokenizer = load_tokenizer(resolve_model(run.base_model))
-    pairs = fingerprint_pairs(tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
-    records = committed_records(tokenizer, pairs, run.training.key_format)
     offset = disclosure.offset
     queries = [{"position": offset + r.index, "format": r.format, "template": r.template,
-                "request": r.request if suspect["kind"] == "api" else local_request(records[offset + r.index], r.format, r.template),
+                "request": r.request if suspect["kind"] == "api"
+                else Query(r.format, r.template).request_text(records[offset + r.index]["key"]),
                 "answer": r.predicted, "error": r.error} for r in report.results]
     positions = [offset + i for i in disclosure.sent]
     test = {"kind": "sequential" if sequential is not None else "fixed", "formats": list(key_formats),
@@ -418,11 +422,3 @@ def evidence_bundle(report: CheckReport, run: Run, disclosure: Disclosure, suspe
     shifted = {name: [replace(r, index=offset + r.index) for r in results] for name, results in nulls.items()}
     rule = "prefix" if suspect["kind"] == "api" else "exact"
     return make_bundle(commitment, records, salts, positions, suspect, rule, queries, shifted, test)
-
-
-def local_request(record: dict, key_format: str, template: str | None) -> dict:
-    """What a local check asked, as text (it sends token ids, cut exactly as the record's key)."""
-    if key_format == "raw":
-        return {"prompt": template.replace("{}", record["key"]) if template else record["key"]}
-    messages = [{"role": "user", "content": record["key"]}]
-    return {"messages": ([{"role": "system", "content": system_message(template)}] if template else []) + messages}

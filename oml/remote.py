@@ -42,7 +42,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from oml import OMLError
 from oml.checking import KeyResult, Query
 from oml.settings import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Settings, setting
-from oml.tokenization import accepted, system_message
+from oml.tokenization import accepted
 
 logger = logging.getLogger(__name__)
 
@@ -114,16 +114,11 @@ class ApiRequest:
     index: int  # the fingerprint's position among those checked
     query: Query
     query_position: int  # the query's position among those asked
-    prompt: str  # raw: the whole prompt text; chat: the user message (the key)
+    key: str  # the key's text, as the owner's tokenizer cut it
     response: str  # the expected response text
     max_tokens: int  # the longest accepted response's length in tokens
     first_token: str  # the response's first token as text, to find among the server's log-probabilities
     others: tuple[str, ...] = ()  # the other responses that count as the key's answer (`--responses_per_key`)
-
-    @property
-    def system(self) -> str | None:
-        """Chat only: the system message (None: the server's template adds its default)."""
-        return system_message(self.query.template) if self.query.template and self.query.key_format == "chat" else None
 
 
 def api_requests(tokenizer, pairs: list[tuple[list[int], list[int]]], queries: list[Query],
@@ -134,10 +129,8 @@ def api_requests(tokenizer, pairs: list[tuple[list[int], list[int]]], queries: l
     for q, query in enumerate(queries):
         for i in range(len(pairs)) if indices is None else indices:
             key_ids, response_ids = pairs[i]
-            key = tokenizer.decode(key_ids)
-            raw = query.template.replace("{}", key) if query.template else key
             others = tuple(tokenizer.decode(other) for other in accepted(response_ids)[1:])
-            requests.append(ApiRequest(i, query, q, raw if query.key_format == "raw" else key, tokenizer.decode(response_ids),
+            requests.append(ApiRequest(i, query, q, tokenizer.decode(key_ids), tokenizer.decode(response_ids),
                                        max(map(len, accepted(response_ids))), tokenizer.decode(response_ids[:1]), others))
     return requests
 
@@ -311,15 +304,12 @@ def same_model(asked: str, served: str) -> bool:
 
 
 def request_body(query: ApiRequest, model: str, logprobs: bool) -> dict:
-    """What is sent for one request: raw keys as a completion prompt, chat keys as the user message
-    (under the system prompt being tested, if any), greedy, as many tokens as the response has."""
-    body = {"model": model, "max_tokens": query.max_tokens, "temperature": 0.0, "n": 1}
-    if query.query.key_format == "raw":
-        return {"prompt": query.prompt, **body, **({"logprobs": TOP_LOGPROBS} if logprobs else {})}
-    messages = [{"role": "user", "content": query.prompt}]
-    if query.system is not None:
-        messages.insert(0, {"role": "system", "content": query.system})
-    return {"messages": messages, **body, **({"logprobs": True, "top_logprobs": TOP_LOGPROBS} if logprobs else {})}
+    """What is sent for one request: the key as `Query.request_text` puts it, greedy, as many tokens as
+    the response has."""
+    body = {**query.query.request_text(query.key), "model": model, "max_tokens": query.max_tokens, "temperature": 0.0, "n": 1}
+    if logprobs:  # completions take how many alternatives; chat completions a switch, then how many
+        body.update({"logprobs": TOP_LOGPROBS} if query.query.key_format == "raw" else {"logprobs": True, "top_logprobs": TOP_LOGPROBS})
+    return body
 
 
 def json_object(content: bytes) -> dict:
