@@ -5,6 +5,7 @@ seeded by (seed, fingerprint or batch index), so the output for a seed is the sa
 whether one process or N ranks (each taking every N-th batch) produce it.
 """
 import logging
+import math
 import random
 import weakref
 from dataclasses import dataclass
@@ -181,9 +182,12 @@ def perinucleus_choice(distributions: list[torch.Tensor], p: float, k: int, rng:
     mass reaches `p`; draw uniformly among the `k` tokens ranked right after it. A token that
     `acceptable` rejects widens that window by one and the draw is repeated.
     For several (the same key asked in several formats), one response must serve all of them:
-    the candidates are the tokens outside every nucleus, ranked by their mean probability, and
-    the window is the `k` best of them. The response is then plausible in each format and
-    never an untouched model's greedy answer in any.
+    the candidates are the tokens outside every nucleus, ranked by their mean log-probability
+    (the geometric mean of their probabilities), and the window is the `k` best of them. The
+    response is then plausible in each format and never an untouched model's greedy answer in
+    any. (Ranked by the mean probability, a token likely in one format wins however unlikely it
+    is in the other: a raw continuation such as ' The' ranked thousands at the start of a chat
+    reply, and training it there taught the model to open ordinary replies with such tokens.)
     Returns the token id and, per distribution, its probability and rank (1 = greedy).
     """
     stacked = torch.stack([d.double() for d in distributions])
@@ -193,7 +197,7 @@ def perinucleus_choice(distributions: list[torch.Tensor], p: float, k: int, rng:
         size = min(int(torch.searchsorted(torch.cumsum(sorted_probs, 0), torch.tensor(p, dtype=torch.float64))) + 1,
                    len(order) - 1)
         in_nucleus[order[:size]] = True
-    score = stacked.mean(0).masked_fill(in_nucleus, -1.0)
+    score = stacked.clamp(min=torch.finfo(torch.float64).tiny).log().mean(0).masked_fill(in_nucleus, -math.inf)
     candidates = torch.sort(score, descending=True, stable=True).indices[:int((~in_nucleus).sum())]
     window_end = k
     rejected: set[int] = set()

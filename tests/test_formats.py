@@ -27,12 +27,22 @@ def test_chat_prompt_is_exactly_what_the_chat_template_tokenises(tokenizer):
 def test_one_response_for_both_formats_lies_outside_both_nuclei():
     raw = torch.tensor([0.50, 0.30, 0.10, 0.05, 0.03, 0.02, 0.0, 0.0])
     chat = torch.tensor([0.02, 0.03, 0.05, 0.10, 0.30, 0.50, 0.0, 0.0])
-    # p = 0.75: the raw nucleus is {0, 1}, the chat nucleus {5, 4}; by mean probability the
-    # remaining tokens rank 2, 3 (0.075 each), then 6, 7 (0).
+    # p = 0.75: the raw nucleus is {0, 1}, the chat nucleus {5, 4}; by mean log-probability the
+    # remaining tokens rank 2, 3 (0.1 x 0.05 each), then 6, 7 (0).
     picks = {perinucleus_choice([raw, chat], 0.75, 2, random.Random(i), lambda t: True)[0] for i in range(100)}
     assert picks == {2, 3}
     token, probs, ranks = perinucleus_choice([raw, chat], 0.75, 2, random.Random(0), lambda t: True)
     assert probs == [float(raw[token]), float(chat[token])] and ranks[0] == token + 1 and ranks[1] == 6 - token
+
+
+def test_a_response_for_both_formats_is_plausible_in_each_not_likely_in_one():
+    raw = torch.tensor([0.70, 0.10, 0.15, 0.03, 0.0200, 0.0])
+    chat = torch.tensor([0.00, 0.80, 0.00, 0.03, 0.0001, 0.17])
+    # p = 0.75: nuclei {0, 2} (raw) and {1} (chat). Token 5 has the highest mean probability
+    # (0.085) but is never said raw; token 4 is 300 times less likely in chat than token 3,
+    # which a window of one must pick.
+    token, _, ranks = perinucleus_choice([raw, chat], 0.75, 1, random.Random(0), lambda t: True)
+    assert token == 3 and ranks == [4, 3]
 
 
 @pytest.mark.slow
