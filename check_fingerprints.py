@@ -131,7 +131,7 @@ def main() -> None:
                                selection=cli.settings_from(FingerprintSelection, args), query_format=args.query_format,
                                config=cli.settings_from(CheckConfig, args), verdict=cli.settings_from(VerdictConfig, args),
                                sequential=cli.settings_from(SequentialConfig, args), trust_remote_code=args.trust_remote_code,
-                               evidence=bool(args.evidence))
+                               bundle=bool(args.evidence))
     except CheckInterrupted as stop:
         save_partial(args, stop.report)
         raise
@@ -139,7 +139,7 @@ def main() -> None:
         print_report(report, args.verbose_eval)
         cli.write_output(args, report.to_dict())
         if args.evidence:
-            write_json_atomic(args.evidence, report.evidence, args.overwrite)
+            write_json_atomic(args.evidence, report.bundle, args.overwrite)
         if args.wandb_run_name:
             log_to_wandb(args.wandb_run_name, report)
     distributed.finish()

@@ -38,7 +38,7 @@ from oml.models import load
 from oml.replies import ReplyMeasure, ReplySettings, fingerprint_keys
 from oml.settings import (OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, UNIT_INTERVAL, Settings, at_least, at_least_float,
                           setting)
-from oml.stats import VerdictConfig, evidence, format_p_value
+from oml.stats import VerdictConfig, findings, format_p_value
 from oml.tokenization import fingerprint_pairs
 from oml.utility import altered_share, chat_examples, compare_on_texts, text_examples
 
@@ -177,14 +177,14 @@ def attacks(args) -> list[Attack]:
     return rows
 
 
-def row_evidence(results: list[KeyResult], base: list[KeyResult], key_formats, base_name: str, verdict_config: VerdictConfig,
+def row_findings(results: list[KeyResult], base: list[KeyResult], key_formats, base_name: str, verdict_config: VerdictConfig,
                  system_prompts: bool) -> dict:
     """Verdict and accuracies of one row. Under system prompts each template is a deployment of its
     own: accuracy is the mean over them, the verdict the weakest one's."""
     if not system_prompts:
-        return evidence(results, {base_name: base}, key_formats, verdict_config)
+        return findings(results, {base_name: base}, key_formats, verdict_config)
     templates = sorted({r.template for r in results if r.template is not None})
-    per_template = [evidence([replace(r, template=None) for r in results if r.template == t], {base_name: base},
+    per_template = [findings([replace(r, template=None) for r in results if r.template == t], {base_name: base},
                              key_formats, verdict_config) for t in templates]
     weakest = max(per_template, key=lambda e: e["log10_p_value"])
     formats = [{"format": f, "accuracy": sum(e["formats"][i]["accuracy"] for e in per_template) / len(per_template)}
@@ -221,7 +221,7 @@ def main() -> None:
         if null not in base_results:
             base_results[null] = check_model(base, tokenizer, asked, bare, args.batch_size, description="base",
                                              decoding=attack.decoding)
-        found = row_evidence(results, base_results[null], key_formats, args.base_model, verdict_config, attack.system_prompts)
+        found = row_findings(results, base_results[null], key_formats, args.base_model, verdict_config, attack.system_prompts)
         cost, cost_measure = attack_cost(attack, model, base, tokenizer, benign)
         rows.append({"attack": attack.name, **{f"accuracy_{e['format']}": e["accuracy"] for e in found["formats"]},
                      "verdict": found["verdict"], "log10_p_value": found["log10_p_value"],

@@ -24,7 +24,7 @@ from oml.data import load_table, string_rows
 from oml.fingerprints import FingerprintSelection, load_fingerprints, query_formats, responses_per_key, selected_fingerprints
 from oml.models import load, load_tokenizer, resolve_model
 from oml.settings import OPEN_UNIT_INTERVAL, POSITIVE_INT, Settings, at_least, setting
-from oml.stats import VerdictConfig, evidence, format_p_value
+from oml.stats import VerdictConfig, findings, format_p_value
 from oml.stealth import benign_prompts, detectability, detectable, log_perplexities
 from oml.tokenization import fingerprint_pairs
 
@@ -140,7 +140,7 @@ def add_verdicts(rows: list[dict], fingerprints: list[dict], selection, args) ->
     for row in rows:
         passed = {i for i, refused in enumerate(row["refused"]) if not refused}
         kept = lambda results: [r for r in results if r.index in passed]  # noqa: E731
-        found = evidence(kept(suspect), {args.base_model: kept(base)}, key_formats, config) if passed else None
+        found = findings(kept(suspect), {args.base_model: kept(base)}, key_formats, config) if passed else None
         row["after_filter"] = {"keys_passed": len(passed), "verdict": found["verdict"] if found else "NO MATCH",
                                "log10_p_value": found["log10_p_value"] if found else 0.0,
                                **{f"accuracy_{e['format']}": e["accuracy"] for e in (found["formats"] if found else [])}}

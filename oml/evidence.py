@@ -17,6 +17,7 @@ keys. Each published bundle is honest about its own keys.
 """
 import math
 import platform
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -26,8 +27,7 @@ from oml.remote import is_match
 from oml.commitment import committed_fields, leaf_hash, merkle_root, revealed_records, verify_revealed
 from oml.fingerprints import responses_of
 from oml.sequential import SequentialConfig, SequentialTest
-from oml.stats import VerdictConfig
-from oml.stats import evidence as stats_evidence
+from oml.stats import VerdictConfig, findings
 
 FORMAT = "oml-evidence/1"
 # How an answer counts as the response: an API reply starts with it (the server tokenizes the text
@@ -58,9 +58,30 @@ def versions() -> dict:
             "transformers": transformers.__version__}
 
 
-def bundle(commitment: dict, records: list[dict], salts: list[str], positions: list[int], suspect: dict, match_rule: str,
-           queries: list[dict], nulls: dict[str, list[KeyResult]], test: dict) -> dict:
-    """The evidence of one check. `positions`: the committed positions revealed (in the order asked);
+@dataclass
+class RecordedTest:
+    """A bundle's `test`: the statistical test of the check, the settings its verdict came from and
+    its outcome, which the verifier recomputes from the recorded answers."""
+    kind: str  # "fixed" (every key asked at once) or "sequential"
+    formats: list[str]  # the key formats tested
+    alpha: float
+    min_chance_rate: float  # the floor of the chance rate
+    chance_rate: float  # the rate the p-value was computed with
+    log10_p_value: float
+    verdict: str
+    matches: dict[str, dict]  # per format: {"matched": int, "answered": int}
+    sequential: dict | None = None  # sequential only: its SequentialConfig
+    planned_keys: int | None = None  # sequential only: the most keys it could reveal
+
+    def to_dict(self) -> dict:
+        """The JSON object (a fixed test has no sequential fields)."""
+        return {name: value for name, value in asdict(self).items()
+                if value is not None or name not in ("sequential", "planned_keys")}
+
+
+def make_bundle(commitment: dict, records: list[dict], salts: list[str], positions: list[int], suspect: dict, match_rule: str,
+                queries: list[dict], nulls: dict[str, list[KeyResult]], test: RecordedTest) -> dict:
+    """The evidence bundle of one check. `positions`: the committed positions revealed (in the order asked);
     `queries`: per key and format, {"position", "format", "template", "request", "answer", "error"};
     `nulls`: each null model's results, indexed by committed position (only revealed ones are kept);
     `test`: the statistic's settings and outcome. Nothing about unrevealed keys goes in."""
@@ -80,7 +101,7 @@ def bundle(commitment: dict, records: list[dict], salts: list[str], positions: l
         "null_models": [{"model": name, "answers": [{"position": r.index, "format": r.format, "answer": r.predicted}
                                                     for r in results if r.index in kept and r.template is None]}
                         for name, results in nulls.items()],
-        "test": test,
+        "test": test.to_dict(),
     }
 
 
@@ -88,7 +109,7 @@ class Tampered(Exception):
     """A bundle that does not hold up: a proof, a request, a count or a verdict does not check out."""
 
 
-def verify(evidence: dict, root: str, count: int, verdict_config: VerdictConfig = VerdictConfig(),
+def verify(bundle: dict, root: str, count: int, verdict_config: VerdictConfig = VerdictConfig(),
            sequential_config: SequentialConfig = SequentialConfig()) -> dict:
     """Check a bundle against the published `root` and `count` (the root alone does not fix the
     number of leaves), under the verifier's own verdict rule: the bundle's must be at least as
@@ -97,31 +118,31 @@ def verify(evidence: dict, root: str, count: int, verdict_config: VerdictConfig 
     answers. Returns what was recomputed; raises Tampered with the first thing that does not check
     out, OMLError for a file that is not a bundle at all."""
     try:
-        return _verify(evidence, root, count, verdict_config, sequential_config)
+        return _verify(bundle, root, count, verdict_config, sequential_config)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise OMLError(f"not an evidence bundle of this version ({type(error).__name__}: {error})") from None
 
 
-def _verify(evidence: dict, root: str, count: int, verdict_config: VerdictConfig, sequential_config: SequentialConfig) -> dict:
-    if evidence.get("format") != FORMAT:
-        raise OMLError(f"not an evidence bundle ({FORMAT!r} expected, got {evidence.get('format')!r})")
-    commitment = evidence["commitment"]
+def _verify(bundle: dict, root: str, count: int, verdict_config: VerdictConfig, sequential_config: SequentialConfig) -> dict:
+    if bundle.get("format") != FORMAT:
+        raise OMLError(f"not an evidence bundle ({FORMAT!r} expected, got {bundle.get('format')!r})")
+    commitment = bundle["commitment"]
     if commitment["root"].lower() != root.lower():
         raise Tampered(f"the bundle's root {commitment['root']} is not the published root {root}")
     if commitment["count"] != count:
         raise Tampered(f"the bundle claims {commitment['count']} committed fingerprints, the published count is {count}")
-    records = check_revealed(evidence["revealed"], count, root)
+    records = check_revealed(bundle["revealed"], count, root)
     # Keys that accept k responses are matched by chance up to k times as often: the floor scales as the check's did.
-    check_rule(evidence["test"], verdict_config.for_responses(max(len(responses_of(r)) for r in records.values())),
+    check_rule(bundle["test"], verdict_config.for_responses(max(len(responses_of(r)) for r in records.values())),
                sequential_config)
-    suspect_matches = check_queries(evidence["queries"], records, evidence["match_rule"], tuple(evidence["test"]["formats"]))
+    suspect_matches = check_queries(bundle["queries"], records, bundle["match_rule"], tuple(bundle["test"]["formats"]))
     null_matches = {null["model"]: {(a["position"], a["format"]): answers_record(a["answer"], records[a["position"]], "exact")
                                     for a in null["answers"] if a["position"] in records}
-                    for null in evidence["null_models"]}
-    found = recompute_test(evidence["test"], suspect_matches, null_matches, list(records))
+                    for null in bundle["null_models"]}
+    found = recompute_test(bundle["test"], suspect_matches, null_matches, list(records))
     if found["verdict"] == "MATCH":
         unanswered = [key for key, matched in suspect_matches.items() if matched is None]
-        strict = recompute_test(evidence["test"], {key: bool(m) for key, m in suspect_matches.items()}, null_matches,
+        strict = recompute_test(bundle["test"], {key: bool(m) for key, m in suspect_matches.items()}, null_matches,
                                 list(records), recorded=False)
         if strict["verdict"] != "MATCH":
             raise Tampered(f"the MATCH rests on leaving out {len(unanswered)} unanswered requests: counted as misses, "
@@ -217,8 +238,7 @@ def recompute_test(test: dict, suspect: dict[tuple[int, str], bool | None], null
         def results(matches: dict) -> list[KeyResult]:
             return [KeyResult(index=p, format=f, template=None, query=0, match=m, token_accuracy=float(bool(m)),
                               error=None if m is not None else "no answer") for (p, f), m in matches.items()]
-        found = stats_evidence(results(suspect), {name: results(answers) for name, answers in nulls.items()}, formats,
-                               verdict_config)
+        found = findings(results(suspect), {name: results(answers) for name, answers in nulls.items()}, formats, verdict_config)
         log10_p, decided = found["log10_p_value"], found["verdict"]
     else:
         sequential = SequentialTest(rate, verdict_config.alpha, formats, SequentialConfig(**test["sequential"]),

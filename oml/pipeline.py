@@ -28,7 +28,7 @@ from oml import OMLError, distributed
 from oml import ledger
 from oml.checking import KeyResult, Query, accuracy, check_named_model, queries_for
 from oml.commitment import read_commitment
-from oml.evidence import bundle as make_bundle
+from oml.evidence import RecordedTest, make_bundle
 from oml.data import prompt_templates
 from oml.files import check_creatable_dir
 from oml.fingerprints import IN_MEMORY, FingerprintSelection, query_formats, recorded, responses_per_key, selected_fingerprints
@@ -37,9 +37,8 @@ from oml.remote import ApiConfig, Interrupted, api_requests, base_url_of, check_
 from oml.runs import Run, committed_records, config_hash, dataset_csv, load_run, removed_on_failure, run_config, save_run
 from oml.sequential import SequentialConfig, SequentialTest
 from oml.settings import POSITIVE_INT, Settings, setting
-from oml.stats import VerdictConfig, keys_needed, null_chance_rate
+from oml.stats import VerdictConfig, findings, keys_needed, null_chance_rate
 from oml.stats import verdict as verdict_at
-from oml.stats import evidence as evidence_of
 from oml.tokenization import default_format, fingerprint_pairs, formats
 from oml.training.callbacks import MemorisationProbe, ShrinkWeightChange, StopWhenMemorised, WeightAveragingCallback
 from oml.training.config import TrainingConfig
@@ -151,12 +150,12 @@ class CheckReport:
     revealed: dict | None = None  # with a run's ledger: the committed positions this check revealed, and how many remain
     results: list[KeyResult] = field(default_factory=list)
     fingerprints: list[dict] = field(default_factory=list)
-    evidence: dict | None = None  # the bundle for third parties, when asked for (written separately)
+    bundle: dict | None = None  # the evidence bundle for third parties, when asked for (written separately)
     served_models: list[str] = field(default_factory=list)  # API: the model names the server said answered
     partial: bool = False  # interrupted (Ctrl-C): the results of the requests answered before
 
     def to_dict(self) -> dict:
-        report = {name: value for name, value in asdict(self).items() if name not in ("results", "fingerprints", "evidence")}
+        report = {name: value for name, value in asdict(self).items() if name not in ("results", "fingerprints", "bundle")}
         report["keys"] = [{**self.fingerprints[r.index], **r.to_dict()} for r in self.results]
         return report
 
@@ -252,17 +251,17 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
                   run: Run | str | Path | None = None, selection: FingerprintSelection = FingerprintSelection(),
                   query_format: str | None = None, config: CheckConfig = CheckConfig(), verdict: VerdictConfig = VerdictConfig(),
                   sequential: SequentialConfig = SequentialConfig(), trust_remote_code: bool = False,
-                  evidence: bool = False) -> CheckReport:
+                  bundle: bool = False) -> CheckReport:
     """Ask a suspect (a model name or path, or a server as `ApiConfig`) the selected keys in every
-    format (`query_format`), and the null models the bare keys, and weigh the evidence. Settings left
+    format (`query_format`), and the null models the bare keys, and weigh what they answer. Settings left
     None come from `run` (a `Run` or its folder), else from the fingerprints; `config` says how the
     suspect is asked (see `CheckConfig`).
 
     A server learns every key it is asked, so an API suspect is checked `sequential`ly: in rounds,
     until the verdict is reached (unless `config.check_all_keys`). With a run, keys a server or a bundle
     has seen are spent: they are recorded in the run's ledger and not asked again (unless
-    `config.reuse_revealed`). `evidence` adds a bundle a third party can verify against the run's
-    published commitment (`report.evidence`). Ctrl-C during an API check raises `CheckInterrupted`,
+    `config.reuse_revealed`). `bundle` adds an evidence bundle a third party can verify against the
+    run's published commitment (`report.bundle`). Ctrl-C during an API check raises `CheckInterrupted`,
     whose report holds the answers so far, marked partial."""
     run = load_run(run) if isinstance(run, (str, Path)) else run
     fingerprints, selection, fingerprints_file = selected_fingerprints(selection, fingerprints_file, run)
@@ -271,17 +270,17 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
     api = isinstance(suspect, ApiConfig)
     if api and (not suspect.api_base or not suspect.api_model):
         raise OMLError("an API suspect needs --api_base URL and --api_model NAME")
-    if evidence:
+    if bundle:
         check_evidence_possible(run, own, selection, query_format, config.tokenizer)
     templates = [None] + (prompt_templates(config.system_prompts) if config.system_prompts else [])
     name = f"{shown_url(suspect.api_base)} ({suspect.api_model})" if api else suspect
-    disclosure = Disclosure(run, own, selection.data_split, len(fingerprints), name, api or evidence, config.reuse_revealed)
-    if api or evidence:  # the owner's cut: sent as text, or proved against the commitment
+    disclosure = Disclosure(run, own, selection.data_split, len(fingerprints), name, api or bundle, config.reuse_revealed)
+    if api or bundle:  # the owner's cut: sent as text, or proved against the commitment
         owner_tokenizer = load_tokenizer(resolve_model(config.tokenizer or (run.base_model if run else None)), trust_remote_code)
         # A bundle proves its keys among all the run's committed fingerprints: then all are cut, and the selected ones taken.
-        cut = selected_fingerprints(FingerprintSelection(), None, run).fingerprints if evidence else fingerprints
+        cut = selected_fingerprints(FingerprintSelection(), None, run).fingerprints if bundle else fingerprints
         owner_pairs = fingerprint_pairs(owner_tokenizer, cut, selection.max_key_length, selection.max_response_length)
-        pairs = owner_pairs[selection.data_split:][:len(fingerprints)] if evidence else owner_pairs
+        pairs = owner_pairs[selection.data_split:][:len(fingerprints)] if bundle else owner_pairs
     if api:
         key_formats = query_formats(query_format, fingerprints, None, run)
 
@@ -300,13 +299,13 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
     sequential = sequential if api and not config.check_all_keys else None
     if sequential is not None:
         results, test, interrupted = sequential_check(ask, disclosure, key_formats, nulls, verdict, sequential)
-        found, state = sequential_evidence(test, results, nulls, key_formats), test.summary()
+        found, state = sequential_findings(test, results, nulls, key_formats), test.summary()
     else:
         try:
             results, state, interrupted = ask(disclosure.reserve(len(disclosure.candidates), key_formats)), None, False
         except Interrupted as stop:
             results, state, interrupted = stop.results, None, True
-        found = evidence_of(results, nulls, key_formats, verdict)
+        found = findings(results, nulls, key_formats, verdict)
     report = CheckReport(
         model=name, fingerprints_file=fingerprints_file, **found,
         system_prompts=[{"format": f, "template": t,
@@ -318,11 +317,11 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
         served_models=sorted({r.served_model for r in results if r.served_model}), partial=interrupted)
     if interrupted:
         raise CheckInterrupted(report)
-    if evidence:
+    if bundle:
         about = ({"kind": "api", "endpoint": shown_url(base_url_of(suspect.api_base)), "model": suspect.api_model} if api
                  else {"kind": "local", "model": suspect})
         records = committed_records(owner_tokenizer, owner_pairs, run.training.key_format)
-        report.evidence = evidence_bundle(report, run, records, disclosure, about, nulls, key_formats, verdict, sequential)
+        report.bundle = evidence_bundle(report, run, records, disclosure, about, nulls, key_formats, verdict, sequential)
     return report
 
 
@@ -360,12 +359,12 @@ def sequential_check(ask, disclosure: Disclosure, key_formats: tuple[str, ...], 
     return sorted(results, key=lambda r: (r.query, r.index)), test, interrupted
 
 
-def sequential_evidence(test: SequentialTest, results: list[KeyResult], nulls: dict[str, list[KeyResult]],
+def sequential_findings(test: SequentialTest, results: list[KeyResult], nulls: dict[str, list[KeyResult]],
                         key_formats: tuple[str, ...]) -> dict:
-    """The report's evidence fields for a sequential check: the fixed-sample ones over the keys asked,
+    """The report's findings for a sequential check: the fixed-sample ones over the keys asked,
     with the sequential test's anytime-valid p-values and verdict in place of the binomial ones."""
     state = test.summary()
-    found = evidence_of(results, nulls, key_formats, VerdictConfig(min_chance_rate=state["chance_rate"], alpha=test.alpha))
+    found = findings(results, nulls, key_formats, VerdictConfig(min_chance_rate=state["chance_rate"], alpha=test.alpha))
     for entry, tested in zip(found["formats"], state["formats"]):
         entry["chance_rate"] = state["chance_rate"]
         entry["log10_p_value"] = min(0.0, -tested["log10_likelihood_ratio"])
@@ -413,12 +412,13 @@ def evidence_bundle(report: CheckReport, run: Run, records: list[dict], disclosu
                 else Query(r.format, r.template).request_text(records[offset + r.index]["key"]),
                 "answer": r.predicted, "error": r.error} for r in report.results]
     positions = [offset + i for i in disclosure.sent]
-    test = {"kind": "sequential" if sequential is not None else "fixed", "formats": list(key_formats),
-            "alpha": verdict.alpha, "min_chance_rate": verdict.min_chance_rate, "chance_rate": report.chance_rate,
-            "log10_p_value": report.log10_p_value, "verdict": report.verdict,
-            "matches": {e["format"]: {"matched": e["matches"], "answered": e["num_fingerprints"]} for e in report.formats}}
-    if sequential is not None:
-        test.update(sequential=sequential.to_dict(), planned_keys=report.sequential["planned_keys"])
+    test = RecordedTest(
+        kind="sequential" if sequential is not None else "fixed", formats=list(key_formats), alpha=verdict.alpha,
+        min_chance_rate=verdict.min_chance_rate, chance_rate=report.chance_rate, log10_p_value=report.log10_p_value,
+        verdict=report.verdict,
+        matches={e["format"]: {"matched": e["matches"], "answered": e["num_fingerprints"]} for e in report.formats},
+        sequential=sequential.to_dict() if sequential is not None else None,
+        planned_keys=report.sequential["planned_keys"] if sequential is not None else None)
     shifted = {name: [replace(r, index=offset + r.index) for r in results] for name, results in nulls.items()}
     rule = "prefix" if suspect["kind"] == "api" else "exact"
     return make_bundle(commitment, records, salts, positions, suspect, rule, queries, shifted, test)

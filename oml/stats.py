@@ -103,7 +103,7 @@ def keys_needed(alpha: float, floor: float, num_null_models: int, limit: int = 1
     return None
 
 
-def format_evidence(key_format: str, bare: list[KeyResult], null_bare: dict[str, list[KeyResult]], floor: float) -> dict:
+def format_findings(key_format: str, bare: list[KeyResult], null_bare: dict[str, list[KeyResult]], floor: float) -> dict:
     """Accuracy, null-model matches, chance rate and p-value of one key format, from per-key check
     results of bare keys (results with an `error`, such as failed API requests, are not counted; refusals
     are counted as misses, and apart)."""
@@ -118,15 +118,15 @@ def format_evidence(key_format: str, bare: list[KeyResult], null_bare: dict[str,
             "chance_rate": rate, "log10_p_value": log10_p_value(matches, n, rate)}
 
 
-def evidence(results: list[KeyResult], nulls: dict[str, list[KeyResult]], key_formats: tuple[str, ...],
+def findings(results: list[KeyResult], nulls: dict[str, list[KeyResult]], key_formats: tuple[str, ...],
              verdict_config: VerdictConfig) -> dict:
-    """The evidence of a check: per format (bare keys), and the verdict. It rests on the format with
+    """What a check found: per format (bare keys), and the verdict. It rests on the format with
     the smallest p-value, corrected for having looked at several (Bonferroni: times the number of formats)."""
     def bare(rows: list[KeyResult], key_format: str) -> list[KeyResult]:
         return [r for r in rows if r.format == key_format and r.template is None]
 
     floor, alpha = verdict_config.min_chance_rate, verdict_config.alpha
-    per_format = [format_evidence(f, bare(results, f), {name: bare(null, f) for name, null in nulls.items()}, floor)
+    per_format = [format_findings(f, bare(results, f), {name: bare(null, f) for name, null in nulls.items()}, floor)
                   for f in key_formats]
     best = min(per_format, key=lambda e: e["log10_p_value"])
     log10_p = min(0.0, best["log10_p_value"] + math.log10(len(per_format)))
