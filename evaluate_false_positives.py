@@ -23,7 +23,7 @@ from oml.fingerprints import FingerprintSelection, query_formats, responses_per_
 from oml.models import load, load_tokenizer, resolve_model
 from oml.replies import SHORT_REPLY_TOKENS, ReplyMeasure, ReplySettings, fingerprint_keys
 from oml.settings import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Settings, setting
-from oml.stats import VerdictConfig, evidence, format_p_value
+from oml.stats import VerdictConfig, findings, format_p_value
 
 logger = logging.getLogger("evaluate_false_positives")
 
@@ -98,8 +98,8 @@ def rank_statistics(results: list[KeyResult]) -> dict:
 def model_row(name: str, kind: str, results: list[KeyResult], base: list[KeyResult], key_formats: tuple[str, ...],
               base_name: str, verdict_config: VerdictConfig) -> dict:
     """One tested model: per-format match rate and ranks, the checker's verdict and the old rule's."""
-    new = evidence(results, {base_name: base}, key_formats, verdict_config)
-    old = evidence(results, {base_name: base}, key_formats, verdict_config.updated(min_chance_rate=0.0))
+    new = findings(results, {base_name: base}, key_formats, verdict_config)
+    old = findings(results, {base_name: base}, key_formats, verdict_config.updated(min_chance_rate=0.0))
     per_format = {e["format"]: {"matches": e["matches"], "of": e["num_fingerprints"], "rate": e["accuracy"] / 100,
                                 **rank_statistics([r for r in results if r.format == e["format"]])}
                   for e in new["formats"] if e["num_fingerprints"]}  # a model without a chat template: raw only
