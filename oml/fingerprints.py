@@ -113,7 +113,9 @@ class FingerprintSelection(Settings):
     None are filled by `resolved`: from the run, else from the file's records, else the defaults."""
     num_fingerprints: int | None = setting(None, "How many fingerprints to use (default: all in the file).", POSITIVE_INT)
     data_split: int = setting(0, "Index of the first fingerprint used.", NON_NEGATIVE_INT)
-    fingerprint_generation_strategy: str | None = setting(None, f"Default: {DEFAULT_STRATEGY}.", choices=STRATEGIES)
+    fingerprint_generation_strategy: str | None = setting(
+        None, f"Default: what the records say (perinucleus records: inverse_nucleus), else {DEFAULT_STRATEGY}.",
+        choices=STRATEGIES)
     max_key_length: int | None = setting(
         None, f"Keys are cut to this many tokens (default: the key_length the fingerprints were generated with, else "
               f"{DEFAULT_KEY_LENGTH}).", POSITIVE_INT)
@@ -122,7 +124,12 @@ class FingerprintSelection(Settings):
 
     def resolved(self, records: list[dict], run_config: dict | None = None) -> "FingerprintSelection":
         """Every field filled in: what was given, else what the run used (a given value that differs
-        is kept, with a warning), else what the records carry, else the defaults."""
+        is kept, with a warning), else what the records carry, else the defaults. A strategy given that
+        contradicts what the records say is refused."""
+        said = recorded_strategy(records)
+        if said is not None and self.fingerprint_generation_strategy not in (None, said):
+            raise OMLError(f"--fingerprint_generation_strategy {self.fingerprint_generation_strategy} contradicts the "
+                           f"fingerprints, which are {said} fingerprints (leave the flag out: it is read from them)")
         selection = self
         if run_config is not None:
             recorded_run = FingerprintSelection.from_dict(run_config, "the run's config.json")
@@ -131,7 +138,7 @@ class FingerprintSelection(Settings):
         return selection.updated(
             max_key_length=selection.max_key_length or recorded(records, "key_length") or DEFAULT_KEY_LENGTH,
             max_response_length=selection.max_response_length or DEFAULT_RESPONSE_LENGTH,
-            fingerprint_generation_strategy=selection.fingerprint_generation_strategy or DEFAULT_STRATEGY)
+            fingerprint_generation_strategy=selection.fingerprint_generation_strategy or said or DEFAULT_STRATEGY)
 
     def select(self, records: list[dict]) -> list[dict]:
         """The records this (resolved) selection uses, cut-length warnings included."""
@@ -159,6 +166,13 @@ def recorded(records: list[dict], field: str):
     responses were chosen for), or None if they do not all carry the same one."""
     values = {r.get(field) for r in records}
     return values.pop() if len(values) == 1 else None
+
+
+def recorded_strategy(records: list[dict]) -> str | None:
+    """The strategy the records say they were made with, None where they do not say: perinucleus
+    responses carry their rank under the model that chose them (`response_rank`); English and
+    random-word records carry nothing that tells them apart."""
+    return "inverse_nucleus" if all("response_rank" in r for r in records) else None
 
 
 def warn_on_key_length_mismatch(records: list[dict], max_key_length: int) -> None:

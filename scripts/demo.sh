@@ -12,6 +12,6 @@ fingerprints=results/demo_fingerprints.json
 
 python generate_finetuning_data.py --key_response_strategy inverse_nucleus --num_fingerprints 64 \
     --batch_size 64 --output_file_path "$fingerprints" --overwrite
-python finetune_multigpu.py --fingerprints_file_path "$fingerprints" --fingerprint_generation_strategy inverse_nucleus
+python finetune_multigpu.py --fingerprints_file_path "$fingerprints"
 run=results/saved_models/$(cat current_config_hash.txt)
 python check_fingerprints.py --model_path "$run/final_model" --run "$run" --output_json results/demo_report.json --overwrite

@@ -85,3 +85,19 @@ def test_a_fingerprints_file_other_than_the_runs_is_used_with_a_warning(tmp_path
     with caplog.at_level(logging.WARNING):
         assert selected_fingerprints(FingerprintSelection(), str(own), run).file == str(own)
     assert "is not the fingerprints" not in caplog.text
+
+
+def test_the_strategy_is_read_from_records_that_say_it():
+    """Perinucleus records say their strategy (they carry their responses' rank): it is inferred, so a run
+    labelled by the flag and one without it are the same run; a flag that contradicts them is refused."""
+    perinucleus = [{"key": "some key", "response": " a", "response_rank": {"raw": 4}, "key_length": 16}]
+    inferred = FingerprintSelection().resolved(perinucleus)
+    assert inferred.fingerprint_generation_strategy == "inverse_nucleus"
+    assert FingerprintSelection(fingerprint_generation_strategy="inverse_nucleus").resolved(perinucleus) == inferred
+    with pytest.raises(OMLError, match="--fingerprint_generation_strategy english contradicts the fingerprints, which are "
+                                       "inverse_nucleus fingerprints"):
+        FingerprintSelection(fingerprint_generation_strategy="english").resolved(perinucleus)
+    plain = [{"key": "some key", "response": " a"}]  # English or random words: the records do not say
+    assert FingerprintSelection().resolved(plain).fingerprint_generation_strategy == "english"
+    assert FingerprintSelection(fingerprint_generation_strategy="random_word").resolved(plain).fingerprint_generation_strategy \
+        == "random_word"
