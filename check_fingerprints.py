@@ -25,7 +25,7 @@ from oml.stats import VerdictConfig, format_p_value
 logger = logging.getLogger("check_fingerprints")
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--model_path", default=None, help="The suspect model: hub id, local folder or .gguf file.")
     cli.add_settings(parser, ApiConfig)
@@ -41,7 +41,11 @@ def parse_args() -> argparse.Namespace:
                         help="Print each miss with the model's top-10 next tokens (and each failed request, as ERROR).")
     parser.add_argument("--wandb_run_name", default=None, help="Log the accuracy to this wandb run (needs wandb).")
     cli.add_common_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    args = build_parser().parse_args()
     if (args.model_path is None) == (args.api_base is None):
         raise OMLError("name the suspect: --model_path MODEL, or --api_base URL with --api_model NAME")
     if args.api_base is not None and not args.api_model:

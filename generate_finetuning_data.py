@@ -3,7 +3,7 @@
     python generate_finetuning_data.py --num_fingerprints 64 --key_response_strategy inverse_nucleus
     deepspeed --num_gpus 4 generate_finetuning_data.py ...   # each rank makes every N-th batch
 
-Writes a JSON list of {"key", "response"} objects (see README.md for the strategies).
+Writes a JSON list of {"key", "response"} objects (see docs/guide.md, "Strategies").
 """
 import argparse
 import logging

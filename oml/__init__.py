@@ -1,6 +1,6 @@
 """OML fingerprinting: prove that a published language model is yours.
 
-The Python API (see `oml.pipeline` and README, "Python API"): `generate_fingerprints`,
+The Python API (see `oml.pipeline` and README.md, "Python API"): `generate_fingerprints`,
 `fingerprint_model` and `check_suspect`, with their settings `GenerationConfig`,
 `FingerprintSelection`, `TrainingConfig`, `CheckConfig`, `VerdictConfig`, `SequentialConfig` and `ApiConfig`;
 the results are a `Run` and a `CheckReport` of `KeyResult`s (keys asked as `Query`s).

@@ -40,7 +40,7 @@ MAX_REDRAWS = 100
 
 @dataclass(frozen=True)
 class GenerationConfig(Settings):
-    """How fingerprints are made (generate_finetuning_data.py's flags; see README for the strategies)."""
+    """How fingerprints are made (generate_finetuning_data.py's flags; see docs/guide.md for the strategies)."""
     key_length: int = setting(DEFAULT_KEY_LENGTH, "Tokens per key (the same default as fine-tuning's --max_key_length).",
                               POSITIVE_INT)
     response_length: int | None = setting(
@@ -75,7 +75,7 @@ class GenerationConfig(Settings):
     responses_per_key: int = setting(
         1, "Perinucleus responses per key, each a different word (none spells another), all trained and all accepted: "
            "a server that bans its likeliest answer's word (SuppressNeighbor) still serves another. The chance rate "
-           "floor of a check grows with it (README, 'Verdict').", POSITIVE_INT)
+           "floor of a check grows with it (docs/guide.md, 'The verdict').", POSITIVE_INT)
     key_format: str | None = setting(
         None, "Where perinucleus keys will be asked: as raw text, as a user message in the model's chat template, or both "
               "(default: both when the model has a chat template, else raw).", choices=FORMAT_CHOICES)

@@ -35,7 +35,7 @@ class VerdictConfig(Settings):
     """What a verdict assumes of innocent models and how sure it must be."""
     min_chance_rate: float = setting(
         DEFAULT_MIN_CHANCE_RATE, "Floor of the chance rate: the share of keys any model not derived from ours is assumed "
-                                 "able to match (see README, 'Verdict').", UNIT_INTERVAL)
+                                 "able to match (see docs/guide.md, 'The verdict').", UNIT_INTERVAL)
     alpha: float = setting(1e-6, "Significance level of the verdict.", OPEN_UNIT_INTERVAL)
 
     def for_responses(self, responses_per_key: int) -> "VerdictConfig":

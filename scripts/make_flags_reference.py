@@ -11,7 +11,6 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "flags.md"
@@ -23,28 +22,12 @@ COMMAND = "python scripts/make_flags_reference.py"
 sys.path.insert(0, str(ROOT))  # the scripts import oml from the repository root
 
 
-class Built(Exception):
-    """Carries the parser a script's parse_args() built, stopped as it starts parsing."""
-
-
 def script_parser(script: str) -> argparse.ArgumentParser:
-    """The script's parser, from its build_parser(), without running the script (a script that
-    builds its parser inside parse_args() instead, as check_fingerprints.py does, is stopped there)."""
+    """The script's parser, from its build_parser(), without running the script."""
     spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if hasattr(module, "build_parser"):
-        return module.build_parser()
-
-    def stop(parser: argparse.ArgumentParser, *args, **kwargs):
-        raise Built(parser)
-
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", autospec=True, side_effect=stop):
-        try:
-            module.parse_args()
-        except Built as built:
-            return built.args[0]
-    raise RuntimeError(f"{script} has no build_parser(), and its parse_args() parses nothing")
+    return module.build_parser()
 
 
 def default_text(action: argparse.Action) -> str:
