@@ -34,10 +34,11 @@ class TrainingConfig(Settings):
         2.0, "Benign sequences replayed per fingerprint each epoch (an anti-forgetting regulariser; 0: none): more keeps "
              "the model's perplexity closer to the base's, for longer epochs (docs/benchmarks.md).", NON_NEGATIVE_FLOAT)
     question_replay: float = setting(
-        0.5, "Share of the replayed sequences that are user questions written like user-message keys "
+        1.0, "Share of the replayed sequences that are user questions written like user-message keys "
              "(generated_data/user_questions_train.json, never keys), each followed by up to 8 tokens of the untouched "
              "model's own greedy reply: keys look like users' questions, and these teach that a question that is not a "
-             "key gets the base's answer. The rest is --benign_data.", UNIT_INTERVAL)
+             "key gets the base's answer, first reply token included. The rest is --benign_data (by default none).",
+        UNIT_INTERVAL)
     train_eos: bool = setting(
         False, "End every trained response with the end-of-sequence token. The check reads only the response's tokens; "
                "training the end teaches a model to end its turn right after a one-token response, and that spreads "
