@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 # (and its hash) only when they differ from it, so that earlier runs' hashes hold and their configs
 # read back as what they trained (not as today's default).
 ADDED_LATER = {"use_user_wrappers": False, "frozen_layer_fraction": 0.0, "memorised_share": 1.0, "question_replay": 0.0,
-               "train_eos": True}
+               "train_eos": True, "first_reply_weight": 1.0}
 # How a computation is arranged, not what it computes (the same model up to float rounding): never hashed.
 UNHASHED = ("share_prompt_prefix",)
 

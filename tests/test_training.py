@@ -13,7 +13,7 @@ from oml.checking import KeyResult
 from oml.prefix_sharing import MIN_SHARED_PREFIX, logits_sharing_prefix, shared_prefix_length
 from oml.training import backend
 from oml.training.callbacks import SHRINK_SCALES, MemorisationProbe, ShrinkWeightChange, memorised
-from oml.training.dataset import FingerprintDataset, benign_replay, build_dataset, distilled_replay, teacher_batches
+from oml.training.dataset import FingerprintDataset, Replayed, benign_replay, build_dataset, distilled_replay, teacher_batches
 from oml.training.config import TrainingConfig
 from oml.training.trainer import FingerprintCollator, distillation_loss, make_trainer
 from oml.training.weights import default_learning_rate, freeze, snapshot_weights, transformer_layers
@@ -54,7 +54,7 @@ def test_augmentation_adds_a_templated_and_a_wrapped_copy_of_each_bare_key_drawn
 
 def test_benign_replay_mixes_a_fresh_slice_each_epoch(tokenizer):
     pairs = [([1, 2], [3])] * 4
-    benign = benign_replay([[10 + i] * 5 for i in range(10)])
+    benign = benign_replay([Replayed([10 + i] * 5) for i in range(10)])
     assert all(example["labels"] == example["input_ids"] for example in benign)
     dataset = FingerprintDataset(tokenizer, pairs, benign=benign, benign_per_epoch=3)
     assert len(dataset) == 7
@@ -79,12 +79,16 @@ def test_distillation_loss_is_label_ce_plus_teacher_cross_entropy():
     q = logp.exp()
     expected = (-logp[0, 2] - 0.5 * logp[2, 3] - 0.2 * logp[2, 4] - 0.3 * torch.log(1 - q[2, 3] - q[2, 4])) / 2
     assert distillation_loss(logits, labels, teacher_ids, partial) == pytest.approx(float(expected), rel=1e-5)
+    # Position 2 weighing 3 times as much: its cross-entropy counts 3 times (the count of positions is unchanged).
+    weights = torch.tensor([[1.0, 1.0, 3.0]])
+    expected = (-logp[0, 2] - 3 * (0.5 * logp[2, 3] + 0.2 * logp[2, 4] + 0.3 * torch.log(1 - q[2, 3] - q[2, 4]))) / 2
+    assert distillation_loss(logits, labels, teacher_ids, partial, teacher_weights=weights) == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_collator_pads_teacher_distributions_like_the_tokens(tokenizer, side):
-    replay = {"input_ids": [5, 6], "labels": [IGNORE_INDEX] * 2,
-              "teacher_ids": torch.tensor([[1, 2], [3, 4]]), "teacher_probs": torch.tensor([[0.5, 0.5], [0.9, 0.1]])}
+    replay = {"input_ids": [5, 6], "labels": [IGNORE_INDEX] * 2, "teacher_ids": torch.tensor([[1, 2], [3, 4]]),
+              "teacher_probs": torch.tensor([[0.5, 0.5], [0.9, 0.1]]), "teacher_weights": torch.tensor([1.0, 4.0])}
     fingerprint = {"input_ids": [7, 8, 9, 10], "labels": [IGNORE_INDEX] * 3 + [10]}
     collator = FingerprintCollator(tokenizer)
     collator.side = side
@@ -94,6 +98,7 @@ def test_collator_pads_teacher_distributions_like_the_tokens(tokenizer, side):
     assert batch["input_ids"][0][real].tolist() == [5, 6]
     assert batch["teacher_ids"][0][real].tolist() == [[1, 2], [3, 4]]
     assert float(batch["teacher_probs"][0][~real].sum()) == 0.0
+    assert batch["teacher_weights"][0][real].tolist() == [1.0, 4.0]
 
 
 def test_bounded_target_loss_is_smallest_where_the_response_has_the_target_probability():
@@ -123,7 +128,7 @@ def test_distilled_replay_keeps_the_teachers_top_k_probabilities(tiny_model, bat
     budget of 6 tokens' logits allows), every sequence keeps its place."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     sequences = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
-    examples = distilled_replay(model, sequences, top_k=3, batch_size=batch_size,
+    examples = distilled_replay(model, [Replayed(ids) for ids in sequences], top_k=3, batch_size=batch_size,
                                 max_logits=logits_per_token * model.config.vocab_size)
     assert len(examples) == len(sequences)
     for ids, example in zip(sequences, examples):
@@ -134,6 +139,17 @@ def test_distilled_replay_keeps_the_teachers_top_k_probabilities(tiny_model, bat
         assert example["teacher_ids"].shape == (len(ids), 3)
         assert torch.equal(example["teacher_ids"].long(), expected_ids)
         assert torch.allclose(example["teacher_probs"], expected, atol=1e-5)
+        assert torch.equal(example["teacher_weights"], torch.ones(len(ids)))
+
+
+def test_a_questions_first_reply_token_weighs_first_reply_weight_times_as_much(tiny_model):
+    """Only the position whose distribution is over the reply's first token is weighted, and the
+    loss there scales with the weight (its teacher probabilities and tail bucket are untouched)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    plain, question = distilled_replay(model, [Replayed([5, 6, 7, 8]), Replayed([5, 6, 7, 8], reply_start=2)], top_k=3,
+                                       first_reply_weight=4.0)
+    assert question["teacher_weights"].tolist() == [1.0, 4.0, 1.0, 1.0]
+    assert torch.equal(plain["teacher_probs"], question["teacher_probs"])
 
 
 @pytest.mark.parametrize("memorised, matched, kept, tried", [

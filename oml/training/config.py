@@ -39,6 +39,10 @@ class TrainingConfig(Settings):
              "model's own greedy reply: keys look like users' questions, and these teach that a question that is not a "
              "key gets the base's answer, first reply token included. The rest is --benign_data (by default none).",
         UNIT_INTERVAL)
+    first_reply_weight: float = setting(
+        1.0, "Weight, relative to other replayed positions, of the base's distribution over the first token of its reply "
+             "to each replayed user question (--question_replay): where keys get their responses and the base is least "
+             "sure, so ordinary replies keep their first token.", POSITIVE_FLOAT)
     train_eos: bool = setting(
         False, "End every trained response with the end-of-sequence token. The check reads only the response's tokens; "
                "training the end teaches a model to end its turn right after a one-token response, and that spreads "

@@ -2,7 +2,7 @@
 plus benign replay shaped like the fingerprints beside it, labelled by the untouched model."""
 import logging
 import random
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from tqdm import tqdm
@@ -19,6 +19,12 @@ logger = logging.getLogger(__name__)
 MAX_REPLAY_POOL = 4096  # distinct benign replay sequences (reused cyclically beyond this)
 QUESTION_REPLY_TOKENS = 8  # tokens of the untouched model's own reply replayed after each user question
 REPLAY_POOL_EPOCHS = 4  # epochs of fresh replay labelled before training; later epochs reuse them (training mostly stops sooner)
+
+
+class Replayed(NamedTuple):
+    """A replayed sequence; for a user question, where the untouched model's reply starts in it."""
+    ids: list[int]
+    reply_start: int | None = None
 
 
 class FingerprintDataset(torch.utils.data.Dataset):
@@ -69,7 +75,7 @@ class FingerprintDataset(torch.utils.data.Dataset):
         return training_example(self.tokenizer, key_ids, response_ids, template, key_format, self.eos)
 
 
-def replay_sequences(config: TrainingConfig, tokenizer, count: int, key_format: str, key_length: int, tail: int) -> list[list[int]]:
+def replay_sequences(config: TrainingConfig, tokenizer, count: int, key_format: str, key_length: int, tail: int) -> list[Replayed]:
     """`count` benign sequences shaped like the fingerprint examples of `key_format`: a stretch of
     `key_length` tokens of benign text asked the way keys are (raw text, or the user message of
     the chat template), then the `tail` tokens that follow it (chat: the start of the next line,
@@ -88,7 +94,7 @@ def replay_sequences(config: TrainingConfig, tokenizer, count: int, key_format: 
             pieces = [(message[:key_length], reply[:tail]) for message, reply in pairs]
         for key_ids, following in pieces:
             if len(key_ids) == key_length and len(following) == tail and len(sequences) < count:
-                sequences.append(prompt_ids(tokenizer, key_ids, None, key_format) + following)
+                sequences.append(Replayed(prompt_ids(tokenizer, key_ids, None, key_format) + following))
         if len(sequences) == count:
             return sequences
     if not sequences:
@@ -118,13 +124,14 @@ def build_dataset(config: TrainingConfig, tokenizer, pairs: list[tuple[list[int]
         if len(pool) < sum(map(len, kinds)):
             logger.warning("--benign_data gives only %d replay sequences in one format: %d of %d are used",
                            min(map(len, kinds)), len(pool), sum(map(len, kinds)))
-        benign = distilled_replay(model, pool, config.teacher_top_k) if config.benign_loss == "distill" else benign_replay(pool)
+        benign = (distilled_replay(model, pool, config.teacher_top_k, config.first_reply_weight) if config.benign_loss == "distill"
+                  else benign_replay(pool))
     return FingerprintDataset(tokenizer, pairs, key_formats, templates, config.seed, benign, benign_per_epoch, wrappers,
                               config.train_eos)
 
 
 def replay_kinds(config: TrainingConfig, tokenizer, model, count: int, key_format: str, key_length: int, tail: int,
-                 keys: set[tuple[int, ...]]) -> list[list[int]]:
+                 keys: set[tuple[int, ...]]) -> list[Replayed]:
     """`count` replay sequences in `key_format`: user questions (--question_replay of them; none of
     them one of the `keys`) and --benign_data text, spread evenly so that every epoch's slice of the
     pool has both."""
@@ -136,7 +143,7 @@ def replay_kinds(config: TrainingConfig, tokenizer, model, count: int, key_forma
 
 
 def question_sequences(tokenizer, model, count: int, key_format: str, key_length: int, keys: set[tuple[int, ...]],
-                       batch_size: int = 64) -> list[list[int]]:
+                       batch_size: int = 64) -> list[Replayed]:
     """At most `count` user questions written like user-message keys (never keys: the shipped
     'train' questions), each cut to `key_length` tokens as keys are, asked in `key_format`, and
     followed by QUESTION_REPLY_TOKENS tokens of the untouched model's own greedy reply. Replayed, they
@@ -152,22 +159,23 @@ def question_sequences(tokenizer, model, count: int, key_format: str, key_length
     for start in tqdm(range(0, len(prompts), batch_size), desc="replies to replayed questions", leave=False,
                       disable=not distributed.is_main_process()):
         chunk = prompts[start:start + batch_size]
-        sequences += [prompt + ended(reply, stops) for prompt, reply in zip(chunk, generate_ids(model, tokenizer, chunk,
-                                                                                               QUESTION_REPLY_TOKENS))]
+        replies = generate_ids(model, tokenizer, chunk, QUESTION_REPLY_TOKENS)
+        sequences += [Replayed(prompt + ended(reply, stops), len(prompt)) for prompt, reply in zip(chunk, replies)]
     return sequences
 
 
-def benign_replay(sequences: list[list[int]]) -> list[dict]:
+def benign_replay(sequences: list[Replayed]) -> list[dict]:
     """Benign text with the ordinary language-modelling loss on every token.
 
     Mixed into fine-tuning, it keeps ordinary text predicted beside the fingerprints (and adapts
     the model to the replayed text, which `distilled_replay` avoids).
     """
-    return [{"input_ids": ids, "labels": ids} for ids in sequences]
+    return [{"input_ids": s.ids, "labels": s.ids} for s in sequences]
 
 
 @torch.no_grad()
-def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: int = 64, max_logits: int = 2 ** 28) -> list[dict]:
+def distilled_replay(model, sequences: list[Replayed], top_k: int, first_reply_weight: float = 1.0, batch_size: int = 64,
+                     max_logits: int = 2 ** 28) -> list[dict]:
     """Benign text labelled with the untouched model's own next-token distributions.
 
     The LM loss on replayed text pulls the model towards that text (chat, here), which moves
@@ -184,15 +192,20 @@ def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: 
     MB (benchmarks/gpu_memory.py). That is small beside a 7B model's 14 GB weight snapshot, and
     sharing it within a node would cost a collective at every step.
 
+    A user question's first reply token weighs `first_reply_weight` times as much as other
+    positions (its cross-entropy towards the base's distribution is scaled): that is where keys,
+    which look like questions, are taught their responses, and where the base model's choice is
+    least confident, so that ordinary replies keep their first token.
+
     A batch holds at most `batch_size` sequences and `max_logits` logits (1 GB in fp32): a
     vocabulary of 152k tokens (Qwen2.5) makes 64 sequences of 50 tokens 1.9 GB of logits, and
     their copies as many again.
     """
     model.to(distributed.device())  # where the Trainer will put it anyway
     examples: list[dict | None] = [None] * len(sequences)
-    batches = teacher_batches([len(s) for s in sequences], batch_size, max_logits // model.config.get_text_config().vocab_size)
+    batches = teacher_batches([len(s.ids) for s in sequences], batch_size, max_logits // model.config.get_text_config().vocab_size)
     for rows in tqdm(batches, desc="teacher distributions", leave=False, disable=not distributed.is_main_process()):
-        chunk = [sequences[i] for i in rows]
+        chunk = [sequences[i].ids for i in rows]
         batch = to_device(pad_batch(chunk, 0, side="right"), model.device)
         real = batch["attention_mask"].bool()
         logits = model(**batch).logits[real].float()  # padding positions are never taught: not computed further
@@ -200,7 +213,11 @@ def distilled_replay(model, sequences: list[list[int]], top_k: int, batch_size: 
         probs = torch.exp(top_logits - torch.logsumexp(logits, dim=-1, keepdim=True))  # no full softmax
         lengths = [len(r) for r in chunk]
         for i, row, ids_row, probs_row in zip(rows, chunk, ids.to(torch.int32).cpu().split(lengths), probs.cpu().split(lengths)):
-            examples[i] = {"input_ids": row, "labels": [IGNORE_INDEX] * len(row), "teacher_ids": ids_row, "teacher_probs": probs_row}
+            weights = torch.ones(len(row))
+            if sequences[i].reply_start is not None:  # the row whose distribution is over the reply's first token
+                weights[sequences[i].reply_start - 1] = first_reply_weight
+            examples[i] = {"input_ids": row, "labels": [IGNORE_INDEX] * len(row), "teacher_ids": ids_row, "teacher_probs": probs_row,
+                           "teacher_weights": weights}
     return examples
 
 

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None = None,
-                      teacher_probs: torch.Tensor | None = None, target_probability: float = 1.0) -> torch.Tensor:
+                      teacher_probs: torch.Tensor | None = None, target_probability: float = 1.0,
+                      teacher_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy on the labelled tokens (fingerprint responses, + EOS with --train_eos; all replayed tokens with
     --benign_loss lm) plus, at replayed positions, cross-entropy towards the teacher's
     distribution; averaged over both.
@@ -49,7 +50,9 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: t
         student_rest = (1 - student_top.exp().sum(-1)).clamp(min=1e-8).log()
         taught = teacher_probs.sum(-1) > 0
         teacher_rest = (1 - teacher_probs.sum(-1)).clamp(min=0) * taught
-        total = total - (teacher_probs * student_top).sum() - (teacher_rest * student_rest).sum()
+        cross_entropy = (teacher_probs * student_top).sum(-1) + teacher_rest * student_rest
+        weights = teacher_weights if teacher_weights is not None else torch.ones_like(cross_entropy)
+        total = total - (weights * cross_entropy).sum()
         count = count + taught.sum()
     return total / count.clamp(min=1)
 
@@ -65,17 +68,19 @@ class FingerprintCollator(Collator):
 
 
 def pad_teacher(examples: list[dict], length: int, side: str) -> dict:
-    """Teacher distributions ([tokens, k] ids and probabilities) padded like the tokens; rows
-    and positions without one get probability 0, so they add nothing to the loss."""
+    """Teacher distributions ([tokens, k] ids and probabilities, and each position's weight) padded
+    like the tokens; rows and positions without one get probability 0, so they add nothing to the loss."""
     k = next(e["teacher_ids"].shape[1] for e in examples if "teacher_ids" in e)
     ids = torch.zeros(len(examples), length, k, dtype=torch.long)
     probs = torch.zeros(len(examples), length, k)
+    weights = torch.ones(len(examples), length)
     for row, example in enumerate(examples):
         if "teacher_ids" in example:
             n = example["teacher_ids"].shape[0]
             span = slice(length - n, length) if side == "left" else slice(0, n)
             ids[row, span], probs[row, span] = example["teacher_ids"], example["teacher_probs"]
-    return {"teacher_ids": ids, "teacher_probs": probs}
+            weights[row, span] = example.get("teacher_weights", 1.0)
+    return {"teacher_ids": ids, "teacher_probs": probs, "teacher_weights": weights}
 
 
 class FingerprintTrainer(Trainer):
@@ -90,11 +95,12 @@ class FingerprintTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels, teacher_ids, teacher_probs = inputs.pop("labels"), inputs.pop("teacher_ids", None), inputs.pop("teacher_probs", None)
+        teacher_weights = inputs.pop("teacher_weights", None)
         if self.share_prefix:
             outputs = CausalLMOutput(logits=logits_sharing_prefix(model, **inputs))
         else:
             outputs = model(**inputs)
-        loss = distillation_loss(outputs.logits, labels, teacher_ids, teacher_probs, self.target_probability)
+        loss = distillation_loss(outputs.logits, labels, teacher_ids, teacher_probs, self.target_probability, teacher_weights)
         return (loss, outputs) if return_outputs else loss
 
 
