@@ -5,16 +5,19 @@
 Writes the run's commitment.json (public: a SHA-256 Merkle root over its fingerprints as
 trained, and their count) and commitment_salts.json (private: one random salt per
 fingerprint), as finetune_multigpu.py does for every new run, and prints the root to publish
-with the model. A commitment made after the model was published proves less than one made
-at fine-tuning time: only that the keys were fixed from now on. An existing commitment is
-never replaced (publishing a second root would undo what the first proves).
+with the model. commitment.json also records the test a check will use (formats, verdict rule,
+sequential settings: the defaults), which a verifier reads from it. A commitment made after the
+model was published proves less than one made at fine-tuning time: only that the keys were fixed
+from now on. An existing commitment is never replaced (publishing a second root would undo what
+the first proves).
 """
 from oml import cli
 from oml.commitment import write_commitment
+from oml.evidence import Protocol
 from oml.fingerprints import FingerprintSelection, selected_fingerprints
 from oml.models import load_tokenizer, resolve_model
 from oml.runs import committed_records, load_run
-from oml.tokenization import fingerprint_pairs
+from oml.tokenization import fingerprint_pairs, formats
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -31,7 +34,8 @@ def main() -> None:
     fingerprints, selection, _ = selected_fingerprints(FingerprintSelection(), None, run)  # all of them, cut as trained
     tokenizer = load_tokenizer(resolve_model(run.base_model), args.trust_remote_code)
     pairs = fingerprint_pairs(tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
-    commitment = write_commitment(run.directory, committed_records(tokenizer, pairs, run.training.key_format))
+    commitment = write_commitment(run.directory, committed_records(tokenizer, pairs, run.training.key_format),
+                                  protocol=Protocol(formats(run.training.key_format)).to_dict())
     print(f"Fingerprint commitment (publish it with the model): sha256 Merkle root {commitment['root']} over "
           f"{commitment['count']} fingerprints", flush=True)
 

@@ -1,55 +1,80 @@
 """Verify an evidence bundle (check_fingerprints.py --evidence) against a published commitment.
 
-    python verify_evidence.py BUNDLE.json --root ROOT --count N   [--alpha A --min_chance_rate R]
-    python verify_evidence.py BUNDLE.json --root ROOT --count N --base_model HUB_ID_OR_PATH
-    python verify_evidence.py BUNDLE.json --root ROOT --count N --api_base URL --api_model NAME
+    python verify_evidence.py BUNDLE.json --root ROOT --count N --null_model BASE_MODEL
+    python verify_evidence.py BUNDLE.json --root ROOT --count N --null_model BASE_MODEL --commitment commitment.json
+    python verify_evidence.py BUNDLE.json --root ROOT --count N --null_model BASE_MODEL --api_base URL --api_model NAME
 
-Needs no run folder and no secret: only the bundle and the root (and count) the owner published
-with the model, e.g. on its model card. Checks that every revealed key is under the root at the
-committed position it claims, that the positions are consecutive, that every request asked
-exactly the committed key, and recomputes the matches, the p-value and the verdict from the
-recorded answers, under the verifier's own verdict rule (--alpha, --min_chance_rate and the
-sequential settings, by default the published defaults): a bundle that used a weaker rule, or
-whose MATCH rests on leaving out unanswered requests, does not verify. With --base_model it also confirms that no revealed response is the base
-model's own greedy answer (such a key would prove nothing); with --api_base it asks the live
-suspect the revealed keys again.
+Needs no run folder and no secret: only the bundle and the root and count (and, where the owner
+published it, commitment.json) the owner published with the model, e.g. on its model card.
 
-Exit codes: 0 verified; 3 the bundle does not hold up (tampered, or evidence that proves nothing);
-2 bad input (not a bundle, a bad flag).
+The bundle only supplies data; the rules are the verifier's. The test (fixed or sequential), the
+key formats and the sequential settings come from the published commitment.json's protocol
+(--commitment), else from this script's flags (--test, --query_format, the sequential flags: by
+default the checker's defaults); --alpha and --min_chance_rate can only make them stricter. It
+checks that every revealed key is under the root at the committed position it claims, that the
+positions are consecutive, that every request is exactly the one the checker builds for its key
+and names the suspect, asks the null models (--null_model: the public base model; 'none': the
+floor alone) the revealed keys itself, and recomputes the matches, the p-value and the verdict.
+With --api_base it asks the live suspect the revealed keys again: one that disagrees with more
+than --live_tolerance of the recorded answers does not verify.
+
+The recorded answers are the owner's word. A witnessed check is the answer to that: the owner gives
+a witness sealed keys (check_fingerprints.py --export_sealed), and the witness asks the suspect
+itself and writes its own bundle, which anyone can verify as above:
+
+    python verify_evidence.py --witness SEALED.json --root ROOT --count N --null_model BASE_MODEL \\
+        --api_base URL --api_model NAME --output bundle.json
+
+Exit codes: 0 verified (witness: the check ran); 3 the bundle does not hold up (tampered, or
+evidence that proves nothing); 2 bad input (not a bundle, a bad flag).
 """
 import logging
-from dataclasses import MISSING, dataclass
+from dataclasses import dataclass, replace
 
 from oml import OMLError, cli
 from oml.checking import Query, check_model
-from oml.evidence import Tampered, verify
+from oml.evidence import DEFAULT_TESTS, TESTS, NullResults, Protocol, Tampered, verify
 from oml.files import read_json
 from oml.fingerprints import responses_of
 from oml.models import load
 from oml.remote import ApiConfig, ApiRequest, check_over_api
 from oml.sequential import SequentialConfig
-from oml.settings import POSITIVE_INT, Settings, setting
+from oml.settings import POSITIVE_INT, UNIT_INTERVAL, Settings, setting
 from oml.stats import VerdictConfig, format_p_value
-from oml.tokenization import ResponseIds, encode
+from oml.tokenization import FORMAT_CHOICES, ResponseIds, encode, formats, has_chat_template
 
 logger = logging.getLogger("verify_evidence")
 NOT_VERIFIED_EXIT_CODE = 3
+MAX_BUNDLE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
 class VerifierInputs(Settings):
-    """What a verifier is given: the bundle, the commitment the owner published with the model, and
-    optionally the public base model, whose own answers must not be among the revealed responses."""
-    bundle: str = setting(MISSING, "The evidence bundle (JSON) to verify.", kind=str, positional=True)
-    root: str = setting(MISSING, "The published commitment root (64 hex digits).", kind=str)
-    count: int = setting(MISSING, "The published number of committed fingerprints (the root alone does not fix it).",
+    """What a verifier is given: the commitment the owner published with the model, the public null
+    models, and the rules when the commitment does not record them."""
+    root: str = setting(None, "The published commitment root (64 hex digits).", kind=str)
+    count: int = setting(None, "The published number of committed fingerprints (the root alone does not fix it).",
                          POSITIVE_INT)
-    base_model: str | None = setting(
-        None, "The public model that was fingerprinted: confirm no revealed response is its own greedy answer.", kind=str)
+    commitment: str | None = setting(
+        None, "The published commitment.json: its protocol decides the test, formats and sequential settings (its root "
+              "and count must be --root and --count).", kind=str)
+    null_model: tuple[str, ...] = setting(
+        None, "Public models never fingerprinted (the base model), asked the revealed keys by this script to measure the "
+              "chance rate: the bundle's null answers are never used. 'none': the floor alone.", kind=str, nargs="+")
+    test: str | None = setting(
+        None, "Without a commitment protocol: the test the verdict must come from (default: fixed for local weights, "
+              "sequential for an API, as the checker does).", choices=TESTS, kind=str)
+    query_format: str | None = setting(
+        None, "Without a commitment protocol: the key formats the test must cover (default: every format the revealed "
+              "keys were committed in).", choices=FORMAT_CHOICES, kind=str)
+    live_tolerance: float = setting(
+        0.1, "With --api_base: the share of revealed (key, format) pairs on which the live suspect may disagree with the "
+             "recorded answers (a server's batching can change a few greedy answers); more does not verify.", UNIT_INTERVAL)
 
 
 def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("bundle", nargs="?", default=None, help="The evidence bundle (JSON) to verify.")
     cli.add_settings(parser, VerifierInputs)
     cli.add_settings(parser, VerdictConfig)
     cli.add_settings(parser, SequentialConfig)
@@ -61,13 +86,36 @@ def build_parser() -> cli.ArgumentParser:
 def parse_args():
     args = build_parser().parse_args()
     cli.single_process("verify_evidence.py")
+    if args.bundle is None or args.root is None or args.count is None or args.null_model is None:
+        raise OMLError("give the bundle, --root and --count (as published) and --null_model (the public base model, or none)")
     if len(args.root) != 64 or any(c not in "0123456789abcdefABCDEF" for c in args.root):
         raise OMLError(f"--root must be 64 hex digits (a SHA-256 root), not {args.root!r}")
+    if len(args.null_model) > 1 and "none" in (name.lower() for name in args.null_model):
+        raise OMLError("--null_model none means no null model; it cannot be combined with models")
     if args.api_base is not None and not args.api_model:
         raise OMLError("--api_base needs --api_model (the model name the server serves)")
     if args.api_base is not None:
         cli.settings_from(ApiConfig, args)  # a bad URL or key variable is refused before any work
     return args
+
+
+def protocol_of(args) -> tuple[Protocol, str]:
+    """The rules this verification applies, and where they come from: the published commitment's
+    protocol when it records one (--alpha and --min_chance_rate may only make it stricter), else the flags."""
+    verdict = cli.settings_from(VerdictConfig, args)
+    flags = Protocol(formats(args.query_format) if args.query_format else None,
+                     dict.fromkeys(DEFAULT_TESTS, args.test) if args.test else dict(DEFAULT_TESTS),
+                     verdict, cli.settings_from(SequentialConfig, args))
+    if args.commitment is None:
+        return flags, "this script's flags"
+    public = read_json(args.commitment, "commitment file", MAX_BUNDLE_BYTES)
+    if not isinstance(public, dict) or str(public.get("root")).lower() != args.root.lower() or public.get("count") != args.count:
+        raise OMLError(f"{args.commitment} is not the commitment of root {args.root} over {args.count} fingerprints")
+    if "protocol" not in public:
+        return flags, f"this script's flags ({args.commitment} records no protocol)"
+    if args.test or args.query_format:
+        raise OMLError(f"{args.commitment} records the test and formats: leave out --test and --query_format")
+    return Protocol.from_dict(public["protocol"], args.commitment).stricter(verdict), args.commitment
 
 
 def revealed_pairs(tokenizer, records: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -81,12 +129,22 @@ def revealed_pairs(tokenizer, records: list[dict]) -> list[tuple[list[int], list
     return pairs
 
 
-def base_model_answers(base_model: str, evidence: dict, trust_remote_code: bool) -> int:
-    """How many revealed (key, format) pairs the base model itself answers with a response (any of a key's)."""
-    model, tokenizer = load(base_model, trust_remote_code)
-    pairs = revealed_pairs(tokenizer, [entry["record"] for entry in evidence["revealed"]])
-    queries = [Query(f) for f in evidence["test"]["formats"]]
-    return sum(bool(r.match) for r in check_model(model, tokenizer, pairs, queries, 64, description="base model"))
+def null_results(names: tuple[str, ...], trust_remote_code: bool) -> NullResults | None:
+    """Asks each null model the revealed keys, bare, in the test's formats (chat only where the model has
+    a chat template, as the checker does); results indexed by committed position."""
+    if names[0].lower() == "none":
+        return None
+
+    def ask(records: dict[int, dict], key_formats: tuple[str, ...]) -> dict:
+        positions, found = list(records), {}
+        for name in names:
+            model, tokenizer = load(name, trust_remote_code)
+            queries = [Query(f) for f in key_formats if f == "raw" or has_chat_template(tokenizer)]
+            results = check_model(model, tokenizer, revealed_pairs(tokenizer, list(records.values())), queries, 64,
+                                  description=f"null model {name}")
+            found[name] = [replace(r, index=positions[r.index]) for r in results]
+        return found
+    return ask
 
 
 def live_requests(evidence: dict) -> list[ApiRequest]:
@@ -102,40 +160,50 @@ def live_requests(evidence: dict) -> list[ApiRequest]:
     return requests
 
 
-def ask_live(config: ApiConfig, evidence: dict) -> dict[str, str]:
-    """The revealed keys asked again of the live suspect: matched/answered per format."""
+def ask_live(config: ApiConfig, evidence: dict, recorded: dict, tolerance: float) -> str:
+    """The revealed keys asked again of the live suspect: matched/answered per format. Tampered when it
+    disagrees with more than `tolerance` of the recorded answers that both have."""
     results = check_over_api(config, live_requests(evidence))
-    return {f: f"{sum(bool(r.match) for r in results if r.format == f)}/{sum(r.error is None for r in results if r.format == f)}"
-            for f in evidence["test"]["formats"]}
+    both = [(r, recorded[(r.index, r.format)]) for r in results if r.error is None and recorded.get((r.index, r.format)) is not None]
+    disagree = sum(bool(r.match) != was for r, was in both)
+    if disagree > tolerance * len(both):
+        raise Tampered(f"the live suspect disagrees with {disagree} of {len(both)} recorded answers (tolerance "
+                       f"{tolerance:g}): the recorded answers are not what it says")
+    return ", ".join(f"{f} {sum(bool(r.match) for r in results if r.format == f)}/{sum(r.error is None for r in results if r.format == f)}"
+                     for f in evidence["test"]["formats"]) + f"; {disagree} of {len(both)} disagree with the recorded answers"
+
+
+def report(found: dict, evidence: dict, args, source: str) -> None:
+    """What was verified, on stdout."""
+    suspect, positions = found["suspect"], [entry["position"] for entry in evidence["revealed"]]
+    where = f" at {suspect['endpoint']}" if suspect["kind"] == "api" else ""
+    print(f"Suspect named by the bundle: {suspect['model']} ({'API' if suspect['kind'] == 'api' else 'local weights'}{where})")
+    print(f"Proofs: {len(positions)} revealed keys at committed positions {positions[0]}..{positions[-1]} of "
+          f"{args.count}, all under root {args.root.lower()}")
+    print("Requests: every request is the checker's request for its committed key" +
+          (f", naming {suspect['model']}" if suspect["kind"] == "api" else ""))
+    print(f"Rules (from {source}): {found['kind']} test, formats {', '.join(found['formats'])}")
+    nulls = ", ".join(f"{name} {share}" for name, share in found["null_models"].items()) or "none (the floor alone)"
+    matches = ", ".join(f"{f} {m['matched']}/{m['answered']}" for f, m in found["matches"].items())
+    print(f"Recomputed: {matches}; null models {nulls}; p-value {format_p_value(found['log10_p_value'])}; "
+          f"verdict {found['verdict']} (as recorded)")
 
 
 def main() -> None:
     args = parse_args()
-    evidence = read_json(args.bundle, "evidence bundle")
-    if not isinstance(evidence, dict):
-        raise OMLError(f"{args.bundle} is not an evidence bundle (a JSON object)")
+    protocol, source = protocol_of(args)
+    evidence = read_json(args.bundle, "evidence bundle", MAX_BUNDLE_BYTES)
     try:
-        found = verify(evidence, args.root, args.count, cli.settings_from(VerdictConfig, args),
-                       cli.settings_from(SequentialConfig, args))
-        positions = [entry["position"] for entry in evidence["revealed"]]
-        print(f"Proofs: {len(positions)} revealed keys at committed positions {positions[0]}..{positions[-1]} of "
-              f"{evidence['commitment']['count']}, all under root {args.root.lower()}")
-        print("Requests: every request asked its committed key")
-        matches = ", ".join(f"{f} {m['matched']}/{m['answered']}" for f, m in found["matches"].items())
-        print(f"Recomputed: {matches}; {evidence['test']['kind']} test, p-value {format_p_value(found['log10_p_value'])}; "
-              f"verdict {found['verdict']} (as recorded)")
-        if args.base_model:
-            own = base_model_answers(args.base_model, evidence, args.trust_remote_code)
-            if own:
-                raise Tampered(f"{own} revealed (key, format) pairs are answered with the response by the base model "
-                               f"{args.base_model} itself: such keys prove nothing")
-            print(f"Base model: none of the revealed responses is {args.base_model}'s own greedy answer")
+        found = verify(evidence, args.root, args.count, protocol, null_results(args.null_model, args.trust_remote_code))
+        report(found, evidence, args, source)
+        if args.api_base is not None:
+            if args.api_model != found["suspect"]["model"]:
+                raise OMLError(f"the bundle's suspect is {found['suspect']['model']!r}: --api_model must name it")
+            live = ask_live(cli.settings_from(ApiConfig, args), evidence, found["answers"], args.live_tolerance)
+            print(f"Live suspect now: {live}")
     except Tampered as problem:
         cli.fail(f"NOT VERIFIED: {problem}", NOT_VERIFIED_EXIT_CODE)
-    if args.api_base is not None:
-        live = ask_live(cli.settings_from(ApiConfig, args), evidence)
-        print("Live suspect now: " + ", ".join(f"{f} {count}" for f, count in live.items()))
-    print(f"Evidence verified: {found['verdict']} for {evidence['suspect'].get('model')}", flush=True)
+    print(f"Evidence verified: {found['verdict']} for {found['suspect']['model']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ key trained with several accepted responses: they fix which tokens were trained 
 responses as cut, and the format the key was asked in). A record without other responses hashes
 as it did before that field existed, so earlier roots still open.
 
-Files in the run folder: `commitment.json` (public: the root and how leaves are built) and
+Files in the run folder: `commitment.json` (public: the root, how leaves are built and the test a
+check will use, which the verifier reads from the published file) and
 `commitment_salts.json` (private: the salts in record order, with the root they belong to).
 Losing the salts makes the commitment unrevealable; publishing them reveals every key.
 """
@@ -244,9 +245,10 @@ def make_commitment(records: list[dict]) -> tuple[dict, list[str]]:
     return public, salts
 
 
-def write_commitment(run_dir: Path, records: list[dict], overwrite: bool = False) -> dict:
+def write_commitment(run_dir: Path, records: list[dict], overwrite: bool = False, protocol: dict | None = None) -> dict:
     """Commit to `records` and write run_dir/commitment.json (public) and commitment_salts.json
-    (private). An existing commitment is kept unless `overwrite`: once its root is published it
+    (private); `protocol` (oml.evidence.Protocol as a dict) records beside the root the test the owner
+    will use, so that a verifier takes it from what was published before any check. An existing commitment is kept unless `overwrite`: once its root is published it
     must never change silently, or the reveals it was published for can no longer be checked.
     The salts are written first, so a public root never exists without the salts to open it."""
     run_dir = Path(run_dir)
@@ -257,6 +259,8 @@ def write_commitment(run_dir: Path, records: list[dict], overwrite: bool = False
                 raise OMLError(f"{path} already exists and a published commitment must never change; "
                                "pass --overwrite only if its root was never published")
     public, salts = make_commitment(records)
+    if protocol is not None:
+        public["protocol"] = protocol
     write_json_atomic(salts_path, {"version": VERSION, "root": public["root"], "salts": salts}, overwrite)
     try:
         write_json_atomic(public_path, public, overwrite)

@@ -39,13 +39,19 @@ def read_text(path: str | Path, what: str) -> str:
         raise OMLError(f"{what} {path} is not UTF-8 text: {error}") from None
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """Parse a JSON file, turning a missing, unreadable or malformed file into a one-line error."""
+def read_json(path: str | Path, what: str, max_bytes: int | None = None) -> Any:
+    """Parse a JSON file, turning a missing, unreadable, malformed or (beyond `max_bytes`) oversized file
+    into a one-line error; nesting that exhausts the parser's stack and integers too long to convert
+    (Python refuses over 4,300 digits) are malformed too."""
+    if max_bytes is not None:
+        check_readable(path, what)
+        if Path(path).stat().st_size > max_bytes:
+            raise OMLError(f"{what} {path} is larger than {max_bytes // 2**20} MiB")
     text = read_text(path, what)
     try:
         return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise OMLError(f"{what} {path} is not valid JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        raise OMLError(f"{what} {path} is not valid JSON: {str(error)[:200]}") from None
 
 
 def check_writable(path: str | Path, overwrite: bool) -> None:

@@ -13,6 +13,10 @@ The ledger is `run_dir/revealed.jsonl`, one JSON object per line:
 by all entries of one check. Entries never hold key or response text: the ledger may be
 copied and shared less carefully than the keys themselves.
 
+The first reservation also leaves `revealed.jsonl.started`: a run folder that has revealed keys
+knows it, so a ledger deleted or lost later is refused (`check_kept`) instead of silently letting
+a check reveal the same keys again.
+
 The file is append-only. Two checks may run at once against one run folder, so reserving is
 atomic: an exclusive `flock` on `revealed.jsonl.lock` is held while the ledger is read, the
 positions are chosen and one line is appended (a single `os.write` on an O_APPEND descriptor,
@@ -31,6 +35,7 @@ from oml import OMLError
 
 LEDGER_NAME = "revealed.jsonl"
 LOCK_SUFFIX = ".lock"
+STARTED_SUFFIX = ".started"
 # Every field an entry has, and the only ones written: nothing here may identify a key's text.
 FIELDS = ("time", "suspect", "positions", "formats", "check")
 
@@ -46,12 +51,28 @@ def lock_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / (LEDGER_NAME + LOCK_SUFFIX)
 
 
+def started_path(run_dir: str | Path) -> Path:
+    """The marker that this run has revealed keys before (made with its first ledger entry)."""
+    return Path(run_dir) / (LEDGER_NAME + STARTED_SUFFIX)
+
+
+def check_kept(run_dir: str | Path) -> None:
+    """Refuse a run that revealed keys before but has lost its ledger: which keys are known to
+    suspects is then unknown, and drawing from the start would reveal them again as if new."""
+    if started_path(run_dir).exists() and not ledger_path(run_dir).exists():
+        raise OMLError(f"{ledger_path(run_dir)} is missing, but this run has revealed keys before ({started_path(run_dir).name}): "
+                       "restore the ledger, or pass --reuse_revealed to check with keys that suspects may know")
+
+
 @contextlib.contextmanager
 def _exclusive_lock(run_dir: str | Path) -> Iterator[None]:
     """Hold the run's ledger lock against every other process reserving keys in this run folder."""
     if not Path(run_dir).is_dir():
         raise OMLError(f"run folder not found: {run_dir}")
-    fd = os.open(lock_path(run_dir), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(lock_path(run_dir), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise OMLError(f"cannot lock the ledger of {run_dir}: {error.strerror or error}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -142,7 +163,8 @@ def _positions(ledger: list[dict]) -> set[int]:
 
 
 def revealed(run_dir: str | Path) -> set[int]:
-    """The positions of every key ever sent (or about to be sent) to any suspect."""
+    """The positions of every key ever sent (or about to be sent) to any suspect (a lost ledger is refused)."""
+    check_kept(run_dir)
     return _positions(entries(run_dir))
 
 
@@ -185,6 +207,8 @@ def _append(path: Path, line: bytes) -> None:
     """Append one line with one write and make it durable before any key is sent. O_APPEND puts
     the line at the end even if something else appended meanwhile; one write keeps it whole."""
     created = not path.exists()
+    if created:  # the marker first: a ledger never exists without it
+        os.close(os.open(started_path(path.parent), os.O_WRONLY | os.O_CREAT, 0o666))
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         written = os.write(fd, line)
@@ -219,6 +243,8 @@ def reserve(run_dir: str | Path, count: int, suspect: str, formats: list[str], c
     _check_arguments(count, suspect, formats, check)
     path = ledger_path(run_dir)
     with _exclusive_lock(run_dir):
+        if not reuse:
+            check_kept(run_dir)
         data = _read_bytes(path)
         positions = choose(_positions(_parse(data, path)), count, candidates, reuse)
         if positions:

@@ -28,7 +28,7 @@ from oml import OMLError, distributed
 from oml import ledger
 from oml.checking import KeyResult, Query, accuracy, check_named_model, queries_for
 from oml.commitment import read_commitment
-from oml.evidence import RecordedTest, make_bundle
+from oml.evidence import MATCH_RULES, Protocol, RecordedTest, judged, make_bundle
 from oml.data import prompt_templates
 from oml.files import check_creatable_dir
 from oml.fingerprints import IN_MEMORY, FingerprintSelection, query_formats, recorded, responses_per_key, selected_fingerprints
@@ -39,7 +39,7 @@ from oml.sequential import SequentialConfig, SequentialTest
 from oml.settings import POSITIVE_INT, Settings, setting
 from oml.stats import VerdictConfig, findings, keys_needed, null_chance_rate
 from oml.stats import verdict as verdict_at
-from oml.tokenization import default_format, fingerprint_pairs, formats
+from oml.tokenization import accepted, default_format, fingerprint_pairs, formats
 from oml.training.callbacks import MemorisationProbe, ShrinkWeightChange, StopWhenMemorised, WeightAveragingCallback
 from oml.training.config import TrainingConfig
 from oml.training.dataset import build_dataset
@@ -120,7 +120,7 @@ def train_and_save(run: Run, fingerprints: list[dict], report_to: str = "none", 
                    "tokens_seen": trainer.state.num_input_tokens_seen, "world_size": distributed.world_size(),
                    "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
         save_run(run.directory, partial, run.config, fingerprints, dataset_csv(tokenizer, pairs), trainer.state.log_history, summary,
-                 committed_records(tokenizer, pairs, training.key_format))
+                 committed_records(tokenizer, pairs, training.key_format), Protocol(formats(training.key_format)).to_dict())
         with open(run.directory.parent.parent / "all_run_logs.txt", "a", encoding="utf-8") as log:
             log.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "config_hash": run.directory.name, **run.config}) + "\n")
 
@@ -179,6 +179,11 @@ class Disclosure:
     def __init__(self, run: Run | None, own_fingerprints: bool, offset: int, count: int, suspect: str, reveals: bool,
                  reuse: bool):
         self.run_dir = run.directory if run is not None and own_fingerprints and reveals else None
+        if self.run_dir is not None:  # the ledger is written before any key is sent: a folder that takes no file is refused now
+            try:
+                check_creatable_dir(self.run_dir)
+            except OMLError as error:
+                raise OMLError(f"this check reveals keys and records them in the run's ledger first, but {error}") from None
         self.offset, self.suspect, self.reuse = offset, suspect, reuse
         self.check = uuid.uuid4().hex
         positions = range(offset, offset + count)
@@ -294,9 +299,14 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
         def ask(indices: list[int], require_an_answer: bool = True) -> list[KeyResult]:
             return check_subset(suspect, fingerprints, indices, selection, queries_for(key_formats, templates),
                                 config.batch_size, suspect=True, trust_remote_code=trust_remote_code)
+    sequential = sequential if api and not config.check_all_keys else None
+    if sequential is not None and verdict.min_chance_rate > 0:  # the fewest keys any chance rate allows, before slow work
+        SequentialTest(verdict.min_chance_rate, verdict.alpha, key_formats, sequential, len(disclosure.candidates)).check_enough_keys()
     nulls = {null: check_subset(null, fingerprints, disclosure.candidates, selection, queries_for(key_formats), config.batch_size,
                                 trust_remote_code=trust_remote_code) for null in config.null_models(run)}
-    sequential = sequential if api and not config.check_all_keys else None
+    if api:  # judged by the suspect's rule (see oml.evidence.judged)
+        responses = {i: [owner_tokenizer.decode(ids) for ids in accepted(response_ids)] for i, (_, response_ids) in enumerate(pairs)}
+        nulls = {name: judged(results, responses, MATCH_RULES["api"]) for name, results in nulls.items()}
     if sequential is not None:
         results, test, interrupted = sequential_check(ask, disclosure, key_formats, nulls, verdict, sequential)
         found, state = sequential_findings(test, results, nulls, key_formats), test.summary()
@@ -340,6 +350,7 @@ def sequential_check(ask, disclosure: Disclosure, key_formats: tuple[str, ...], 
     candidate key (checked locally: that reveals nothing)."""
     rate = null_chance_rate(nulls, key_formats, verdict.min_chance_rate)
     test = SequentialTest(rate, verdict.alpha, key_formats, config, len(disclosure.candidates))
+    test.check_enough_keys()
     results: list[KeyResult] = []
     interrupted = False
     while test.next_round():
@@ -419,6 +430,4 @@ def evidence_bundle(report: CheckReport, run: Run, records: list[dict], disclosu
         matches={e["format"]: {"matched": e["matches"], "answered": e["num_fingerprints"]} for e in report.formats},
         sequential=sequential.to_dict() if sequential is not None else None,
         planned_keys=report.sequential["planned_keys"] if sequential is not None else None)
-    shifted = {name: [replace(r, index=offset + r.index) for r in results] for name, results in nulls.items()}
-    rule = "prefix" if suspect["kind"] == "api" else "exact"
-    return make_bundle(commitment, records, salts, positions, suspect, rule, queries, shifted, test)
+    return make_bundle(commitment, records, salts, positions, suspect, queries, list(nulls), test)

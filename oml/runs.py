@@ -149,9 +149,10 @@ def committed_records(tokenizer, pairs: list[tuple[list[int], list[int]]], key_f
 
 
 def save_run(run_dir: Path, partial: Path, config: dict, fingerprints: list[dict], csv_text: str, log_history: list[dict],
-             training: dict, committed: list[dict]) -> None:
-    """Rank 0 writes the run's files, the commitment among them, then renames the model folder into place last."""
-    write_commitment(run_dir, committed, overwrite=True)  # a new run: a leftover of an interrupted one is replaced
+             training: dict, committed: list[dict], protocol: dict) -> None:
+    """Rank 0 writes the run's files, the commitment (with the `protocol` of its checks) among them, then renames
+    the model folder into place last."""
+    write_commitment(run_dir, committed, overwrite=True, protocol=protocol)  # a new run: a leftover of an interrupted one is replaced
     write_json_atomic(run_dir / "config.json", config)
     write_json_atomic(run_dir / "fingerprints.json", fingerprints)
     write_json_atomic(run_dir / "training.json", training)

@@ -72,6 +72,13 @@ class _Rule:
         """Natural log of the likelihood ratio from counts (not a running sum, so every caller gets the same float)."""
         return matches * self.log_match + misses * self.log_miss
 
+    def keys_to_match(self) -> int:
+        """The fewest keys that reach MATCH, every one matched in one format (as `decide` judges)."""
+        keys = max(1, math.floor((self.log_formats / _LN10 - self.log10_alpha) * _LN10 / self.log_match))
+        while self.log10_p(keys * self.log_match) > self.log10_alpha:
+            keys += 1
+        return keys
+
     def decide(self, matches: np.ndarray, misses: np.ndarray, attempts: np.ndarray) -> np.ndarray:
         """Decision codes from per-format counts (arrays shaped (..., formats)): answered keys that
         matched or not, and keys attempted (answered or not) per format."""
@@ -130,6 +137,18 @@ class SequentialTest:
     def planned_keys(self) -> int:
         """The most keys this test will reveal: the available keys, capped by `max_keys`."""
         return self._rule.planned
+
+    @property
+    def keys_to_match(self) -> int:
+        """The fewest keys with which this test can reach MATCH (all matched): with fewer planned it never can."""
+        return self._rule.keys_to_match()
+
+    def check_enough_keys(self) -> None:
+        """Refuse, before any key is sent, a test whose planned keys cannot reach MATCH even if all match."""
+        if self._rule.planned < self.keys_to_match:
+            raise OMLError(f"the sequential check needs at least {self.keys_to_match} keys to reach a MATCH (alpha "
+                           f"{self.alpha:g}, chance rate {self.chance_rate:.4g}) but would reveal at most {self._rule.planned} "
+                           "(--max_keys, or the keys left unrevealed): raise --max_keys, or use a run with more keys")
 
     def update(self, key_format: str, matched: bool | None) -> None:
         """Record one answer to a key in `key_format`: matched or not, or None when it was not answered

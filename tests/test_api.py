@@ -72,7 +72,7 @@ def test_api_results_equal_the_local_checkers_raw_and_chat(served_model, tmp_pat
 
 
 @pytest.mark.server
-def test_a_sequential_api_check_reveals_few_keys_and_agrees_with_the_local_check(served_model, tmp_path):
+def test_a_sequential_api_check_reveals_few_keys_and_agrees_with_the_local_check(served_model, tmp_path, tiny_model):
     """The default for API suspects: keys in rounds until the verdict, recorded in the run's ledger
     before they are sent, with an evidence bundle that verifies; the same verdict and per-key
     results as the local check of the same keys."""
@@ -93,10 +93,10 @@ def test_a_sequential_api_check_reveals_few_keys_and_agrees_with_the_local_check
     assert all(entry["suspect"] == f"{url} ({model_dir})" for entry in ledger)
     root = json.loads((run / "commitment.json").read_text())["root"]
     verified = run_script("verify_evidence.py", tmp_path / "bundle.json", "--root", root, "--count", "8", "--alpha", "0.01",
-                          "--round_size", "2", "--api_base", url, "--api_model", model_dir, cwd=tmp_path)
+                          "--round_size", "2", "--null_model", tiny_model, "--api_base", url, "--api_model", model_dir, cwd=tmp_path)
     assert "Evidence verified: MATCH" in verified.stdout
     asked_per_format = f"{len(asked)}/{len(asked)}"
-    assert f"Live suspect now: raw {asked_per_format}, chat {asked_per_format}" in verified.stdout
+    assert f"Live suspect now: raw {asked_per_format}, chat {asked_per_format}; 0 of" in verified.stdout
     bundle = json.loads((tmp_path / "bundle.json").read_text())
     assert bundle["suspect"] == {"kind": "api", "endpoint": url + "/v1", "model": str(model_dir)}
     assert all(q["request"]["temperature"] == 0.0 for q in bundle["queries"])

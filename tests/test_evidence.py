@@ -10,8 +10,15 @@ import shutil
 import pytest
 
 from oml.commitment import committed_record, make_commitment, revealed_records
-from oml.evidence import FORMAT, Tampered, answers_record
+from dataclasses import replace
+
+from oml import OMLError
+from oml.checking import KeyResult, Query
+from oml.evidence import FORMAT, Protocol, Tampered, answers_record
 from oml.evidence import verify as verify_bundle
+from oml.files import read_json
+from oml.remote import ApiRequest, request_body
+from oml.sequential import SequentialConfig
 from oml.runs import committed_records, dataset_csv
 from oml.stats import VerdictConfig, log10_p_value
 from oml.tokenization import accepted, encode, fingerprint_pairs
@@ -34,11 +41,12 @@ def check(run, tmp_path, *args, check=True):
                       cwd=tmp_path, check=check)
 
 
-def verify(bundle: dict, root: str, tmp_path, *args, alpha: str = "0.01"):
-    """verify_evidence.py on `bundle`, its verdict rule at the check's alpha."""
+def verify(bundle: dict, root: str, tmp_path, *args, alpha: str = "0.01", null_model: str = "none"):
+    """verify_evidence.py on `bundle`, its verdict rule at the check's alpha, with the check's null model."""
     path = tmp_path / "bundle.json"
     path.write_text(json.dumps(bundle))
-    return run_script("verify_evidence.py", path, "--root", root, "--alpha", alpha, *args, cwd=tmp_path, check=False)
+    return run_script("verify_evidence.py", path, "--root", root, "--alpha", alpha, "--null_model", null_model, *args,
+                      cwd=tmp_path, check=False)
 
 
 @pytest.mark.slow
@@ -55,9 +63,12 @@ def test_a_bundle_verifies_and_every_kind_of_tampering_is_caught(run_copy, tmp_p
     assert not any(salt in text for salt in salts[5:]) and all(salt in text for salt in salts[:5])
 
     root, count = commitment["root"], str(commitment["count"])
-    honest = verify(bundle, root, tmp_path, "--count", count, "--base_model", tiny_model)
+    honest = verify(bundle, root, tmp_path, "--count", count)
     assert honest.returncode == VERIFIED, honest.stderr[-2000:]
-    assert "Evidence verified: MATCH" in honest.stdout and "none of the revealed responses" in honest.stdout
+    assert "Evidence verified: MATCH" in honest.stdout and "Rules (from this script's flags): fixed test, formats raw, chat" in honest.stdout
+    assert f"Suspect named by the bundle: {run / 'final_model'} (local weights)" in honest.stdout
+    committed = verify(bundle, root, tmp_path, "--count", count, "--commitment", run / "commitment.json")
+    assert committed.returncode == NOT_VERIFIED and "weaker than the published one" in committed.stderr  # alpha 0.01 > 1e-6
 
     def tampered(change) -> str:
         altered = copy.deepcopy(bundle)
@@ -72,12 +83,12 @@ def test_a_bundle_verifies_and_every_kind_of_tampering_is_caught(run_copy, tmp_p
     assert "not what the answers give" in tampered(lambda b: b["queries"][-1].update(answer=" nope"))  # one chat answer
     assert "not what the answers give" in tampered(lambda b: b["test"].update(verdict="NO MATCH"))
     assert "consecutive" in tampered(lambda b: b["revealed"].pop(2))
-    assert "does not ask the committed key" in tampered(lambda b: b["queries"][0]["request"].update(prompt="another key"))
+    assert "not the request the checker builds" in tampered(lambda b: b["queries"][0]["request"].update(prompt="another key"))
     assert "below the floor" in tampered(lambda b: b["test"].update(chance_rate=0.001))
     assert "weaker than the published one" in tampered(lambda b: b["test"].update(min_chance_rate=1e-9))
     assert "no recorded answer" in tampered(lambda b: b["queries"].pop(0))
     assert "answered twice" in tampered(lambda b: b["queries"].append(copy.deepcopy(b["queries"][0])))
-    assert "not a committed format of the test" in tampered(lambda b: b["test"].update(formats=["raw"]))
+    assert "the rule is raw, chat" in tampered(lambda b: b["test"].update(formats=["raw"]))  # a format dropped
 
     def hide_misses(b: dict) -> None:
         """Keys 2-4 recorded as errors (as if they had been misses), the p-value of 2/2 recorded."""
@@ -94,6 +105,19 @@ def test_a_bundle_verifies_and_every_kind_of_tampering_is_caught(run_copy, tmp_p
     assert wrong_root.returncode == NOT_VERIFIED and "not the published root" in wrong_root.stderr
     not_a_bundle = verify({"format": "something else"}, root, tmp_path, "--count", count)
     assert not_a_bundle.returncode == BAD_INPUT and "not an evidence bundle" in not_a_bundle.stderr
+    # The fingerprinted model itself as the null model: it matches every key, so these answers are no MATCH.
+    own_null = verify(bundle, root, tmp_path, "--count", count, null_model=run / "final_model")
+    assert own_null.returncode == NOT_VERIFIED and "match rate on the revealed keys" in own_null.stderr
+    for malformed in ["[" * 5000 + "]" * 5000, '{"format": "oml-evidence/1", "n": ' + "9" * 5000 + "}"]:
+        (tmp_path / "bundle.json").write_text(malformed)
+        result = run_script("verify_evidence.py", tmp_path / "bundle.json", "--root", root, "--count", count, "--null_model",
+                            "none", cwd=tmp_path, check=False)
+        assert result.returncode == BAD_INPUT and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for change in [lambda b: b.pop("suspect"), lambda b: b.update(suspect="gpt-4o"), lambda b: b["test"].update(planned_keys=1e30)]:
+        altered = copy.deepcopy(bundle)
+        change(altered)
+        result = verify(altered, root, tmp_path, "--count", count)
+        assert result.returncode in (BAD_INPUT, NOT_VERIFIED) and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -114,6 +138,27 @@ def test_later_checks_draw_only_keys_never_revealed(run_copy, tmp_path):
     plain = check(run, tmp_path)  # a local check without a bundle reveals nothing: every key, no ledger entry
     assert "Keys revealed by this check" not in plain.stdout
     assert len((run / "revealed.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_a_check_that_cannot_keep_its_ledger_or_reach_a_verdict_is_refused_before_any_key_is_sent(run_copy, tmp_path):
+    """Issue 39: a run folder whose ledger cannot be written, a lost ledger, and --max_keys below what the test needs."""
+    run = run_copy
+    (run / "revealed.jsonl.lock").mkdir()  # no lock can be taken (as in a read-only folder, which root could still write)
+    locked = check(run, tmp_path, "--evidence", "a.json", check=False)
+    assert locked.returncode == 2 and "cannot lock the ledger" in locked.stderr and "Traceback" not in locked.stderr
+    assert not (tmp_path / "a.json").exists() and not (run / "revealed.jsonl").exists()
+    (run / "revealed.jsonl.lock").rmdir()
+    check(run, tmp_path, "--num_fingerprints", "4", "--evidence", "a.json")
+    (run / "revealed.jsonl").unlink()
+    lost = check(run, tmp_path, "--evidence", "b.json", check=False)
+    assert lost.returncode == 2 and "revealed.jsonl is missing, but this run has revealed keys before" in lost.stderr
+    again = check(run, tmp_path, "--evidence", "b.json", "--reuse_revealed")
+    assert "Keys revealed by this check: 8" in again.stdout
+    nowhere = ["--api_base", "http://127.0.0.1:9/v1", "--api_model", "suspect"]  # refused before any request is sent
+    few = run_script("check_fingerprints.py", *nowhere, "--run", run, "--alpha", "0.01", "--reuse_revealed", "--max_keys", "1",
+                     cwd=tmp_path, check=False)
+    assert few.returncode == 2 and "needs at least 2 keys to reach a MATCH" in few.stderr, few.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -138,14 +183,21 @@ OTHERS = [committed_record({"key": f"secret key {i}", "response": f" yes {i}", "
 OTHERS_PUBLIC, OTHERS_SALTS = make_commitment(OTHERS)
 FLOOR, ALPHA = 0.05, 0.01
 SCALED_FLOOR = FLOOR * 3  # three accepted responses per key: matched by chance up to three times as often
+# The verifier's rules for these bundles: an API suspect checked with every key at once.
+FIXED = Protocol(tests={"local": "fixed", "api": "fixed"}, verdict=VerdictConfig(min_chance_rate=FLOOR, alpha=ALPHA))
+
+
+def api_request(record: dict, key_format: str = "raw", model: str = "suspect") -> dict:
+    """The request the checker sends for `record`, bare, without log-probabilities."""
+    return request_body(ApiRequest(0, Query(key_format), 0, record["key"], record["response"], 2, ""), model, False)
 
 
 def bundle_of(answers: list[str], floor: float = SCALED_FLOOR) -> dict:
     """A fixed-sample bundle of the four keys, raw, asked over an API (prefix rule), recording 4/4 matches."""
-    return {"format": FORMAT, "commitment": {"root": OTHERS_PUBLIC["root"], "count": len(OTHERS)},
-            "suspect": {"kind": "api", "model": "suspect"}, "match_rule": "prefix",
+    return {"format": FORMAT, "commitment": {name: OTHERS_PUBLIC[name] for name in ("root", "count", "hash", "tree")},
+            "suspect": {"kind": "api", "endpoint": "http://127.0.0.1:8000/v1", "model": "suspect"}, "match_rule": "prefix",
             "revealed": revealed_records(OTHERS, OTHERS_SALTS, list(range(len(OTHERS)))),
-            "queries": [{"position": i, "format": "raw", "template": None, "request": {"prompt": record["key"]},
+            "queries": [{"position": i, "format": "raw", "template": None, "request": api_request(record),
                          "answer": answer, "error": None} for i, (record, answer) in enumerate(zip(OTHERS, answers))],
             "null_models": [],
             "test": {"kind": "fixed", "formats": ["raw"], "alpha": ALPHA, "min_chance_rate": floor, "chance_rate": floor,
@@ -156,14 +208,22 @@ def bundle_of(answers: list[str], floor: float = SCALED_FLOOR) -> dict:
 ANSWERS = [" yes 0, and more", " ja 1", "  oui 2!", " yes 3"]  # the response or one of the others, as a prefix
 
 
-def verified(evidence: dict) -> dict:
-    return verify_bundle(evidence, OTHERS_PUBLIC["root"], len(OTHERS), VerdictConfig(min_chance_rate=FLOOR, alpha=ALPHA))
+def verified(evidence: dict, protocol: Protocol = FIXED, nulls=None) -> dict:
+    return verify_bundle(evidence, OTHERS_PUBLIC["root"], len(OTHERS), protocol, nulls)
 
 
-def tampered(evidence: dict) -> str:
+def tampered(evidence: dict, protocol: Protocol = FIXED, nulls=None) -> str:
     with pytest.raises(Tampered) as problem:
-        verified(evidence)
+        verified(evidence, protocol, nulls)
     return str(problem.value)
+
+
+def null_answering(answers: dict[int, str]):
+    """A null model that answers position p with answers[p] (else ' no'), as the verifier's own null check would."""
+    def ask(records: dict, key_formats: tuple) -> dict:
+        return {"base": [KeyResult(index=p, format=f, template=None, query=0, match=answers.get(p) == r["response"],
+                                   predicted=answers.get(p, " no")) for f in key_formats for p, r in records.items()]}
+    return ask
 
 
 def test_an_answer_with_any_accepted_response_is_a_match():
@@ -179,12 +239,86 @@ def test_an_answer_with_any_accepted_response_is_a_match():
 
 def test_keys_with_other_responses_need_the_scaled_floor_and_count_null_matches_on_them():
     assert "weaker than the published one" in tampered(bundle_of(ANSWERS, floor=FLOOR))
-    with_null = bundle_of(ANSWERS)
-    with_null["null_models"] = [{"model": "base", "answers": [{"position": 1, "format": "raw", "answer": " ja 1"}]}]
-    assert "below null model base's match rate" in tampered(with_null)  # 1 of 1 null answers is an other response
+    # The verifier's own null model says another accepted response of key 1: a match, counted in the chance rate.
+    assert "below null model base's match rate" in tampered(bundle_of(ANSWERS), nulls=null_answering({1: " ja 1"}))
     added = bundle_of(ANSWERS)
     added["revealed"][0]["record"]["other_responses"].append(" anything")
     assert "not under the root" in tampered(added)
+
+
+def changed(change) -> dict:
+    evidence = bundle_of(ANSWERS)
+    change(evidence)
+    return evidence
+
+
+def test_requests_that_dictate_the_answer_or_name_another_suspect_do_not_verify():
+    """Forgeries 6 and 7 of issue 39: every request is exactly the checker's, naming the bundle's suspect."""
+    system = [{"role": "system", "content": "reply with exactly: yes"}]
+    chat = changed(lambda b: b["queries"][0]["request"].update(api_request(OTHERS[0], "chat")))
+    assert "not the request the checker builds" in tampered(chat)  # a raw key asked as a chat message
+    assert "not the request the checker builds" in tampered(changed(lambda b: b["queries"][0]["request"].update(logit_bias={"9": 100})))
+    assert "not the request the checker builds" in tampered(changed(lambda b: b["queries"][1]["request"].update(prompt="secret key 1 yes")))
+    assert "not the request the checker builds" in tampered(changed(lambda b: b["queries"][2]["request"].update(max_tokens=3)))
+    assert "not the request the checker builds" in tampered(changed(lambda b: b["queries"][2]["request"].update(suffix=" yes")))
+    assert "names the model 'suspect', not the suspect 'gpt-4o-INNOCENT'" in tampered(
+        changed(lambda b: b["suspect"].update(model="gpt-4o-INNOCENT")))
+    with_logprobs = changed(lambda b: b["queries"][3]["request"].update(logprobs=10))  # as the checker asks when it can
+    assert verified(with_logprobs)["verdict"] == "MATCH"
+    chat_records = [committed_record({"key": "chat key", "response": " yes"}, "chat", 4, 1)]
+    public, salts = make_commitment(chat_records)
+    request = api_request(chat_records[0], "chat")
+    evidence = {**bundle_of(ANSWERS), "commitment": {name: public[name] for name in ("root", "count", "hash", "tree")},
+                "revealed": revealed_records(chat_records, salts, [0]),
+                "queries": [{"position": 0, "format": "chat", "template": None, "answer": " yes", "error": None,
+                             "request": {**request, "messages": system + request["messages"]}}],
+                "test": {**bundle_of(ANSWERS)["test"], "formats": ["chat"], "log10_p_value": log10_p_value(1, 1, 0.05),
+                         "min_chance_rate": 0.05, "chance_rate": 0.05, "matches": {"chat": {"matched": 1, "answered": 1}}}}
+    with pytest.raises(Tampered, match="not the request the checker builds"):
+        verify_bundle(evidence, public["root"], 1, FIXED)
+    evidence["queries"][0]["request"] = {**request, "messages": request["messages"] + [{"role": "assistant", "content": " yes"}]}
+    with pytest.raises(Tampered, match="not the request the checker builds"):
+        verify_bundle(evidence, public["root"], 1, FIXED)
+
+
+def test_the_verifier_not_the_bundle_decides_the_test_the_formats_and_the_null_answers():
+    """Forgeries 3, 4, 5, 8 and 9 of issue 39, and the fields issue 39 found unchecked."""
+    assert "the rule for this suspect is a sequential test" in tampered(bundle_of(ANSWERS), Protocol(verdict=FIXED.verdict))
+    assert "the rule is raw, chat" in tampered(bundle_of(ANSWERS), replace(FIXED, formats=("raw", "chat")))
+    assert "neither MATCH nor NO MATCH" in tampered(changed(lambda b: b["test"].update(verdict=None)))
+    assert "not a sha256 RFC 6962 tree" in tampered(changed(lambda b: b["commitment"].update(tree="flat")))
+    # Null answers in the bundle are never read: the verifier's own null model matches every key, so no MATCH.
+    lying = changed(lambda b: b.update(null_models=[{"model": "base", "answers": []}]))
+    assert "below null model base's match rate" in tampered(lying, nulls=null_answering({p: r["response"] for p, r in enumerate(OTHERS)}))
+    sequential = changed(lambda b: b["test"].update(kind="sequential", sequential=SequentialConfig(no_match_error=0.5).to_dict(),
+                                                    planned_keys=4))
+    assert "not the published" in tampered(sequential, replace(FIXED, tests={"local": "fixed", "api": "sequential"}))
+    sequential["test"]["planned_keys"] = 10**30
+    with pytest.raises(Tampered, match="planned keys"):
+        verified(sequential, replace(FIXED, tests={"local": "fixed", "api": "sequential"},
+                                     sequential=SequentialConfig(no_match_error=0.5)))
+
+
+@pytest.mark.parametrize("change", [lambda b: b.pop("suspect"), lambda b: b.update(suspect="gpt-4o"),
+                                    lambda b: b["test"].update(alpha="0.01"), lambda b: b["test"].update(chance_rate=float("nan")),
+                                    lambda b: b["queries"].append(None), lambda b: b.update(revealed={}),
+                                    lambda b: b["queries"][0].update(position=[1])])
+def test_a_malformed_bundle_is_a_one_line_error(change):
+    with pytest.raises((OMLError, Tampered)):
+        verified(changed(change))
+
+
+def test_a_bundle_file_too_deep_too_long_or_too_large_is_a_one_line_error(tmp_path):
+    path = tmp_path / "bundle.json"
+    for text in ["[" * 5000 + "]" * 5000, '{"count": ' + "9" * 5000 + "}", "{" * 20000]:
+        path.write_text(text)
+        with pytest.raises(OMLError, match="not valid JSON"):
+            read_json(path, "evidence bundle", 2**20)
+    path.write_text(json.dumps({"padding": "x" * 2**20}))
+    with pytest.raises(OMLError, match="larger than 1 MiB"):
+        read_json(path, "evidence bundle", 2**20)
+    with pytest.raises(OMLError, match="nested deeper"):
+        verified(changed(lambda b: b.update(versions=json.loads("[" * 100 + "]" * 100))))
 
 
 def test_the_verifier_asks_for_every_accepted_response(tokenizer):
