@@ -29,7 +29,7 @@ from oml import ledger
 from oml.checking import KeyResult, Query, accuracy, check_named_model, queries_for
 from oml.commitment import read_commitment
 from oml.evidence import MATCH_RULES, Protocol, RecordedTest, judged, make_bundle
-from oml.data import prompt_templates
+from oml.data import prompt_templates, texts_from
 from oml.files import check_creatable_dir
 from oml.fingerprints import IN_MEMORY, FingerprintSelection, query_formats, recorded, responses_per_key, selected_fingerprints
 from oml.models import EMBEDDED_MODEL, compute_dtype, load, load_tokenizer, model_name, resolve_model
@@ -73,6 +73,8 @@ def planned_run(fingerprints_file: str | Path | list[dict], model_path: str | No
     """The run these settings make (its configuration fully resolved, so its hash names it) and the
     fingerprints it trains, before any training."""
     fingerprints, selection, _ = selected_fingerprints(selection, fingerprints_file)
+    if training.benign_ratio:  # a bad --benign_data file fails here, before any model is loaded, even where user questions fill the replay
+        texts_from(training.benign_data, training.dataset_split, training.text_column, "train", count=1)
     name = model_name(model_path, model_family, model_size)
     key_format = (training.key_format or recorded(fingerprints, "key_format")
                   or default_format(load_tokenizer(resolve_model(name), trust_remote_code)))

@@ -112,8 +112,6 @@ def build_dataset(config: TrainingConfig, tokenizer, pairs: list[tuple[list[int]
     benign_per_epoch = round(config.benign_ratio * len(pairs))
     benign = None
     if benign_per_epoch:
-        next(iter(texts_from(config.benign_data, config.dataset_split, config.text_column, "train")), None)  # a bad file fails
-        # here, before the teacher's pass, even where user questions fill the replay and it is never read further
         total = min(benign_per_epoch * min(config.num_train_epochs, REPLAY_POOL_EPOCHS), MAX_REPLAY_POOL)
         key_length = max(len(key_ids) for key_ids, _ in pairs)  # the longest fingerprint example's shape
         tail = max(len(response_ids) for _, response_ids in pairs) + 1  # one token past the response
