@@ -65,10 +65,11 @@ def stop_ids(model, tokenizer) -> set[int]:
 
 
 def replies(model, tokenizer, prompts: list[list[int]], settings: ReplySettings, temperature: float | None,
-            stops: set[int], desc: str) -> list[list[int]]:
+            stops: set[int], desc: str, logits_processors: list[LogitsProcessor] = ()) -> list[list[int]]:
     """Each prompt's reply, `ended` (its stop token kept, so that a reply that ended is told from one
     cut at --max_reply_tokens). Prompts are batched by length (little padding computed); sampling
-    is seeded per batch, so that every model asked the same prompts draws from the same seeds."""
+    is seeded per batch, so that every model asked the same prompts draws from the same seeds.
+    `logits_processors` change every step's scores (e.g. a watermark, oml.watermark)."""
     size = settings.reply_batch_size
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # like lengths together: little padding computed
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -76,7 +77,8 @@ def replies(model, tokenizer, prompts: list[list[int]], settings: ReplySettings,
         if temperature:
             torch.manual_seed(zlib.crc32(f"{settings.reply_seed}:{start}".encode()))
         rows = order[start:start + size]
-        for i, row in zip(rows, generate_ids(model, tokenizer, [prompts[i] for i in rows], settings.max_reply_tokens, temperature)):
+        for i, row in zip(rows, generate_ids(model, tokenizer, [prompts[i] for i in rows], settings.max_reply_tokens, temperature,
+                                                  logits_processors)):
             outputs[i] = ended(row, stops)
     return outputs
 
