@@ -9,13 +9,17 @@ Each key is asked as raw text and/or as a user message in the suspect's chat tem
 models on the same keys, the p-value and a MATCH / NO MATCH verdict, and last
 `Fingerprint accuracy: <percent>`. With --system_prompts it also asks every key inside
 each system-prompt template (chat: as the system message) and prints a table.
+
+    python check_fingerprints.py --run results/saved_models/<hash> --export_sealed sealed.json --num_fingerprints 16
+
+seals keys for a witness instead (see verify_evidence.py --witness).
 """
 import argparse
 import logging
 
 from oml import OMLError, cli, distributed
 from oml.fingerprints import FingerprintSelection, responses_of
-from oml.pipeline import CheckConfig, CheckInterrupted, CheckReport, check_suspect
+from oml.pipeline import CheckConfig, CheckInterrupted, CheckReport, check_suspect, seal_keys
 from oml.remote import ApiConfig
 from oml.files import check_writable, write_json_atomic
 from oml.runs import load_run
@@ -36,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--evidence", default=None,
                         help="Also write an evidence bundle that anyone can check with verify_evidence.py against the "
                              "run's published commitment (needs --run; the bundle reveals the keys it holds).")
+    parser.add_argument("--export_sealed", default=None,
+                        help="Instead of checking: write the next --num_fingerprints never-revealed keys of the --run, with "
+                             "their salts and proofs, to this file for a witness who asks the suspect itself "
+                             "(verify_evidence.py --witness); the ledger records them as revealed. Secret: hand it over privately.")
     cli.add_output_args(parser, "the full report, per-key results included,")
     parser.add_argument("--verbose_eval", action="store_true",
                         help="Print each miss with the model's top-10 next tokens (and each failed request, as ERROR).")
@@ -46,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args() -> argparse.Namespace:
     args = build_parser().parse_args()
+    if args.export_sealed:
+        if args.model_path or args.api_base or args.evidence or not args.run or not args.num_fingerprints:
+            raise OMLError("--export_sealed takes --run and --num_fingerprints, and no suspect: the witness asks the suspect")
+        cli.single_process("check_fingerprints.py --export_sealed")
+        check_writable(args.export_sealed, args.overwrite)
+        return args
     if (args.model_path is None) == (args.api_base is None):
         raise OMLError("name the suspect: --model_path MODEL, or --api_base URL with --api_model NAME")
     if args.api_base is not None and not args.api_model:
@@ -127,8 +141,20 @@ def save_partial(args: argparse.Namespace, report: CheckReport) -> None:
         logger.warning("no evidence bundle is written for an interrupted check")
 
 
+def export_sealed(args: argparse.Namespace) -> None:
+    """Seal keys for a witness, and say which."""
+    sealed = seal_keys(load_run(args.run), args.num_fingerprints, args.trust_remote_code)
+    write_json_atomic(args.export_sealed, sealed, args.overwrite)
+    positions = [entry["position"] for entry in sealed["revealed"]]
+    print(f"Sealed {len(positions)} keys (committed positions {positions[0]}..{positions[-1]}) for a witness: "
+          f"{args.export_sealed}; recorded in the run's ledger as revealed", flush=True)
+
+
 def main() -> None:
     args = parse_args()
+    if args.export_sealed:
+        export_sealed(args)
+        return
     try:
         report = check_suspect(cli.settings_from(ApiConfig, args) if args.api_base is not None else args.model_path,
                                fingerprints_file=args.fingerprints_file_path, run=load_run(args.run) if args.run else None,

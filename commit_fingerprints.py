@@ -14,10 +14,9 @@ the first proves).
 from oml import cli
 from oml.commitment import write_commitment
 from oml.evidence import Protocol
-from oml.fingerprints import FingerprintSelection, selected_fingerprints
-from oml.models import load_tokenizer, resolve_model
-from oml.runs import committed_records, load_run
-from oml.tokenization import fingerprint_pairs, formats
+from oml.pipeline import run_records
+from oml.runs import load_run
+from oml.tokenization import formats
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -31,10 +30,7 @@ def main() -> None:
     args = build_parser().parse_args()
     cli.single_process("commit_fingerprints.py")
     run = load_run(args.run)
-    fingerprints, selection, _ = selected_fingerprints(FingerprintSelection(), None, run)  # all of them, cut as trained
-    tokenizer = load_tokenizer(resolve_model(run.base_model), args.trust_remote_code)
-    pairs = fingerprint_pairs(tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
-    commitment = write_commitment(run.directory, committed_records(tokenizer, pairs, run.training.key_format),
+    commitment = write_commitment(run.directory, run_records(run, args.trust_remote_code),
                                   protocol=Protocol(formats(run.training.key_format)).to_dict())
     print(f"Fingerprint commitment (publish it with the model): sha256 Merkle root {commitment['root']} over "
           f"{commitment['count']} fingerprints", flush=True)

@@ -34,14 +34,15 @@ from dataclasses import dataclass, replace
 from oml import OMLError, cli
 from oml.checking import Query, check_model
 from oml.evidence import DEFAULT_TESTS, TESTS, NullResults, Protocol, Tampered, verify
-from oml.files import read_json
+from oml.files import check_writable, read_json, write_json_atomic
 from oml.fingerprints import responses_of
 from oml.models import load
-from oml.remote import ApiConfig, ApiRequest, check_over_api
+from oml.remote import ApiConfig, check_over_api
 from oml.sequential import SequentialConfig
 from oml.settings import POSITIVE_INT, UNIT_INTERVAL, Settings, setting
 from oml.stats import VerdictConfig, format_p_value
 from oml.tokenization import FORMAT_CHOICES, ResponseIds, encode, formats, has_chat_template
+from oml.witness import requests_for, witnessed_check
 
 logger = logging.getLogger("verify_evidence")
 NOT_VERIFIED_EXIT_CODE = 3
@@ -67,6 +68,11 @@ class VerifierInputs(Settings):
     query_format: str | None = setting(
         None, "Without a commitment protocol: the key formats the test must cover (default: every format the revealed "
               "keys were committed in).", choices=FORMAT_CHOICES, kind=str)
+    witness: str | None = setting(
+        None, "Instead of a bundle: sealed keys from the owner (check_fingerprints.py --export_sealed); ask the --api_base "
+              "suspect them under this script's rules and write the witness's own bundle (--output).", kind=str)
+    output: str | None = setting(None, "With --witness: write the witness's bundle here (atomically).", kind=str)
+    overwrite: bool = setting(False, "Replace an existing --output.")
     live_tolerance: float = setting(
         0.1, "With --api_base: the share of revealed (key, format) pairs on which the live suspect may disagree with the "
              "recorded answers (a server's batching can change a few greedy answers); more does not verify.", UNIT_INTERVAL)
@@ -86,8 +92,15 @@ def build_parser() -> cli.ArgumentParser:
 def parse_args():
     args = build_parser().parse_args()
     cli.single_process("verify_evidence.py")
-    if args.bundle is None or args.root is None or args.count is None or args.null_model is None:
-        raise OMLError("give the bundle, --root and --count (as published) and --null_model (the public base model, or none)")
+    if (args.bundle is None) == (args.witness is None) or args.root is None or args.count is None or args.null_model is None:
+        raise OMLError("give a bundle or --witness SEALED, --root and --count (as published) and --null_model (the public "
+                       "base model, or none)")
+    if args.witness is not None and args.api_base is None:
+        raise OMLError("--witness asks the suspect itself: give --api_base URL and --api_model NAME")
+    if args.output is not None:
+        if args.witness is None:
+            raise OMLError("--output is the witness's bundle: it needs --witness")
+        check_writable(args.output, args.overwrite)
     if len(args.root) != 64 or any(c not in "0123456789abcdefABCDEF" for c in args.root):
         raise OMLError(f"--root must be 64 hex digits (a SHA-256 root), not {args.root!r}")
     if len(args.null_model) > 1 and "none" in (name.lower() for name in args.null_model):
@@ -134,36 +147,27 @@ def null_results(names: tuple[str, ...], trust_remote_code: bool) -> NullResults
     a chat template, as the checker does); results indexed by committed position."""
     if names[0].lower() == "none":
         return None
+    asked: dict = {}  # the last keys asked, kept: a witness's bundle is verified on (some of) the keys it asked
 
     def ask(records: dict[int, dict], key_formats: tuple[str, ...]) -> dict:
-        positions, found = list(records), {}
-        for name in names:
-            model, tokenizer = load(name, trust_remote_code)
-            queries = [Query(f) for f in key_formats if f == "raw" or has_chat_template(tokenizer)]
-            results = check_model(model, tokenizer, revealed_pairs(tokenizer, list(records.values())), queries, 64,
-                                  description=f"null model {name}")
-            found[name] = [replace(r, index=positions[r.index]) for r in results]
-        return found
+        if asked.get("formats") != key_formats or not set(records) <= asked["positions"]:
+            positions, found = list(records), {}
+            for name in names:
+                model, tokenizer = load(name, trust_remote_code)
+                queries = [Query(f) for f in key_formats if f == "raw" or has_chat_template(tokenizer)]
+                results = check_model(model, tokenizer, revealed_pairs(tokenizer, list(records.values())), queries, 64,
+                                      description=f"null model {name}")
+                found[name] = [replace(r, index=positions[r.index]) for r in results]
+            asked.update(formats=key_formats, positions=set(records), found=found)
+        return {name: [r for r in results if r.index in records] for name, results in asked["found"].items()}
     return ask
-
-
-def live_requests(evidence: dict) -> list[ApiRequest]:
-    """The revealed keys as requests to the live suspect, every format of the test, each accepting the
-    record's other responses too (all cut to the committed response_length, which bounds the reply)."""
-    requests = []
-    for f in evidence["test"]["formats"]:
-        for entry in evidence["revealed"]:
-            record = entry["record"]
-            response, *others = responses_of(record)
-            requests.append(ApiRequest(entry["position"], Query(f), 0, record["key"], response, record["response_length"], response,
-                                       tuple(others)))
-    return requests
 
 
 def ask_live(config: ApiConfig, evidence: dict, recorded: dict, tolerance: float) -> str:
     """The revealed keys asked again of the live suspect: matched/answered per format. Tampered when it
     disagrees with more than `tolerance` of the recorded answers that both have."""
-    results = check_over_api(config, live_requests(evidence))
+    records = {entry["position"]: entry["record"] for entry in evidence["revealed"]}
+    results = check_over_api(config, requests_for(records, list(records), tuple(evidence["test"]["formats"])))
     both = [(r, recorded[(r.index, r.format)]) for r in results if r.error is None and recorded.get((r.index, r.format)) is not None]
     disagree = sum(bool(r.match) != was for r, was in both)
     if disagree > tolerance * len(both):
@@ -192,11 +196,19 @@ def report(found: dict, evidence: dict, args, source: str) -> None:
 def main() -> None:
     args = parse_args()
     protocol, source = protocol_of(args)
-    evidence = read_json(args.bundle, "evidence bundle", MAX_BUNDLE_BYTES)
+    nulls = null_results(args.null_model, args.trust_remote_code)
     try:
-        found = verify(evidence, args.root, args.count, protocol, null_results(args.null_model, args.trust_remote_code))
+        if args.witness is not None:
+            sealed = read_json(args.witness, "sealed keys", MAX_BUNDLE_BYTES)
+            evidence = witnessed_check(sealed, args.root, args.count, cli.settings_from(ApiConfig, args), protocol, nulls)
+        else:
+            evidence = read_json(args.bundle, "evidence bundle", MAX_BUNDLE_BYTES)
+        found = verify(evidence, args.root, args.count, protocol, nulls)
         report(found, evidence, args, source)
-        if args.api_base is not None:
+        if args.output is not None:
+            write_json_atomic(args.output, evidence, args.overwrite)
+            print(f"Witness's bundle: {args.output} (its answers are the ones the suspect gave this witness)")
+        elif args.api_base is not None:
             if args.api_model != found["suspect"]["model"]:
                 raise OMLError(f"the bundle's suspect is {found['suspect']['model']!r}: --api_model must name it")
             live = ask_live(cli.settings_from(ApiConfig, args), evidence, found["answers"], args.live_tolerance)

@@ -170,23 +170,35 @@ def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def check_opens(commitment: dict, records: list[dict], salts: list[str]) -> None:
+    """The run's records and salts give its committed root: keys revealed from them will verify."""
+    if merkle_root([leaf_hash(r, s) for r, s in zip(records, salts)]).hex() != commitment["root"]:
+        raise OMLError("the run's fingerprints, cut by today's tokenizer, no longer give its committed root: keys revealed "
+                       "from them would not verify")
+
+
 def make_bundle(commitment: dict, records: list[dict], salts: list[str], positions: list[int], suspect: dict,
                 queries: list[dict], null_models: list[str], test: RecordedTest) -> dict:
     """The evidence bundle of one check. `positions`: the committed positions revealed (in the order asked);
     `queries`: per key and format, {"position", "format", "template", "request", "answer", "error"};
     `null_models`: the names of the null models the check used (a verifier asks them itself);
     `test`: the statistic's settings and outcome. Nothing about unrevealed keys goes in."""
-    if merkle_root([leaf_hash(r, s) for r, s in zip(records, salts)]).hex() != commitment["root"]:
-        raise OMLError("the run's fingerprints, cut by today's tokenizer, no longer give its committed root: a bundle "
-                       "built from them would not verify")
+    check_opens(commitment, records, salts)
+    return bundle_of(commitment, revealed_records(records, salts, positions), suspect, queries, null_models, test)
+
+
+def bundle_of(commitment: dict, revealed: list[dict], suspect: dict, queries: list[dict], null_models: list[str],
+              test: RecordedTest) -> dict:
+    """A bundle from keys already revealed with their proofs (`revealed_records` entries): the owner's
+    check's, or a witness's sealed ones."""
     return {
         "format": FORMAT,
         "created": datetime.now(timezone.utc).isoformat(),
         "versions": versions(),
-        "commitment": {name: commitment[name] for name in ("root", "count", "hash", "tree", "leaf_encoding")},
+        "commitment": {name: commitment[name] for name in ("root", "count", "hash", "tree", "leaf_encoding") if name in commitment},
         "suspect": suspect,
         "match_rule": MATCH_RULES[suspect["kind"]],
-        "revealed": revealed_records(records, salts, positions),
+        "revealed": revealed,
         "queries": queries,
         "null_models": [{"model": name} for name in null_models],
         "test": test.to_dict(),

@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 import uuid
+from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -27,8 +28,8 @@ import torch
 from oml import OMLError, distributed
 from oml import ledger
 from oml.checking import KeyResult, Query, accuracy, check_named_model, queries_for
-from oml.commitment import read_commitment
-from oml.evidence import MATCH_RULES, Protocol, RecordedTest, judged, make_bundle
+from oml.commitment import read_commitment, revealed_records
+from oml.evidence import MATCH_RULES, Protocol, RecordedTest, check_opens, judged, make_bundle
 from oml.data import prompt_templates, texts_from
 from oml.files import check_creatable_dir
 from oml.fingerprints import IN_MEMORY, FingerprintSelection, query_formats, recorded, responses_per_key, selected_fingerprints
@@ -416,7 +417,7 @@ def evidence_bundle(report: CheckReport, run: Run, records: list[dict], disclosu
                     nulls: dict[str, list[KeyResult]], key_formats: tuple[str, ...], verdict: VerdictConfig,
                     sequential: SequentialConfig | None) -> dict:
     """The bundle of this check (see oml.evidence): the revealed ones of the run's committed `records`
-    with salts and proofs, the requests and answers, the null models' answers and the test,
+    with salts and proofs, the requests and answers, the null models' names and the test,
     recomputable from them. A local check sends token ids: its requests are recorded as text."""
     commitment, salts = read_commitment(run.directory)
     offset = disclosure.offset
@@ -425,11 +426,47 @@ def evidence_bundle(report: CheckReport, run: Run, records: list[dict], disclosu
                 else Query(r.format, r.template).request_text(records[offset + r.index]["key"]),
                 "answer": r.predicted, "error": r.error} for r in report.results]
     positions = [offset + i for i in disclosure.sent]
-    test = RecordedTest(
-        kind="sequential" if sequential is not None else "fixed", formats=list(key_formats), alpha=verdict.alpha,
-        min_chance_rate=verdict.min_chance_rate, chance_rate=report.chance_rate, log10_p_value=report.log10_p_value,
-        verdict=report.verdict,
-        matches={e["format"]: {"matched": e["matches"], "answered": e["num_fingerprints"]} for e in report.formats},
-        sequential=sequential.to_dict() if sequential is not None else None,
-        planned_keys=report.sequential["planned_keys"] if sequential is not None else None)
+    test = recorded_test(vars(report), key_formats, verdict, sequential)
     return make_bundle(commitment, records, salts, positions, suspect, queries, list(nulls), test)
+
+
+def recorded_test(found: dict, key_formats: tuple[str, ...], verdict: VerdictConfig, sequential: SequentialConfig | None) -> RecordedTest:
+    """A bundle's test from a check's findings (a report's, or `findings`/`sequential_findings` with
+    the sequential state under "sequential")."""
+    return RecordedTest(
+        kind="sequential" if sequential is not None else "fixed", formats=list(key_formats), alpha=verdict.alpha,
+        min_chance_rate=verdict.min_chance_rate, chance_rate=found["chance_rate"], log10_p_value=found["log10_p_value"],
+        verdict=found["verdict"],
+        matches={e["format"]: {"matched": e["matches"], "answered": e["num_fingerprints"]} for e in found["formats"]},
+        sequential=sequential.to_dict() if sequential is not None else None,
+        planned_keys=found["sequential"]["planned_keys"] if sequential is not None else None)
+
+
+def run_records(run: Run, trust_remote_code: bool = False) -> list[dict]:
+    """All the run's fingerprints as committed: cut as trained by the base model's tokenizer."""
+    fingerprints, selection, _ = selected_fingerprints(FingerprintSelection(), None, run)
+    tokenizer = load_tokenizer(resolve_model(run.base_model), trust_remote_code)
+    pairs = fingerprint_pairs(tokenizer, fingerprints, selection.max_key_length, selection.max_response_length)
+    return committed_records(tokenizer, pairs, run.training.key_format)
+
+
+SEALED_FORMAT = "oml-sealed/1"
+
+
+def seal_keys(run: Run, count: int, trust_remote_code: bool = False) -> dict:
+    """The next `count` never-revealed keys of the run with their salts and proofs, for a witness who
+    will ask the suspect itself (`verify_evidence.py --witness`): recorded in the run's ledger as
+    revealed to the witness first, since the witness knows them from now on."""
+    if run.commitment is None:
+        raise OMLError(f"run {run.directory} has no commitment to prove keys against: python commit_fingerprints.py --run "
+                       f"{run.directory} (and publish its root)")
+    commitment, salts = read_commitment(run.directory)
+    records = run_records(run, trust_remote_code)
+    check_opens(commitment, records, salts)
+    disclosure = Disclosure(run, True, 0, len(records), "witness (sealed keys)", True, False)
+    if len(disclosure.candidates) < count:
+        raise OMLError(f"only {len(disclosure.candidates)} keys of run {run.directory} were never revealed; {count} asked")
+    positions = disclosure.reserve(count, formats(run.training.key_format))
+    return {"format": SEALED_FORMAT, "created": datetime.now(timezone.utc).isoformat(),
+            "commitment": {name: commitment[name] for name in ("root", "count", "hash", "tree")},
+            "revealed": revealed_records(records, salts, positions)}

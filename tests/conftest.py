@@ -1,9 +1,12 @@
 """Shared fixtures: the real SmolLM2 tokenizer and tiny randomly initialised models built on it."""
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -100,3 +103,33 @@ def run_script(script: str, *args, cwd: Path, ranks: int = 0, check: bool = True
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+@contextlib.contextmanager
+def transformers_serve(model: Path | str | None = None):
+    """A real `transformers serve` on 127.0.0.1 (pinned to `model`, else serving any model by its path), its URL;
+    at most 180 s to come up, stopped by its PID afterwards."""
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", *([str(model)] if model else []),
+                               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"transformers serve exited: {server.stderr.read()[-2000:]}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("transformers serve did not answer /health within 180 s")
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -3,11 +3,8 @@ stand-in server for what that one cannot show (refused keys, log-probabilities, 
 import json
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,8 +14,7 @@ from oml import OMLError
 from oml.checking import Query
 from oml.remote import ApiConfig, ApiRequest, api_requests, check_over_api
 from oml.tokenization import cut_fingerprint
-from oml.distributed import free_port
-from tests.conftest import run_script
+from tests.conftest import run_script, transformers_serve
 
 SECRET = "sk-test-SECRET-123"
 
@@ -27,29 +23,8 @@ SECRET = "sk-test-SECRET-123"
 def served_model(fingerprinted_tiny_model):
     """`transformers serve` pinned to the fingerprinted tiny model; stopped by its PID afterwards."""
     model_dir, fingerprints = fingerprinted_tiny_model
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1",
-                               "--port", str(port), "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if server.poll() is not None:
-                pytest.fail(f"transformers serve exited: {server.stderr.read()[-2000:]}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("transformers serve did not answer /health within 180 s")
+    with transformers_serve(model_dir) as url:
         yield url, str(model_dir), fingerprints
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def per_key(report: dict) -> list[tuple]:

@@ -322,14 +322,14 @@ def test_a_bundle_file_too_deep_too_long_or_too_large_is_a_one_line_error(tmp_pa
 
 
 def test_the_verifier_asks_for_every_accepted_response(tokenizer):
-    from verify_evidence import live_requests, revealed_pairs
+    from oml.witness import requests_for
+    from verify_evidence import revealed_pairs
 
     plain = committed_record({"key": "a plain key", "response": " plain"}, "raw", 3, 1)
     pairs = revealed_pairs(tokenizer, [OTHERS[0], plain])
     assert accepted(pairs[0][1]) == [encode(tokenizer, text)[:2] for text in (" yes 0", " oui 0", " ja 0")]
     assert accepted(pairs[1][1]) == [encode(tokenizer, " plain")[:1]] and type(pairs[1][1]) is list
-    evidence = {"test": {"formats": ["raw", "chat"]}, "revealed": [{"position": 5, "record": OTHERS[0]}, {"position": 6, "record": plain}]}
-    requests = live_requests(evidence)
+    requests = requests_for({5: OTHERS[0], 6: plain}, [5, 6], ("raw", "chat"))
     assert [(r.index, r.query.key_format) for r in requests] == [(5, "raw"), (6, "raw"), (5, "chat"), (6, "chat")]
     assert (requests[0].response, requests[0].others, requests[0].max_tokens) == (" yes 0", (" oui 0", " ja 0"), 2)
     assert (requests[1].response, requests[1].others, requests[1].max_tokens) == (" plain", (), 1)  # as before other responses
