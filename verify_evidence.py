@@ -205,10 +205,10 @@ def main() -> None:
             evidence = read_json(args.bundle, "evidence bundle", MAX_BUNDLE_BYTES)
         found = verify(evidence, args.root, args.count, protocol, nulls)
         report(found, evidence, args, source)
-        if args.output is not None:
+        if args.output is not None:  # --output needs --witness
             write_json_atomic(args.output, evidence, args.overwrite)
             print(f"Witness's bundle: {args.output} (its answers are the ones the suspect gave this witness)")
-        elif args.api_base is not None:
+        if args.witness is None and args.api_base is not None:  # an owner's bundle: ask its suspect again
             if args.api_model != found["suspect"]["model"]:
                 raise OMLError(f"the bundle's suspect is {found['suspect']['model']!r}: --api_model must name it")
             live = ask_live(cli.settings_from(ApiConfig, args), evidence, found["answers"], args.live_tolerance)
