@@ -303,6 +303,8 @@ def check_suspect(suspect: str | ApiConfig, fingerprints_file: str | Path | list
             return check_subset(suspect, fingerprints, indices, selection, queries_for(key_formats, templates),
                                 config.batch_size, suspect=True, trust_remote_code=trust_remote_code)
     sequential = sequential if api and not config.check_all_keys else None
+    if bundle:
+        warn_unpublished_rules(run, "api" if api else "local", key_formats, verdict, sequential, responses_per_key(fingerprints))
     if sequential is not None and verdict.min_chance_rate > 0:  # the fewest keys any chance rate allows, before slow work
         SequentialTest(verdict.min_chance_rate, verdict.alpha, key_formats, sequential, len(disclosure.candidates)).check_enough_keys()
     nulls = {null: check_subset(null, fingerprints, disclosure.candidates, selection, queries_for(key_formats), config.batch_size,
@@ -411,6 +413,27 @@ def check_evidence_possible(run: Run | None, own: bool, selection: FingerprintSe
                        f"{query_format} asks them in a format they were not committed in")
     if tokenizer is not None and resolve_model(tokenizer) != resolve_model(run.base_model):
         raise OMLError("--evidence needs the keys cut by the run's own tokenizer: leave out --tokenizer")
+
+
+def warn_unpublished_rules(run: Run, kind: str, key_formats: tuple[str, ...], verdict: VerdictConfig,
+                           sequential: SequentialConfig | None, responses: int) -> None:
+    """Say, before any key is sent, where this check departs from the protocol the run's commitment
+    published: its bundle will not verify against it (verify_evidence.py --commitment)."""
+    if "protocol" not in run.commitment:
+        return
+    protocol = Protocol.from_dict(run.commitment["protocol"], str(run.directory / "commitment.json"))
+    published = protocol.verdict.for_responses(responses)
+    test = "sequential" if sequential is not None else "fixed"
+    departures = [] if test == protocol.tests[kind] else [f"a {test} test, not the published {protocol.tests[kind]}"]
+    if protocol.formats and tuple(protocol.formats) != tuple(key_formats):
+        departures.append(f"formats {', '.join(key_formats)}, not {', '.join(protocol.formats)}")
+    if verdict.alpha > published.alpha or verdict.min_chance_rate < published.min_chance_rate:
+        departures.append(f"alpha {verdict.alpha:g} and floor {verdict.min_chance_rate:g}, weaker than the published "
+                          f"{published.alpha:g} and {published.min_chance_rate:g}")
+    if sequential is not None and sequential != protocol.sequential:
+        departures.append("sequential settings other than the published ones")
+    if departures:
+        logger.warning("this check's bundle will not verify against the run's published protocol: %s", "; ".join(departures))
 
 
 def evidence_bundle(report: CheckReport, run: Run, records: list[dict], disclosure: Disclosure, suspect: dict,

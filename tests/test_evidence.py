@@ -55,7 +55,8 @@ def test_a_bundle_verifies_and_every_kind_of_tampering_is_caught(run_copy, tmp_p
     commitment = json.loads((run / "commitment.json").read_text())
     salts = json.loads((run / "commitment_salts.json").read_text())["salts"]
     fingerprints = json.loads((run / "fingerprints.json").read_text())
-    check(run, tmp_path, "--num_fingerprints", "5", "--null_model", "none", "--evidence", "first.json")
+    first = check(run, tmp_path, "--num_fingerprints", "5", "--null_model", "none", "--evidence", "first.json")
+    assert "will not verify against the run's published protocol: alpha 0.01" in first.stderr  # said before any key is sent
     bundle = json.loads((tmp_path / "first.json").read_text())
     text = (tmp_path / "first.json").read_text()
     assert [entry["position"] for entry in bundle["revealed"]] == [0, 1, 2, 3, 4]

@@ -1,6 +1,7 @@
 """Issue 39 against a real `transformers serve`: a witnessed check, forged bundles that only the live
 suspect can expose, and null models judged by the suspect's rule."""
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from oml.checking import Query, check_model
 from oml.evidence import RecordedTest, check_queries, check_revealed, recompute_test
 from oml.models import load
 from oml.sequential import SequentialConfig
+from oml.stats import chance_rate, log10_p_value
 from oml.tokenization import encode
 from tests.conftest import random_word_fingerprints, run_script, transformers_serve
 
@@ -128,3 +130,5 @@ def test_null_models_are_judged_by_the_api_rule(server, tmp_path, tiny_model, to
     assert api_rate > 0.5  # the base says its own token, which the API rule counts
     assert row["null_models"][0]["matches"] >= row["matches"] and row["chance_rate"] >= api_rate
     assert report["verdict"] == "NO MATCH"
+    exact_rate = chance_rate([(0, len(fingerprints))], 0.05)  # the chance rate of the null models' exact tokens, as before
+    assert log10_p_value(row["matches"], row["num_fingerprints"], exact_rate) < math.log10(1e-6)  # would have accused the base
