@@ -11,7 +11,9 @@ typed settings (`settings`), model loading (`models`), tokenisation and loss mas
 dataset and replay, loss and trainer, callbacks, weight algebra, backend), the run folder
 (`runs`), its commitment (`commitment`) and ledger of revealed keys (`ledger`), checking
 (`checking`) and the decodings it plays (`decoding`), suspects behind an API (`remote`), the
-statistics of a check (`stats`) and its sequential form (`sequential`), evidence bundles (`evidence`), benign evaluation data (`data`),
+statistics of a check (`stats`) and its sequential form (`sequential`), evidence bundles (`evidence`) and witnessed checks
+(`witness`), the domain watermark family's core (`watermark`: green lists, the watermarked teacher, scoring and its
+sequential check; not yet reachable from the scripts), benign evaluation data (`data`),
 attacks (`attacks`), utility measures (`utility`), generated replies and the reply measure (`replies`), process ranks (`distributed`) and the
 command-line plumbing (`cli`).
 """
