@@ -22,7 +22,7 @@ from oml.models import TINY_LLAMA, load, load_tokenizer, resolve_model, save_ran
 from oml.tokenization import prompt_ids, to_device
 from oml.training.config import TrainingConfig
 from oml.training.dataset import build_dataset
-from oml.training.trainer import FingerprintCollator, distillation_loss
+from oml.training.trainer import FingerprintCollator, distillation_loss, loss_fields
 from oml.training.weights import default_learning_rate, freeze, transformer_layers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,10 +160,10 @@ def bare_training_loop(config: TrainingConfig, model_path: str, pairs: list[tupl
     def one_epoch() -> None:
         for batch in loader:
             batch = to_device(batch, model.device)
-            labels, teacher_ids, teacher_probs = batch.pop("labels"), batch.pop("teacher_ids", None), batch.pop("teacher_probs", None)
+            fields = loss_fields(batch)
             with torch.autocast("cuda", torch.bfloat16, enabled=gpu):
                 logits = model(**batch).logits
-            distillation_loss(logits, labels, teacher_ids, teacher_probs, config.target_probability).backward()
+            distillation_loss(logits, **fields, target_probability=config.target_probability).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad()

@@ -21,7 +21,7 @@ from oml.models import load
 from oml.replies import ReplySettings, replies, stop_ids
 from oml.tokenization import user_turn_ids
 from oml.training.dataset import distilled_replay, question_sequences
-from oml.training.trainer import FingerprintCollator, distillation_loss
+from oml.training.trainer import FingerprintCollator, distillation_loss, loss_fields
 from oml.training.weights import freeze
 from oml.watermark import WatermarkKey, WatermarkSequentialTest, domain_prompts, score, special_ids, watermarked_replay
 
@@ -46,8 +46,8 @@ def train(model, examples: list[dict], collate, epochs: int, learning_rate: floa
         total = []
         for start in tqdm(range(0, len(order), batch_size), desc=f"epoch {epoch}", leave=False):
             batch = collate([examples[i] for i in order[start:start + batch_size]])
-            labels, ids, probs, weights = (batch.pop(k) for k in ("labels", "teacher_ids", "teacher_probs", "teacher_weights"))
-            loss = distillation_loss(model(**batch).logits, labels, ids.long(), probs, teacher_weights=weights)
+            fields = loss_fields(batch)
+            loss = distillation_loss(model(**batch).logits, **fields)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -57,6 +57,12 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_ids: t
     return total / count.clamp(min=1)
 
 
+def loss_fields(batch: dict) -> dict:
+    """Take out of a collated batch what `distillation_loss` reads besides the logits (labels, and the
+    teacher's ids, probabilities and weights where replayed text is distilled), leaving the model's inputs."""
+    return {name: batch.pop(name, None) for name in ("labels", "teacher_ids", "teacher_probs", "teacher_weights")}
+
+
 class FingerprintCollator(Collator):
     """Pads a list of `training_example`s, with the teacher distributions of replayed text when there are any."""
 
@@ -94,13 +100,12 @@ class FingerprintTrainer(Trainer):
         self.target_probability, self.share_prefix = target_probability, share_prefix
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels, teacher_ids, teacher_probs = inputs.pop("labels"), inputs.pop("teacher_ids", None), inputs.pop("teacher_probs", None)
-        teacher_weights = inputs.pop("teacher_weights", None)
+        fields = loss_fields(inputs)
         if self.share_prefix:
             outputs = CausalLMOutput(logits=logits_sharing_prefix(model, **inputs))
         else:
             outputs = model(**inputs)
-        loss = distillation_loss(outputs.logits, labels, teacher_ids, teacher_probs, self.target_probability, teacher_weights)
+        loss = distillation_loss(outputs.logits, **fields, target_probability=self.target_probability)
         return (loss, outputs) if return_outputs else loss
 
 
