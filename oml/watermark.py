@@ -44,7 +44,7 @@ from oml import OMLError, distributed
 from oml.data import GENERATED_DATA, texts_from
 from oml.files import read_json
 from oml.replies import ReplySettings, replies, stop_ids
-from oml.sequential import MATCH, NO_MATCH
+from oml.sequential import _CONTINUE, _LN10, _MATCH, _NAMES, _NO_MATCH
 from oml.settings import OPEN_UNIT_INTERVAL, POSITIVE_FLOAT, POSITIVE_INT, Settings, setting
 from oml.stats import log10_p_value
 from oml.tokenization import IGNORE_INDEX, pad_batch, to_device
@@ -52,7 +52,6 @@ from oml.training.dataset import teacher_batches
 
 SECRET_BYTES = 32  # a new key's secret: 256 bits
 MIN_SECRET_HEX, MAX_SECRET_HEX = 32, 128  # 128 bits at least; at most blake2b's 64-byte key
-_LN10 = math.log(10)
 
 
 # ---- the key -------------------------------------------------------------------------------
@@ -389,9 +388,6 @@ def log_mixture_ratio(green_count, trials, rate: float, low: float, high: float)
     log_marginal = betaln(a, b) + np.log(np.maximum(mass, np.finfo(float).tiny)) - math.log(high - low)
     return log_marginal - (green_count * math.log(rate) + (trials - green_count) * math.log1p(-rate))
 
-
-_CONTINUE, _MATCH, _NO_MATCH = 0, 1, 2
-_NAMES = {_CONTINUE: None, _MATCH: MATCH, _NO_MATCH: NO_MATCH}
 
 
 @dataclass(frozen=True)
