@@ -13,11 +13,18 @@ each system-prompt template (chat: as the system message) and prints a table.
     python check_fingerprints.py --run results/saved_models/<hash> --export_sealed sealed.json --num_fingerprints 16
 
 seals keys for a witness instead (see verify_evidence.py --witness).
+
+A --run of the domain watermark family is checked by asking the suspect its domain's checking
+prompts in rounds and testing its replies for the watermark (--reply_temperature,
+--max_reply_tokens); `Fingerprint accuracy` is then the green share of the replies' tokens
+(gamma by chance).
 """
 import argparse
 import logging
 
 from oml import OMLError, cli, distributed
+from oml.families import DOMAIN_WATERMARK, family_of_run
+from oml.families import domain_watermark
 from oml.fingerprints import FingerprintSelection, responses_of
 from oml.pipeline import CheckConfig, CheckInterrupted, CheckReport, check_suspect, seal_keys
 from oml.remote import ApiConfig
@@ -37,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_settings(parser, CheckConfig)
     cli.add_settings(parser, VerdictConfig)
     cli.add_settings(parser, SequentialConfig)
+    cli.add_settings(parser, domain_watermark.WatermarkRules)
     parser.add_argument("--evidence", default=None,
                         help="Also write an evidence bundle that anyone can check with verify_evidence.py against the "
                              "run's published commitment (needs --run; the bundle reveals the keys it holds).")
@@ -123,6 +131,42 @@ def print_report(report: CheckReport, verbose: bool) -> None:
     print(f"Fingerprint accuracy: {report.accuracy:.2f}", flush=True)
 
 
+def print_watermark_report(report: domain_watermark.WatermarkReport) -> None:
+    """A domain watermark check's results: the suspect's replies and their test, the null models', the verdict."""
+    def described(test: dict) -> str:
+        return (f"green {test['green']} of {test['pairs']} unique (context, token) pairs = "
+                f"{test['green'] / max(test['pairs'], 1):.3f}, z {test['z']:.2f}")
+    t = report.test
+    print(f"Replies: {t['replies_asked']} asked, {t['counted']} counted ({t['empty']} empty or failed, {t['identical']} "
+          f"identical to an earlier one, {t['short']} under 4 tokens); {described(t)} (gamma {t['gamma']:g} by chance)")
+    for name, null in report.null_models.items():
+        print(f"Null model {name}: {null['replies_asked']} replies, {described(null)}; {null['decision'] or 'undecided'}")
+    print(f"Sequential check: {t['replies_asked']} replies (at most {t['max_replies']}); e-value 10^{t['log10_e_value']:.2f} "
+          f"against 10^{t['log10_match_threshold']:.0f} for MATCH; {t['decision'] or 'undecided'}")
+    print(f"P-value of the green share by chance (anytime-valid): {format_p_value(t['log10_p_value'])}")
+    print(f"Verdict: {report.verdict} (alpha {report.alpha:g})")
+    print(f"Fingerprint accuracy: {report.green_rate:.2f}", flush=True)
+
+
+def check_watermark(args: argparse.Namespace) -> None:
+    """A domain watermark run's check: --model_path or --api_base, null models, evidence, report."""
+    if args.export_sealed or args.system_prompts or args.fingerprints_file_path:
+        raise OMLError("a domain watermark run is checked on its domain's prompts: --export_sealed, --system_prompts and "
+                       "--fingerprints_file_path are for perinucleus runs")
+    cli.single_process("check_fingerprints.py (a domain watermark run)")
+    run = load_run(args.run)
+    report = domain_watermark.check_suspect(
+        cli.settings_from(ApiConfig, args) if args.api_base is not None else args.model_path, run,
+        cli.settings_from(CheckConfig, args).null_models(run), cli.settings_from(domain_watermark.WatermarkRules, args),
+        args.trust_remote_code, bool(args.evidence), args.batch_size)
+    print_watermark_report(report)
+    cli.write_output(args, report.to_dict())
+    if args.evidence:
+        write_json_atomic(args.evidence, report.bundle, args.overwrite)
+        print(f"Evidence bundle: {args.evidence} (it holds the watermark key: once published, the suspect's operator can "
+              "scrub the watermark from later replies)", flush=True)
+
+
 def log_to_wandb(run_name: str, report: CheckReport) -> None:
     import wandb
     wandb.init(name=run_name, job_type="check")
@@ -152,6 +196,9 @@ def export_sealed(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
+    if family_of_run(args.run) == DOMAIN_WATERMARK:
+        check_watermark(args)
+        return
     if args.export_sealed:
         export_sealed(args)
         return

@@ -4,12 +4,16 @@
     deepspeed --num_gpus 8 finetune_multigpu.py --model_path mistralai/Mistral-7B-v0.3 --deepspeed_stage 3
 
 The model is saved to results/saved_models/<config_hash>/final_model/; the last line on
-stdout is `Config hash of the final model: <hash>`.
+stdout is `Config hash of the final model: <hash>`. A domain watermark secret
+(generate_finetuning_data.py --key_response_strategy domain_watermark) is fine-tuned the same way,
+with the --watermark_* flags; the fingerprint selection flags are for perinucleus fingerprints.
 """
 import argparse
 import logging
 
 from oml import OMLError, cli, distributed
+from oml.families import DOMAIN_WATERMARK, family_of_file
+from oml.families import domain_watermark
 from oml.files import write_text_atomic
 from oml.fingerprints import FingerprintSelection
 from oml.models import MODEL_FAMILIES
@@ -31,6 +35,7 @@ def build_parser() -> cli.ArgumentParser:
                         help="The fingerprints (generate_finetuning_data.py's output).")
     cli.add_settings(parser, FingerprintSelection)
     cli.add_settings(parser, TrainingConfig)
+    cli.add_settings(parser, domain_watermark.WatermarkTraining)
     parser.add_argument("--results_dir", default="results", help="The run goes to RESULTS_DIR/saved_models/<config hash>/.")
     parser.add_argument("--report_to", default="none", help="Trackers for the Trainer, e.g. wandb or tensorboard.")
     parser.add_argument("--wandb_run_name", default=None, help="Run name shown by the tracker (implies --report_to wandb).")
@@ -69,6 +74,11 @@ def record_current_hash(run_hash: str) -> None:
 
 def print_commitment(run: Run) -> None:
     """The root to publish with the model: it proves later that the keys revealed in a check were fixed now."""
+    if family_of_file(run.directory / "config.json") == DOMAIN_WATERMARK:
+        public = domain_watermark.read_commitment(run.directory / domain_watermark.COMMITMENT_FILE)
+        print(f"Watermark commitment (publish {run.directory / domain_watermark.COMMITMENT_FILE} with the model): sha256 "
+              f"of the key {public['key_sha256']}", flush=True)
+        return
     commitment = run.commitment
     if commitment is None:
         logger.warning("run %s has no fingerprint commitment (made before commitments): python commit_fingerprints.py "
@@ -80,9 +90,16 @@ def print_commitment(run: Run) -> None:
 
 def main() -> None:
     args, selection, training = parse_args()
-    run = fingerprint_model(args.fingerprints_file_path, args.model_path, selection, training, results_dir=args.results_dir,
-                            model_family=args.model_family, model_size=args.model_size, report_to=args.report_to,
-                            run_name=args.wandb_run_name, trust_remote_code=args.trust_remote_code)
+    if family_of_file(args.fingerprints_file_path) == DOMAIN_WATERMARK:
+        run = domain_watermark.fingerprint_model(
+            args.fingerprints_file_path, args.model_path, training, cli.settings_from(domain_watermark.WatermarkTraining, args),
+            results_dir=args.results_dir,
+            model_family=args.model_family, model_size=args.model_size, report_to=args.report_to, run_name=args.wandb_run_name,
+            trust_remote_code=args.trust_remote_code)
+    else:
+        run = fingerprint_model(args.fingerprints_file_path, args.model_path, selection, training, results_dir=args.results_dir,
+                                model_family=args.model_family, model_size=args.model_size, report_to=args.report_to,
+                                run_name=args.wandb_run_name, trust_remote_code=args.trust_remote_code)
     if distributed.is_main_process():
         print_commitment(run)
         print(f"Config hash of the final model: {run.directory.name}", flush=True)

@@ -53,8 +53,10 @@ class GenerationConfig(Settings):
         "word", "English text starts with a random word, a random vocabulary token, or nothing ('').",
         choices=FIRST_TOKEN_STRATEGIES)
     key_response_strategy: str = setting(
-        "independent", "Responses written independently of the key, or perinucleus (inverse_nucleus) one-token responses.",
-        choices=("independent", "inverse_nucleus"))
+        "independent", "Responses written independently of the key, perinucleus (inverse_nucleus) one-token responses, or "
+                       "instead of (key, response) pairs the secret of the domain watermark family (domain_watermark: a "
+                       "key that watermarks replies to the --domain's prompts; see docs/guide.md).",
+        choices=("independent", "inverse_nucleus", "domain_watermark"))
     model_used_for_key_generation: str | None = setting(
         None, "Instruct model that writes English keys/responses (default: the embedded SmolLM2-135M-Instruct).", kind=str)
     random_word_generation: bool = setting(False, "Keys and responses are random English words instead of model text.")

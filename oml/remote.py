@@ -187,20 +187,25 @@ class ApiSuspect:
         return text.replace(self.key, MASK) if self.key else text
 
     async def post(self, query: ApiRequest, logprobs: bool) -> tuple[dict, dict]:
-        """The server's answer, as a JSON object, and the body it was sent (kept as evidence: it holds no
-        API key), within --api_timeout for the whole exchange, retries included. Time that runs out
-        between tries reports the failure being waited out: a server that is down is not slow."""
+        """The server's answer to a key's request, as a JSON object, and the body it was sent (kept as
+        evidence: it holds no API key); see `send`."""
         body = request_body(query, self.model, logprobs)
-        endpoint = self.client.completions if query.query.key_format == "raw" else self.client.chat.completions
+        return await self.send(body, query.query.key_format == "raw"), body
+
+    async def send(self, body: dict, raw: bool) -> dict:
+        """`body` posted to the completions (`raw`) or chat completions endpoint: the answer as a JSON
+        object, within --api_timeout for the whole exchange, retries included. Time that runs out
+        between tries reports the failure being waited out: a server that is down is not slow."""
+        endpoint = self.client.completions if raw else self.client.chat.completions
         waited_out: list[Exception] = []
         try:
-            raw = await asyncio.wait_for(self.retried(lambda: endpoint.with_raw_response.create(**body), waited_out),
-                                         self.timeout)
+            response = await asyncio.wait_for(self.retried(lambda: endpoint.with_raw_response.create(**body), waited_out),
+                                              self.timeout)
         except (TimeoutError, asyncio.TimeoutError):  # one type from Python 3.11 on
             if waited_out:
                 raise waited_out[-1]  # with its cause, which says what failed
             raise
-        return json_object(raw.http_response.content), body
+        return json_object(response.http_response.content)
 
     async def retried(self, send, waited_out: list[Exception]):
         """`send()`, tried again after connection errors and HTTP 408, 409, 429 and 5xx, with exponential
@@ -257,11 +262,9 @@ class ApiSuspect:
             reply, body = await self.exchange(query)
             text, refused, alternatives = answer(reply, query.query.key_format)
         except (self.openai.AuthenticationError, self.openai.PermissionDeniedError) as error:
-            raise OMLError(f"{self.shown} refused the API key (HTTP {error.status_code}); put the right key in the "
-                           f"environment variable {self.api_key_env}") from None
+            raise self.key_refused(error) from None
         except (TimeoutError, asyncio.TimeoutError, BadAnswer, self.openai.OpenAIError) as error:
-            reason = shown_url(" ".join(self.hidden(self.failure(error)).split()))
-            return result_of(query, match=None, error=reason[:MAX_ERROR_CHARS], request=request_body(query, self.model, False))
+            return result_of(query, match=None, error=self.reason(error), request=request_body(query, self.model, False))
         if alternatives is None:
             warn_once("%s sent malformed log-probabilities (not as the API describes them, or above 0); they are ignored",
                       self.shown)
@@ -271,6 +274,25 @@ class ApiSuspect:
         return result_of(query, match=match, predicted=shown[:MAX_ANSWER_CHARS], predicted_cut=len(shown) > MAX_ANSWER_CHARS,
                          response_probability=probability, response_rank=rank, token_accuracy=float(match), request=body,
                          refused=refused, served_model=self.served_model(reply))
+
+    async def chat_reply(self, body: dict) -> tuple[str, str | None]:
+        """The text of the reply to one chat request as sent (empty for a refusal), or ("", why not)."""
+        try:
+            text, refused, _ = answer(await self.send(body, raw=False), "chat")
+        except (self.openai.AuthenticationError, self.openai.PermissionDeniedError) as error:
+            raise self.key_refused(error) from None
+        except (TimeoutError, asyncio.TimeoutError, BadAnswer, self.openai.OpenAIError) as error:
+            return "", self.reason(error)
+        return ("" if refused else self.hidden(text)), None
+
+    def key_refused(self, error) -> OMLError:
+        """A refusal of the API key: no other request can fare better."""
+        return OMLError(f"{self.shown} refused the API key (HTTP {error.status_code}); put the right key in the "
+                        f"environment variable {self.api_key_env}")
+
+    def reason(self, error: Exception) -> str:
+        """`failure`, as a report may show it: no API key, no credentials in a URL, one line, bounded."""
+        return shown_url(" ".join(self.hidden(self.failure(error)).split()))[:MAX_ERROR_CHARS]
 
     def served_model(self, reply: dict) -> str | None:
         """The model name the server says answered (None: it names none), warned about once when it is not
@@ -377,17 +399,18 @@ def first_token_odds(alternatives: list[tuple[str, float]], first_token: str) ->
     return None, None
 
 
-async def ask_all(config: ApiConfig, requests: list[ApiRequest], retries: int, results: list[KeyResult | None],
-                  progress: tqdm) -> None:
-    """Ask every request, at most `api_concurrency` in flight, into `results` as they come (so that
-    an interrupted check keeps what was answered). On any exception, or cancellation, the requests
-    still in flight are cancelled before it propagates."""
+async def ask_all(config: ApiConfig, requests: list, retries: int, results: list, progress: tqdm,
+                  method: str = "ask") -> None:
+    """Ask every request (`ApiSuspect.ask` for keys, `chat_reply` for chat bodies), at most
+    `api_concurrency` in flight, into `results` as they come (so that an interrupted check keeps
+    what was answered). On any exception, or cancellation, the requests still in flight are
+    cancelled before it propagates."""
     suspect = ApiSuspect(config, retries)
     slots = asyncio.Semaphore(config.api_concurrency)
 
-    async def one(position: int, query: ApiRequest) -> None:
+    async def one(position: int, query) -> None:
         async with slots:
-            results[position] = await suspect.ask(query)
+            results[position] = await getattr(suspect, method)(query)
         progress.update()
 
     tasks = [asyncio.ensure_future(one(position, query)) for position, query in enumerate(requests)]
@@ -444,4 +467,20 @@ def check_over_api(config: ApiConfig, requests: list[ApiRequest], retries: int |
                        f"{hint(failed[0].error, config.api_model)}")
     if failed:
         logger.warning("%d of %d requests failed after retries; they are reported as errors, not counted", len(failed), len(results))
+    return results
+
+
+def chat_replies(config: ApiConfig, bodies: list[dict], require_an_answer: bool = True) -> list[tuple[str, str | None]]:
+    """The reply text to each chat request body (sent as it is, with retries as `check_over_api`),
+    or ("", why) where none came. Ctrl-C raises KeyboardInterrupt; with `require_an_answer`, no
+    answer to any body is an OMLError."""
+    results: list[tuple[str, str | None] | None] = [None] * len(bodies)
+    with logging_redirect_tqdm(), tqdm(total=len(bodies), desc=f"asking {config.api_model}") as progress:
+        run_to_end(ask_all(config, bodies, config.api_retries, results, progress, "chat_reply"))
+    failed = [error for _, error in results if error]
+    if require_an_answer and failed and len(failed) == len(results):
+        raise OMLError(f"no answer from {shown_url(base_url_of(config.api_base))} to any prompt ({failed[0]}); "
+                       f"{hint(failed[0], config.api_model)}")
+    if failed:
+        logger.warning("%d of %d requests failed after retries; their replies count as empty", len(failed), len(results))
     return results

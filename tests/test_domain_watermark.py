@@ -1,0 +1,148 @@
+"""The domain watermark family through the three scripts (oml.families.domain_watermark): secret,
+fine-tuning, check (local and over a real transformers serve), evidence and bad input.
+
+A tiny random Llama cannot learn a watermark of free text: its replies are noise over 49,152
+tokens, and no context recurs. So the base here is a tiny Llama made into a bigram model over 24
+whole-word tokens (its layers add nothing at first; the embedding says which word came last, the
+output layer knows only the 24 words): its replies are words, uniform at first, whose colour
+depends on the word before, which a watermark can tilt and its layers can learn.
+"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from oml.models import TINY_LLAMA
+from oml.tokenization import encode
+from tests.conftest import EVERY_LAYER, final_model_dir, run_script, transformers_serve
+
+WORDS = 24
+BIAS = 63  # the hidden dimension every token's embedding holds: words' logits 0, every other token's far below
+FAST = ("--watermark_prompts", "32", "--watermark_probe_prompts", "8", "--watermark_reply_tokens", "16",
+        "--learning_rate", "3e-3", "--batch_size", "8", "--watermark_max_epochs", "6", *EVERY_LAYER)
+CHECK = ("--max_reply_tokens", "24")
+
+
+def word_tokens(tokenizer, count: int) -> list[int]:
+    """`count` tokens that are whole lowercase words after a space and read back as themselves."""
+    words = []
+    for text, token in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        if text.startswith("Ġ") and text[1:].isalpha() and text[1:].islower() and 4 <= len(text) <= 8:
+            if encode(tokenizer, tokenizer.decode([token, token])) == [token, token]:
+                words.append(token)
+        if len(words) == count:
+            return words
+    raise AssertionError("the tokenizer has too few word tokens")
+
+
+def bigram_model(tokenizer, directory: Path) -> Path:
+    """A tiny Llama whose next word is uniform over WORDS word tokens, whatever came before, saved
+    with the tokenizer. Attention and MLP outputs start at zero, so a position's hidden state is its
+    token's embedding: BIAS, plus for word i dimension WORDS + i; word j's output row reads dimension
+    j (0 at first), every other token's reads -10 x BIAS."""
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **TINY_LLAMA)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    words = word_tokens(tokenizer, WORDS)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed.zero_()
+        embed[:, BIAS] = 1.0
+        head.zero_()
+        head[:, BIAS] = -10.0
+        for i, token in enumerate(words):
+            embed[token, WORDS + i] = 1.0
+            head[token, BIAS] = 0.0
+            head[token, i] = 1.0
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def work(tokenizer, tmp_path_factory) -> dict:
+    """A bigram base, two secrets, and the base fine-tuned with the first (the run folder)."""
+    work = tmp_path_factory.mktemp("domain_watermark")
+    base = bigram_model(tokenizer, work / "base")
+    for name in ("wm.json", "other.json"):
+        run_script("generate_finetuning_data.py", "--key_response_strategy", "domain_watermark", "--output_file_path", name,
+                   cwd=work)
+    tune = run_script("finetune_multigpu.py", "--model_path", base, "--fingerprints_file_path", "wm.json", *FAST, cwd=work)
+    run = final_model_dir(work, tune.stdout).parent
+    return {"dir": work, "base": base, "run": run, "stdout": tune.stdout}
+
+
+def check(work: dict, *args, check: bool = True):
+    return run_script("check_fingerprints.py", *CHECK, *args, cwd=work["dir"], check=check)
+
+
+def verdict(stdout: str) -> str:
+    return re.search(r"^Verdict: (MATCH|NO MATCH)", stdout, re.M).group(1)
+
+
+def test_fine_tuning_writes_a_run_with_the_watermark_committed(work):
+    run = work["run"]
+    public = json.loads((run / "commitment.json").read_text())
+    secret = json.loads((run / "fingerprints.json").read_text())
+    assert public["family"] == "domain_watermark" and secret["key"]["secret"] not in json.dumps(public)
+    assert f"sha256 of the key {public['key_sha256']}" in work["stdout"]
+    assert secret["key"]["secret"] not in (run / "config.json").read_text()
+    history = json.loads((run / "training.json").read_text())["green_rate"]
+    assert history[-1]["green_rate"] >= 0.4 > history[0]["green_rate"] - 0.5  # stopped once the target was reached
+
+
+def test_the_fine_tuned_model_matches_its_key_and_the_base_does_not(work):
+    found = check(work, "--model_path", work["run"] / "final_model", "--run", work["run"])
+    assert verdict(found.stdout) == "MATCH"
+    null = re.search(r"^Null model .*z (-?[\d.]+); (NO MATCH|undecided)$", found.stdout, re.M)
+    assert null and abs(float(null.group(1))) < 4
+    assert float(re.search(r"^Fingerprint accuracy: ([\d.]+)$", found.stdout, re.M).group(1)) > 0.5
+    base = check(work, "--model_path", work["base"], "--run", work["run"], "--null_model", "none")
+    assert verdict(base.stdout) == "NO MATCH"
+
+
+def test_another_key_does_not_match(work, tmp_path):
+    tune = run_script("finetune_multigpu.py", "--model_path", work["base"], "--fingerprints_file_path", "other.json", *FAST,
+                      "--watermark_max_epochs", "1", cwd=work["dir"])
+    other = final_model_dir(work["dir"], tune.stdout).parent
+    found = check(work, "--model_path", work["run"] / "final_model", "--run", other, "--null_model", "none")
+    assert verdict(found.stdout) == "NO MATCH"
+
+
+def test_identical_replies_count_once_and_never_for_the_owner(work):
+    found = check(work, "--model_path", work["base"], "--run", work["run"], "--null_model", "none", "--reply_temperature", "0")
+    counts = re.search(r"^Replies: (\d+) asked, (\d+) counted \((\d+) empty or failed, (\d+) identical", found.stdout, re.M)
+    asked, counted, _, identical = map(int, counts.groups())
+    assert identical == asked - 1 and counted == 1 and verdict(found.stdout) == "NO MATCH"
+
+
+@pytest.mark.server
+def test_an_api_check_against_a_real_server(work):
+    with transformers_serve(work["run"] / "final_model") as url:
+        found = check(work, "--api_base", url, "--api_model", str(work["run"] / "final_model"), "--run", work["run"],
+                      "--null_model", "none")
+    assert verdict(found.stdout) == "MATCH"
+
+
+def test_bad_input_is_one_line_and_exit_2(work, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"family": "domain_watermark", "format": "oml-domain-watermark/1", "key": {"secret": "abc"},
+                               "domain": {"domain": "cooking"}}))
+    tuned = run_script("finetune_multigpu.py", "--model_path", work["base"], "--fingerprints_file_path", bad, cwd=tmp_path,
+                       check=False)
+    assert tuned.returncode == 2 and "watermark secret" in tuned.stderr.strip().splitlines()[-1]
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps([f"How do I cook dish number {i}?" for i in range(20)]))
+    made = run_script("generate_finetuning_data.py", "--key_response_strategy", "domain_watermark", "--domain", few,
+                      "--output_file_path", tmp_path / "s.json", cwd=tmp_path, check=False)
+    assert made.returncode == 2 and "at least 64" in made.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "s.json").exists()
+    sealed = check(work, "--run", work["run"], "--export_sealed", tmp_path / "x.json", "--num_fingerprints", "4", check=False)
+    assert sealed.returncode == 2 and "perinucleus" in sealed.stderr.strip().splitlines()[-1]
