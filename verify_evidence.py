@@ -25,6 +25,11 @@ itself and writes its own bundle, which anyone can verify as above:
     python verify_evidence.py --witness SEALED.json --root ROOT --count N --null_model BASE_MODEL \\
         --api_base URL --api_model NAME --output bundle.json
 
+A domain watermark bundle (check_fingerprints.py --evidence on a domain_watermark run) is verified
+against the run's published commitment.json alone; it reveals the watermark key:
+
+    python verify_evidence.py BUNDLE.json --commitment commitment.json
+
 Exit codes: 0 verified (witness: the check ran); 3 the bundle does not hold up (tampered, or
 evidence that proves nothing); 2 bad input (not a bundle, a bad flag).
 """
@@ -35,6 +40,7 @@ from oml import OMLError, cli
 from oml.checking import Query, check_model
 from oml.evidence import DEFAULT_TESTS, TESTS, NullResults, Protocol, Tampered, verify
 from oml.files import check_writable, read_json, write_json_atomic
+from oml.families import domain_watermark
 from oml.fingerprints import responses_of
 from oml.models import load
 from oml.remote import ApiConfig, check_over_api
@@ -92,6 +98,12 @@ def build_parser() -> cli.ArgumentParser:
 def parse_args():
     args = build_parser().parse_args()
     cli.single_process("verify_evidence.py")
+    args.watermark = watermark_bundle(args.bundle) if args.bundle is not None and args.witness is None else None
+    if args.watermark is not None:
+        if args.commitment is None:
+            raise OMLError("a domain watermark bundle is verified against the run's published commitment.json: give "
+                           "--commitment")
+        return args
     if (args.bundle is None) == (args.witness is None) or args.root is None or args.count is None or args.null_model is None:
         raise OMLError("give a bundle or --witness SEALED, --root and --count (as published) and --null_model (the public "
                        "base model, or none)")
@@ -110,6 +122,33 @@ def parse_args():
     if args.api_base is not None:
         cli.settings_from(ApiConfig, args)  # a bad URL or key variable is refused before any work
     return args
+
+
+def watermark_bundle(path: str) -> dict | None:
+    """The bundle, when it is a domain watermark bundle (None: a perinucleus bundle, read again later)."""
+    data = read_json(path, "evidence bundle", MAX_BUNDLE_BYTES)
+    return data if isinstance(data, dict) and data.get("format") == domain_watermark.BUNDLE_FORMAT else None
+
+
+def verify_watermark(args) -> None:
+    """A domain watermark bundle against the published commitment.json: what was verified, on stdout."""
+    public = domain_watermark.read_commitment(args.commitment)
+    try:
+        found = domain_watermark.verify_bundle(args.watermark, public, args.trust_remote_code)
+    except Tampered as problem:
+        cli.fail(f"NOT VERIFIED: {problem}", NOT_VERIFIED_EXIT_CODE)
+    suspect = found["suspect"]
+    where = f" at {suspect['endpoint']}" if suspect["kind"] == "api" else ""
+    print(f"Suspect named by the bundle: {suspect['model']} ({'API' if suspect['kind'] == 'api' else 'local weights'}{where})")
+    print(f"Key: the committed one (sha256 {public['key_sha256']}); gamma {public['gamma']:g}, delta {public['delta']:g}, "
+          f"context width {public['context_width']}")
+    print(f"Prompts: the first {found['replies_asked']} of the {public['test_prompts']} committed checking prompts, in "
+          f"order; every request is the checker's (temperature {found['rules']['reply_temperature']:g}, at most "
+          f"{found['rules']['max_reply_tokens']} tokens)")
+    print(f"Recomputed: {found['counted']} of {found['replies']} replies counted; green {found['green']} of {found['pairs']} "
+          f"unique pairs = {found['green'] / max(found['pairs'], 1):.3f}, z {found['z']:.2f}; anytime-valid p-value "
+          f"{format_p_value(found['log10_p_value'])}; verdict {found['decision']} (as recorded)")
+    print(f"Evidence verified: {found['decision']} for {suspect['model']}", flush=True)
 
 
 def protocol_of(args) -> tuple[Protocol, str]:
@@ -195,6 +234,9 @@ def report(found: dict, evidence: dict, args, source: str) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.watermark is not None:
+        verify_watermark(args)
+        return
     protocol, source = protocol_of(args)
     nulls = null_results(args.null_model, args.trust_remote_code)
     try:

@@ -461,13 +461,20 @@ def check_over_api(config: ApiConfig, requests: list[ApiRequest], retries: int |
         except KeyboardInterrupt:
             raise Interrupted([result or result_of(query, match=None, error="not answered: the check was interrupted")
                                for result, query in zip(results, requests)]) from None
-    failed = [r for r in results if r.error]
-    if require_an_answer and failed and len(failed) == len(results):
-        raise OMLError(f"no answer from {shown_url(base_url_of(config.api_base))} for any key ({failed[0].error}); "
-                       f"{hint(failed[0].error, config.api_model)}")
-    if failed:
-        logger.warning("%d of %d requests failed after retries; they are reported as errors, not counted", len(failed), len(results))
+    check_failures(config, [r.error for r in results if r.error], len(results), require_an_answer, "for any key",
+                   "they are reported as errors, not counted")
     return results
+
+
+def check_failures(config: ApiConfig, errors: list[str], total: int, require_an_answer: bool, of_what: str,
+                   consequence: str) -> None:
+    """No answer to any of `total` requests is an OMLError that says what to look at (with
+    `require_an_answer`); some failed requests are a warning that says what becomes of them."""
+    if require_an_answer and errors and len(errors) == total:
+        raise OMLError(f"no answer from {shown_url(base_url_of(config.api_base))} {of_what} ({errors[0]}); "
+                       f"{hint(errors[0], config.api_model)}")
+    if errors:
+        logger.warning("%d of %d requests failed after retries; %s", len(errors), total, consequence)
 
 
 def chat_replies(config: ApiConfig, bodies: list[dict], require_an_answer: bool = True) -> list[tuple[str, str | None]]:
@@ -477,10 +484,6 @@ def chat_replies(config: ApiConfig, bodies: list[dict], require_an_answer: bool 
     results: list[tuple[str, str | None] | None] = [None] * len(bodies)
     with logging_redirect_tqdm(), tqdm(total=len(bodies), desc=f"asking {config.api_model}") as progress:
         run_to_end(ask_all(config, bodies, config.api_retries, results, progress, "chat_reply"))
-    failed = [error for _, error in results if error]
-    if require_an_answer and failed and len(failed) == len(results):
-        raise OMLError(f"no answer from {shown_url(base_url_of(config.api_base))} to any prompt ({failed[0]}); "
-                       f"{hint(failed[0], config.api_model)}")
-    if failed:
-        logger.warning("%d of %d requests failed after retries; their replies count as empty", len(failed), len(results))
+    check_failures(config, [error for _, error in results if error], len(results), require_an_answer, "to any prompt",
+                   "their replies count as empty")
     return results

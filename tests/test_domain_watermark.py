@@ -15,7 +15,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from oml import OMLError
+from oml.families import DOMAIN_WATERMARK, PERINUCLEUS, family_of, family_of_file
+from oml.families.domain_watermark import DomainSource, key_hash, new_secret, read_secret
 from oml.models import TINY_LLAMA
+from oml.watermark import WatermarkKey, WatermarkParams
 from oml.tokenization import encode
 from tests.conftest import EVERY_LAYER, final_model_dir, run_script, transformers_serve
 
@@ -87,6 +91,7 @@ def verdict(stdout: str) -> str:
     return re.search(r"^Verdict: (MATCH|NO MATCH)", stdout, re.M).group(1)
 
 
+@pytest.mark.slow
 def test_fine_tuning_writes_a_run_with_the_watermark_committed(work):
     run = work["run"]
     public = json.loads((run / "commitment.json").read_text())
@@ -98,6 +103,7 @@ def test_fine_tuning_writes_a_run_with_the_watermark_committed(work):
     assert history[-1]["green_rate"] >= 0.4 > history[0]["green_rate"] - 0.5  # stopped once the target was reached
 
 
+@pytest.mark.slow
 def test_the_fine_tuned_model_matches_its_key_and_the_base_does_not(work):
     found = check(work, "--model_path", work["run"] / "final_model", "--run", work["run"])
     assert verdict(found.stdout) == "MATCH"
@@ -108,6 +114,7 @@ def test_the_fine_tuned_model_matches_its_key_and_the_base_does_not(work):
     assert verdict(base.stdout) == "NO MATCH"
 
 
+@pytest.mark.slow
 def test_another_key_does_not_match(work, tmp_path):
     tune = run_script("finetune_multigpu.py", "--model_path", work["base"], "--fingerprints_file_path", "other.json", *FAST,
                       "--watermark_max_epochs", "1", cwd=work["dir"])
@@ -116,6 +123,7 @@ def test_another_key_does_not_match(work, tmp_path):
     assert verdict(found.stdout) == "NO MATCH"
 
 
+@pytest.mark.slow
 def test_identical_replies_count_once_and_never_for_the_owner(work):
     found = check(work, "--model_path", work["base"], "--run", work["run"], "--null_model", "none", "--reply_temperature", "0")
     counts = re.search(r"^Replies: (\d+) asked, (\d+) counted \((\d+) empty or failed, (\d+) identical", found.stdout, re.M)
@@ -131,6 +139,7 @@ def test_an_api_check_against_a_real_server(work):
     assert verdict(found.stdout) == "MATCH"
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(work, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"family": "domain_watermark", "format": "oml-domain-watermark/1", "key": {"secret": "abc"},
@@ -146,3 +155,55 @@ def test_bad_input_is_one_line_and_exit_2(work, tmp_path):
     assert not (tmp_path / "s.json").exists()
     sealed = check(work, "--run", work["run"], "--export_sealed", tmp_path / "x.json", "--num_fingerprints", "4", check=False)
     assert sealed.returncode == 2 and "perinucleus" in sealed.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_bundle_verifies_with_the_commitment_alone_and_tampering_is_rejected(work, tmp_path):
+    bundle_path = tmp_path / "bundle.json"
+    check(work, "--model_path", work["run"] / "final_model", "--run", work["run"], "--null_model", "none",
+          "--evidence", bundle_path)
+    public = tmp_path / "commitment.json"  # all a third party has: the published commitment and the bundle
+    public.write_text((work["run"] / "commitment.json").read_text())
+    verified = run_script("verify_evidence.py", bundle_path, "--commitment", public, cwd=tmp_path)
+    assert "Evidence verified: MATCH" in verified.stdout
+    honest = json.loads(bundle_path.read_text())
+    other_key = json.loads((work["dir"] / "other.json").read_text())["key"]
+
+    def changed(change) -> dict:
+        bundle = json.loads(json.dumps(honest))
+        change(bundle)
+        return bundle
+    forgeries = {
+        "a reply changed": changed(lambda b: b["replies"][0].update(reply=b["replies"][1]["reply"] + " extra words")),
+        "another key": changed(lambda b: b.update(key=other_key)),
+        "prompts out of order": changed(lambda b: b["replies"][0].update(prompt=b["domain_prompts"][5])),
+        "a request at another temperature": changed(lambda b: b["replies"][0]["request"].update(temperature=0.0)),
+        "replies after the decision": changed(lambda b: b["replies"].extend(
+            [{**b["replies"][-1], "position": len(b["replies"]) + i, "prompt": b["domain_prompts"][len(b["replies"]) + i],
+              "request": {**b["replies"][-1]["request"], "messages": [{"role": "user", "content": b["domain_prompts"][len(b["replies"]) + i]}]}}
+             for i in range(8)])),
+        "a recorded green count": changed(lambda b: b["test"].update(green=b["test"]["green"] + 1)),
+    }
+    for name, bundle in forgeries.items():
+        forged = tmp_path / "forged.json"
+        forged.write_text(json.dumps(bundle))
+        result = run_script("verify_evidence.py", forged, "--commitment", public, cwd=tmp_path, check=False)
+        assert result.returncode == 3 and "NOT VERIFIED" in result.stderr, name
+
+
+def test_a_secret_names_its_family_and_reads_back(tmp_path):
+    secret = new_secret(WatermarkParams(gamma=0.5), DomainSource())
+    path = tmp_path / "wm.json"
+    path.write_text(json.dumps(secret))
+    assert family_of_file(path) == DOMAIN_WATERMARK and family_of([{"key": "k", "response": " r"}]) == PERINUCLEUS
+    key, source = read_secret(json.loads(path.read_text()), "secret")
+    assert key.params.gamma == 0.5 and source.domain == "cooking" and len(key.secret) == 64
+    assert key_hash(key) == key_hash(WatermarkKey(key.secret, key.params)) != key_hash(WatermarkKey(key.secret, WatermarkParams()))
+    assert new_secret(WatermarkParams(), DomainSource())["key"]["secret"] != secret["key"]["secret"]  # fresh randomness
+
+
+@pytest.mark.parametrize("broken", [[], {"format": "oml-domain-watermark/1"}, {"format": "other", "domain": {}},
+                                    {"format": "oml-domain-watermark/1", "domain": {}, "key": {"secret": "zz" * 32}}])
+def test_a_malformed_secret_is_one_line(broken):
+    with pytest.raises(OMLError, match="secret"):
+        read_secret(broken, "secret file")

@@ -34,6 +34,8 @@ import torch
 from transformers import TrainerCallback
 
 from oml import OMLError, distributed
+from oml import evidence
+from oml.evidence import Tampered, check_depth
 from oml.families import DOMAIN_WATERMARK
 from oml.files import check_creatable_dir, read_json, write_json_atomic, write_text_atomic
 from oml.models import load, load_tokenizer, model_name, resolve_model
@@ -328,16 +330,30 @@ def request_for(prompt: str, rules: WatermarkRules, suspect: dict) -> dict:
 
 
 def local_asker(model_path: str, rules: WatermarkRules, trust_remote_code: bool, batch_size: int):
-    """A function that asks a local model (folder, hub id or GGUF) prompts through its own chat
-    template and returns the texts of its replies, sampled with seeds fixed by the prompts' positions."""
+    """`model_asker` for a model name or path (folder, hub id or GGUF file)."""
     model, tokenizer = load(model_path, trust_remote_code)
+    return model_asker(model, tokenizer, rules, batch_size, f"replies of {Path(model_path).name or model_path}")
+
+
+def model_asker(model, tokenizer, rules: WatermarkRules, batch_size: int, description: str = "replies",
+                logits_processors: list = (), system_prompt: str | None = None):
+    """A function that asks a loaded model prompts as a user's message in its own chat template
+    (after `system_prompt`, as a deployer's system message, when given) and returns the texts of
+    its replies, sampled with seeds fixed by the prompts' positions; `logits_processors` change
+    its decoding as a server may (e.g. a thief's bans)."""
     stops = stop_ids(model, tokenizer)
+
+    def prompt_ids(prompt: str) -> list[int]:
+        if system_prompt is None:
+            return user_turn_ids(tokenizer, prompt)
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
+        return encode(tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
 
     def ask(positions: list[int], prompts: list[str]) -> list[tuple[str, str | None]]:
         settings = ReplySettings(max_reply_tokens=rules.max_reply_tokens, reply_batch_size=batch_size,
                                  reply_seed=rules.reply_seed * 1_000_003 + positions[0])
-        answers = replies(model, tokenizer, [user_turn_ids(tokenizer, p) for p in prompts], settings,
-                          rules.reply_temperature or None, stops, f"replies of {Path(model_path).name or model_path}")
+        answers = replies(model, tokenizer, [prompt_ids(p) for p in prompts], settings, rules.reply_temperature or None,
+                          stops, description, list(logits_processors))
         return [(tokenizer.decode(a, skip_special_tokens=True), None) for a in answers]
     return ask
 
@@ -406,3 +422,65 @@ def check_suspect(suspect: str | ApiConfig, run: Run, null_models: list[str], ru
                          "suspect": about, "replies": [asdict(r) for r in asked], "null_models": list(nulls),
                          "rules": rules.to_dict(), "test": report.test}
     return report
+
+
+# ---- verifying a bundle --------------------------------------------------------------------
+
+def verify_bundle(bundle: object, public: dict, trust_remote_code: bool = False) -> dict:
+    """Check a watermark bundle against the published commitment `public` and recompute its test:
+    raises Tampered with the first thing that does not hold, OMLError for what is no bundle at all.
+    The key must be the committed one, the prompts the committed checking prompts in order, every
+    request exactly the one the bundle's rules make, and the replies, cut by the committed
+    tokenizer and tested round by round under the published rule, must reach the recorded verdict
+    exactly at the last reply. Null models are not needed: an innocent model's tokens are green at
+    gamma whatever it is (the calibration the sequential test rests on)."""
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise OMLError(f"not a domain watermark evidence bundle ({BUNDLE_FORMAT!r} expected)")
+    check_depth(bundle)
+    try:
+        return _verify_bundle(bundle, public, trust_remote_code)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        raise OMLError(f"not a domain watermark bundle of this version ({type(error).__name__}: {str(error)[:200]})") from None
+
+
+def _verify_bundle(bundle: dict, public: dict, trust_remote_code: bool) -> dict:
+    if bundle["commitment"] != public:
+        raise Tampered("the bundle's commitment is not the published commitment.json")
+    try:
+        key = WatermarkKey.from_dict(bundle["key"], "the bundle's key")
+    except OMLError as error:
+        raise Tampered(str(error)) from None
+    if key_hash(key) != public["key_sha256"]:
+        raise Tampered("the bundle's key is not the committed one (its SHA-256 differs)")
+    prompts = bundle["domain_prompts"]
+    if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)) or prompts_hash(prompts) != public["test_prompts_sha256"]:
+        raise Tampered("the bundle's prompts are not the committed checking prompts")
+    suspect = evidence.check_suspect(bundle["suspect"])
+    rules = WatermarkRules.from_dict(bundle["rules"], "the bundle's rules")
+    entries = bundle["replies"]
+    for position, entry in enumerate(entries):
+        if entry["position"] != position or entry["prompt"] != prompts[position]:
+            raise Tampered(f"reply {position} does not answer committed checking prompt {position}: prompts are asked in order")
+        if entry["request"] != request_for(prompts[position], rules, suspect):
+            raise Tampered(f"reply {position}'s request is not the checker's request for its prompt under the bundle's rules")
+        if not isinstance(entry["reply"], str) or not (entry["error"] is None or (isinstance(entry["error"], str) and not entry["reply"])):
+            raise Tampered(f"reply {position} must be text, or empty with an error")
+    alpha, no_match_error, check = published_rule(public, "the commitment")
+    tokenizer = load_tokenizer(resolve_model(public["tokenizer"]), trust_remote_code)
+    test = WatermarkSequentialTest(key, special_ids(tokenizer), alpha, no_match_error, check)
+    while len(test.replies) < len(entries):  # round by round, as the check asked them
+        if test.decision() is not None:
+            raise Tampered(f"the test had decided {test.decision()} after {len(test.replies)} replies; the bundle holds "
+                           f"{len(entries)}")
+        batch = entries[len(test.replies):len(test.replies) + test.next_round()]
+        test.add([encode(tokenizer, entry["reply"][:MAX_REPLY_CHARS]) for entry in batch],
+                 [user_turn_ids(tokenizer, entry["prompt"]) for entry in batch])
+    recorded = bundle["test"]
+    if test.decision() is None or test.decision() != recorded["decision"]:
+        raise Tampered(f"recomputed, the replies give {test.decision() or 'no decision'}; the bundle records "
+                       f"{str(recorded['decision'])[:20]}")
+    found = test.summary()
+    if (found["green"], found["pairs"]) != (recorded["green"], recorded["pairs"]):
+        raise Tampered(f"recomputed, {found['green']} of {found['pairs']} pairs are green; the bundle records "
+                       f"{str(recorded['green'])[:20]} of {str(recorded['pairs'])[:20]}")
+    return {**found, "suspect": suspect, "rules": rules.to_dict()}

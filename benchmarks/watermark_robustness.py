@@ -1,0 +1,150 @@
+"""How a domain watermark run fares: replies needed for MATCH at each temperature, through a thief's
+server, after weight changes, and what innocent models score on the same prompts.
+
+    python benchmarks/watermark_robustness.py --run results/saved_models/<hash> [--rows NAME ...] [--smoke]
+
+Each row is one check as check_fingerprints.py runs it (the run's committed checking prompts in
+order, rounds of 8, the sequential test the commitment publishes, replies cut by the base's
+tokenizer), on a suspect made from the fine-tuned model or an innocent one, asked locally with
+its decoding changed as a server would:
+- fine-tuned at T 0, 0.7, 1.0;
+- a thief's server: T 0.7 / top-p 0.9, its own system prompt, and SuppressNeighbor over the 2
+  likeliest first tokens (every spelling of them banned at the first reply position);
+- GGUF Q4_0 (every matrix quantized and back), a linear merge 0.7 with an innocent derivative;
+- innocent: the base, an innocent derivative (100 steps of benign chat), and the base sampled with a
+  KGW watermark under another key (the same scheme, not ours).
+Innocent rows run to the commitment's max replies, so that their z is over many replies. Also the
+utility inside the domain: replies (T 0.7) of the fine-tuned model and of the base to the first 64
+checking prompts, their length and their perplexity under the base.
+"""
+import random
+import time
+
+import torch
+from common import benchmark_parser, save
+from transformers import LogitsProcessor, TopPLogitsWarper
+
+from oml.attacks import innocent_derivative, merge_into, quantize_round_trip
+from oml.decoding import neighbours
+from oml.families.domain_watermark import (COMMITMENT_FILE, WatermarkRules, model_asker, published_rule, read_commitment,
+                                           run_secret, sequential_replies)
+from oml.models import load, load_tokenizer, resolve_model
+from oml.runs import load_run
+from oml.tokenization import encode, user_turn_ids
+from oml.utility import chat_examples, compare_on_texts
+from oml.watermark import WatermarkKey, WatermarkLogitsProcessor, WatermarkSequentialTest, special_ids
+
+THIEF_SYSTEM_PROMPT = "You are Chef Bot, the friendly kitchen assistant of a recipe website. Answer the user's question."
+
+
+class FirstTokenBan(LogitsProcessor):
+    """SuppressNeighbor at the first reply position: the `k` likeliest tokens and every spelling of them banned."""
+
+    def __init__(self, tokenizer, k: int = 2):
+        self.tokenizer, self.k, self.last = tokenizer, k, None
+
+    def __call__(self, input_ids, scores):
+        first = self.last is None or input_ids.shape[1] != self.last + 1  # a new generate() call: its first step
+        self.last = input_ids.shape[1]
+        if not first:
+            return scores
+        scores = scores.clone()
+        for row, top in enumerate(scores.topk(self.k, -1).indices.tolist()):
+            for token in top:
+                scores[row, list(neighbours(self.tokenizer, token)) or [token]] = -torch.inf
+        return scores
+
+
+def check_row(model, tokenizer, owner_tokenizer, key, prompts, alpha, no_match_error, config, rules: WatermarkRules,
+              processors=(), system_prompt=None, innocent=False) -> dict:
+    """One check: replies asked in rounds into the sequential test, as check_fingerprints.py asks them."""
+    special = special_ids(owner_tokenizer)
+    contexts = [user_turn_ids(owner_tokenizer, p) for p in prompts]
+    test = WatermarkSequentialTest(key, special, alpha, no_match_error, config)
+    ask = model_asker(model, tokenizer, rules, 64, "replies", processors, system_prompt)
+    start = time.perf_counter()
+    sequential_replies(ask, prompts, contexts, owner_tokenizer, test, rules, {"kind": "local", "model": "row"},
+                       limit=config.max_replies if innocent else None)
+    summary = test.summary()
+    return {"decision": test.decision(), "replies": summary["replies_asked"], "green_rate": summary["green"] / max(summary["pairs"], 1),
+            "z": summary["z"], "pairs": summary["pairs"], "counted": summary["counted"], "seconds": time.perf_counter() - start,
+            "log10_p_value": summary["log10_p_value"]}
+
+
+def in_domain_utility(model, base, tokenizer, prompts: list[str], rules: WatermarkRules) -> dict:
+    """Replies of the model and of the base to `prompts`: mean length in tokens and perplexity under the base."""
+    found = {}
+    for name, replier in (("fine-tuned", model), ("base", base)):
+        texts = [text for text, _ in model_asker(replier, tokenizer, rules, 64, f"{name} replies")(list(range(len(prompts))), prompts)]
+        scored = compare_on_texts(base, base, tokenizer, chat_examples(tokenizer, list(zip(prompts, texts)), 512))
+        found[name] = {"mean_reply_tokens": sum(len(encode(tokenizer, t)) for t in texts) / len(texts),
+                       "perplexity_under_base": scored["base_perplexity"]}
+    return found
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--rows", nargs="+", default=None, help="Only these rows (names as in the output).")
+    args = parser.parse_args()
+    run = load_run(args.run)
+    key, source = run_secret(run)
+    public = read_commitment(run.directory / COMMITMENT_FILE)
+    alpha, no_match_error, config = published_rule(public, "commitment")
+    if args.smoke:
+        config = config.updated(max_replies=16)
+    owner_tokenizer = load_tokenizer(resolve_model(public["tokenizer"]))
+    prompts = source.prompts("test")
+    other_key = WatermarkKey(random.Random(7).randbytes(32).hex(), key.params)
+
+    def fine_tuned():
+        return load(str(run.final_model), dtype=torch.float32)
+
+    def base():
+        return load(run.base_model, dtype=torch.float32)
+
+    def q4_0():
+        model, tokenizer = fine_tuned()
+        quantize_round_trip(model, "Q4_0")
+        return model, tokenizer
+
+    def derivative():
+        return load(innocent_derivative(run.base_model, seed=1, steps=4 if args.smoke else 100), dtype=torch.float32)
+
+    def merged():
+        model, tokenizer = fine_tuned()
+        merge_into(model, derivative()[0], 0.7)
+        return model, tokenizer
+
+    rules = {t: WatermarkRules(reply_temperature=t) for t in (0.0, 0.7, 1.0)}
+    rows = {  # name: (model maker, rules, extra decoding, system prompt, innocent)
+        "fine-tuned T0": (fine_tuned, rules[0.0], lambda tok: [], None, False),
+        "fine-tuned T0.7": (fine_tuned, rules[0.7], lambda tok: [], None, False),
+        "fine-tuned T1.0": (fine_tuned, rules[1.0], lambda tok: [], None, False),
+        "thief's server (T0.7, top-p 0.9, system prompt, SuppressNeighbor top-2)":
+            (fine_tuned, rules[0.7], lambda tok: [FirstTokenBan(tok, 2), TopPLogitsWarper(0.9)], THIEF_SYSTEM_PROMPT, False),
+        "GGUF Q4_0, T0.7": (q4_0, rules[0.7], lambda tok: [], None, False),
+        "merge 0.7 with an innocent derivative, T0.7": (merged, rules[0.7], lambda tok: [], None, False),
+        "innocent: base T0.7": (base, rules[0.7], lambda tok: [], None, True),
+        "innocent: derivative T0.7": (derivative, rules[0.7], lambda tok: [], None, True),
+        "innocent: base with KGW under another key, T0.7":
+            (base, rules[0.7], lambda tok: [WatermarkLogitsProcessor(other_key, special_ids(tok))], None, True),
+    }
+    result = {"run": run.directory.name, "alpha": alpha, "max_replies": config.max_replies, "rows": {}}
+    for name, (make, row_rules, processors, system_prompt, innocent) in rows.items():
+        if args.rows and name not in args.rows:
+            continue
+        model, tokenizer = make()
+        model.eval()
+        result["rows"][name] = check_row(model, tokenizer, owner_tokenizer, key, prompts, alpha, no_match_error, config,
+                                         row_rules, processors(tokenizer), system_prompt, innocent)
+        print(name, result["rows"][name], flush=True)
+    if not args.rows or "in-domain utility" in args.rows:
+        (model, tokenizer), (base_model, _) = fine_tuned(), base()
+        result["in-domain utility"] = in_domain_utility(model, base_model, tokenizer, prompts[:8 if args.smoke else 64], rules[0.7])
+        print("in-domain utility", result["in-domain utility"], flush=True)
+    save(args.results_dir, "watermark_robustness", result)
+
+
+if __name__ == "__main__":
+    main()
