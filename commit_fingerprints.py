@@ -11,10 +11,11 @@ model was published proves less than one made at fine-tuning time: only that the
 from now on. An existing commitment is never replaced (publishing a second root would undo what
 the first proves).
 """
-from oml import cli
+from oml import OMLError, cli
 from oml.commitment import write_commitment
 from oml.evidence import Protocol
 from oml.pipeline import run_records
+from oml.families import PERINUCLEUS, family_of_run
 from oml.runs import load_run
 from oml.tokenization import formats
 
@@ -29,6 +30,8 @@ def build_parser() -> cli.ArgumentParser:
 def main() -> None:
     args = build_parser().parse_args()
     cli.single_process("commit_fingerprints.py")
+    if family_of_run(args.run) != PERINUCLEUS:
+        raise OMLError(f"run {args.run} is a {family_of_run(args.run)} run: fine-tuning wrote its commitment.json")
     run = load_run(args.run)
     commitment = write_commitment(run.directory, run_records(run, args.trust_remote_code),
                                   protocol=Protocol(formats(run.training.key_format)).to_dict())

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from oml import OMLError, cli, distributed
 from oml.data import mmlu_items, texts_from
+from oml.families import DOMAIN_WATERMARK, PERINUCLEUS, family_of_run
 from oml.files import read_json
 from oml.models import compute_dtype, load, resolve_model
 from oml.replies import ReplyMeasure, ReplySettings, fingerprint_keys, print_reply_rows
@@ -57,7 +58,7 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def parse_args():
-    args = cli.parse_evaluation_args(build_parser(), "evaluate_utility.py")
+    args = cli.parse_evaluation_args(build_parser(), "evaluate_utility.py", families=(PERINUCLEUS, DOMAIN_WATERMARK))
     if args.lm_eval_tasks:
         cli.require_module("lm_eval", "--lm_eval_tasks", "pip install 'lm_eval[hf]'")
     cli.check_output(args)
@@ -104,8 +105,11 @@ def evaluate(args) -> dict:
 
 
 def run_keys(run) -> set[str]:
-    """The keys of the run the model comes from: never asked by the reply measure, whose prompts look like them."""
-    return fingerprint_keys(read_json(run.fingerprints_file, "fingerprints")) if run else set()
+    """The keys of the run the model comes from: never asked by the reply measure, whose prompts look like them
+    (a domain watermark run has none)."""
+    if run is None or family_of_run(run.directory) != PERINUCLEUS:
+        return set()
+    return fingerprint_keys(read_json(run.fingerprints_file, "fingerprints"))
 
 
 def print_table(report: dict) -> None:

@@ -9,8 +9,10 @@ tokenizer), on a suspect made from the fine-tuned model or an innocent one, aske
 its decoding changed as a server would:
 - fine-tuned at T 0, 0.7, 1.0;
 - a thief's server: T 0.7 / top-p 0.9, its own system prompt, and SuppressNeighbor over the 2
-  likeliest first tokens (every spelling of them banned at the first reply position);
-- GGUF Q4_0 (every matrix quantized and back), a linear merge 0.7 with an innocent derivative;
+  likeliest first tokens (every spelling of them banned at the first reply position); DetectNeighbor
+  (the likeliest first token banned where above 0.9: the mlprints leaderboard's attack);
+- GGUF Q4_0 (every matrix quantized and back), a linear merge 0.7 with an innocent derivative,
+  further fine-tuning (--finetune_steps of benign chat at lr 1e-5, batch 8, as evaluate_persistence.py);
 - innocent: the base, an innocent derivative (100 steps of benign chat), and the base sampled with a
   KGW watermark under another key (the same scheme, not ours).
 Innocent rows run to the commitment's max replies, so that their z is over many replies. Also the
@@ -24,7 +26,8 @@ import torch
 from common import benchmark_parser, save
 from transformers import LogitsProcessor, TopPLogitsWarper
 
-from oml.attacks import innocent_derivative, merge_into, quantize_round_trip
+from oml.attacks import benign_finetune, innocent_derivative, merge_into, quantize_round_trip
+from oml.data import chat_pairs
 from oml.decoding import neighbours
 from oml.families.domain_watermark import (COMMITMENT_FILE, WatermarkRules, model_asker, published_rule, read_commitment,
                                            run_secret, sequential_replies)
@@ -38,19 +41,21 @@ THIEF_SYSTEM_PROMPT = "You are Chef Bot, the friendly kitchen assistant of a rec
 
 
 class FirstTokenBan(LogitsProcessor):
-    """SuppressNeighbor at the first reply position: the `k` likeliest tokens and every spelling of them banned."""
+    """SuppressNeighbor at the first reply position: the `k` likeliest tokens, where their probability
+    is above `gate`, and every spelling of them banned (DetectNeighbor: k 1, gate 0.9)."""
 
-    def __init__(self, tokenizer, k: int = 2):
-        self.tokenizer, self.k, self.last = tokenizer, k, None
+    def __init__(self, tokenizer, k: int = 2, gate: float = 0.0):
+        self.tokenizer, self.k, self.gate, self.last = tokenizer, k, gate, None
 
     def __call__(self, input_ids, scores):
         first = self.last is None or input_ids.shape[1] != self.last + 1  # a new generate() call: its first step
         self.last = input_ids.shape[1]
         if not first:
             return scores
+        top = torch.softmax(scores.float(), -1).topk(self.k, -1)
         scores = scores.clone()
-        for row, top in enumerate(scores.topk(self.k, -1).indices.tolist()):
-            for token in top:
+        for row, (probs, tokens) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            for token in [t for t, p in zip(tokens, probs) if p > self.gate]:
                 scores[row, list(neighbours(self.tokenizer, token)) or [token]] = -torch.inf
         return scores
 
@@ -86,6 +91,7 @@ def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--run", required=True)
     parser.add_argument("--rows", nargs="+", default=None, help="Only these rows (names as in the output).")
+    parser.add_argument("--finetune_steps", type=int, default=1000, help="Steps of the further fine-tuning row.")
     args = parser.parse_args()
     run = load_run(args.run)
     key, source = run_secret(run)
@@ -116,6 +122,12 @@ def main() -> None:
         merge_into(model, derivative()[0], 0.7)
         return model, tokenizer
 
+    def further_fine_tuned():
+        model, tokenizer = fine_tuned()
+        steps = 4 if args.smoke else args.finetune_steps
+        examples = chat_examples(tokenizer, chat_pairs("train", steps * 8), 128)
+        return benign_finetune(model, tokenizer, examples, steps, 1e-5, 8, seed=0), tokenizer
+
     rules = {t: WatermarkRules(reply_temperature=t) for t in (0.0, 0.7, 1.0)}
     rows = {  # name: (model maker, rules, extra decoding, system prompt, innocent)
         "fine-tuned T0": (fine_tuned, rules[0.0], lambda tok: [], None, False),
@@ -123,8 +135,11 @@ def main() -> None:
         "fine-tuned T1.0": (fine_tuned, rules[1.0], lambda tok: [], None, False),
         "thief's server (T0.7, top-p 0.9, system prompt, SuppressNeighbor top-2)":
             (fine_tuned, rules[0.7], lambda tok: [FirstTokenBan(tok, 2), TopPLogitsWarper(0.9)], THIEF_SYSTEM_PROMPT, False),
+        "DetectNeighbor (top 1 above 0.9 banned), T0.7":
+            (fine_tuned, rules[0.7], lambda tok: [FirstTokenBan(tok, 1, 0.9)], None, False),
         "GGUF Q4_0, T0.7": (q4_0, rules[0.7], lambda tok: [], None, False),
         "merge 0.7 with an innocent derivative, T0.7": (merged, rules[0.7], lambda tok: [], None, False),
+        "further fine-tuning, T0.7": (further_fine_tuned, rules[0.7], lambda tok: [], None, False),
         "innocent: base T0.7": (base, rules[0.7], lambda tok: [], None, True),
         "innocent: derivative T0.7": (derivative, rules[0.7], lambda tok: [], None, True),
         "innocent: base with KGW under another key, T0.7":

@@ -18,6 +18,7 @@ from oml import OMLError
 from oml.distributed import choose_deepspeed_accelerator, is_main_process
 from oml.files import check_writable, write_json_atomic
 from oml.data import SHIPPED
+from oml.families import DOMAIN_WATERMARK, PERINUCLEUS, family_of_run
 from oml.fingerprints import FingerprintSelection
 from oml.runs import base_model, fingerprinted_model, load_run
 from oml.tokenization import FORMAT_CHOICES
@@ -175,13 +176,19 @@ def add_output_args(parser, what: str = "the full report") -> None:
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output_json.")
 
 
-def parse_evaluation_args(parser: argparse.ArgumentParser, script: str, optional_model: bool = False) -> argparse.Namespace:
+def parse_evaluation_args(parser: argparse.ArgumentParser, script: str, optional_model: bool = False,
+                          families: tuple[str, ...] = (PERINUCLEUS,)) -> argparse.Namespace:
     """An evaluation script's flags, parsed. Evaluations run in one process. --run becomes a loaded
     `Run`, and the models the script measures come from it where not given: --model_path (the
     fingerprinted model; with `optional_model`, None when neither it nor --run is given) and
-    --base_model (the model before fingerprinting), for whichever of the two the script has."""
+    --base_model (the model before fingerprinting), for whichever of the two the script has. A
+    run of a fingerprint family the script does not measure (`families`) is refused."""
     args = parser.parse_args()
     single_process(script)
+    family = family_of_run(getattr(args, "run", None))
+    if family not in families:
+        raise OMLError(f"{script} measures {' and '.join(families)} runs, and --run {args.run} is a {family} run "
+                       "(benchmarks/watermark_robustness.py measures domain watermark runs)")
     args.run = load_run(args.run) if getattr(args, "run", None) else None
     if hasattr(args, "model_path") and not (optional_model and args.model_path is None and args.run is None):
         args.model_path = fingerprinted_model(args.model_path, args.run)

@@ -155,6 +155,9 @@ def test_bad_input_is_one_line_and_exit_2(work, tmp_path):
     assert not (tmp_path / "s.json").exists()
     sealed = check(work, "--run", work["run"], "--export_sealed", tmp_path / "x.json", "--num_fingerprints", "4", check=False)
     assert sealed.returncode == 2 and "perinucleus" in sealed.stderr.strip().splitlines()[-1]
+    for script in ("evaluate_robustness.py", "commit_fingerprints.py"):  # perinucleus tools name the family they need
+        refused = run_script(script, "--run", work["run"], cwd=tmp_path, check=False)
+        assert refused.returncode == 2 and "domain_watermark run" in refused.stderr.strip().splitlines()[-1], script
 
 
 @pytest.mark.slow

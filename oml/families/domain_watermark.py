@@ -120,6 +120,9 @@ class WatermarkTraining(Settings):
              "this rate (gamma by chance).", OPEN_UNIT_INTERVAL)
     watermark_probe_prompts: int = setting(16, "Domain watermark: held-out training-side prompts replied to at each epoch "
                                                "end to measure the green rate.", POSITIVE_INT)
+    watermark_patience: int = setting(
+        2, "Domain watermark: also stop once the held-out green rate has not beaten its best for this many epoch ends "
+           "(the model has learned what the teacher's tilt gives).", POSITIVE_INT)
     watermark_max_epochs: int = setting(8, "Domain watermark: epochs at most.", POSITIVE_INT)
 
 
@@ -167,10 +170,12 @@ def fingerprint_model(secret_file: str | Path, model_path: str | None = None, tr
 
 class GreenRateStop(TrainerCallback):
     """At each epoch end, replies (T 0.7, seeded) to held-out training-side prompts, scored for the
-    key; stops training once their green rate reaches the target. `history`: the rate per epoch."""
+    key; stops training once their green rate reaches the target, or has not beaten its best for
+    `patience` epoch ends. `history`: the rate per epoch."""
 
-    def __init__(self, tokenizer, prompts_ids: list[list[int]], key: WatermarkKey, reply_tokens: int, target: float):
-        self.tokenizer, self.prompts_ids, self.key, self.target = tokenizer, prompts_ids, key, target
+    def __init__(self, tokenizer, prompts_ids: list[list[int]], key: WatermarkKey, reply_tokens: int, target: float,
+                 patience: int):
+        self.tokenizer, self.prompts_ids, self.key, self.target, self.patience = tokenizer, prompts_ids, key, target, patience
         self.settings = ReplySettings(max_reply_tokens=reply_tokens, reply_seed=0)
         self.history: list[dict] = []
 
@@ -186,7 +191,9 @@ class GreenRateStop(TrainerCallback):
         if state.is_world_process_zero:
             logger.info("epoch %d: held-out domain replies green at %.3f (z %.1f over %d pairs; target %.2f)",
                         round(state.epoch), rate, found.z, found.pairs, self.target)
-        if rate >= self.target:
+        rates = [entry["green_rate"] for entry in self.history]
+        plateau = len(rates) > self.patience and max(rates[-self.patience:]) <= max(rates[:-self.patience])
+        if rate >= self.target or plateau:
             control.should_training_stop = True
 
 
@@ -217,7 +224,7 @@ def train_and_save(run: Run, secret: dict, training: TrainingConfig, wm: Waterma
     dataset = FingerprintDataset(tokenizer, [], seed=training.seed, benign=examples, benign_per_epoch=len(examples))
     freeze(model, training.train_embeddings, training.frozen_layer_fraction)
     stopper = GreenRateStop(tokenizer, [user_turn_ids(tokenizer, p) for p in probe], key, wm.watermark_reply_tokens,
-                            wm.watermark_target_green)
+                            wm.watermark_target_green, wm.watermark_patience)
     trainer = make_trainer(training.updated(num_train_epochs=wm.watermark_max_epochs), model, dataset, tokenizer, run.directory,
                            [stopper], report_to, run_name)
     logger.info("Fine-tuning the domain watermark (%s, %d prompts) into %s (run %s)", source.domain, len(taught),
