@@ -65,6 +65,7 @@ def bigram_model(tokenizer, directory: Path) -> Path:
             embed[token, WORDS + i] = 1.0
             head[token, BIAS] = 0.0
             head[token, i] = 1.0
+    model.generation_config.do_sample = True  # a server samples at the temperature asked only where the model says so
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
