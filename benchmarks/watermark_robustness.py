@@ -1,7 +1,8 @@
 """How a domain watermark run fares: replies needed for MATCH at each temperature, through a thief's
 server, after weight changes, and what innocent models score on the same prompts.
 
-    python benchmarks/watermark_robustness.py --run results/saved_models/<hash> [--rows NAME ...] [--smoke]
+    python benchmarks/watermark_robustness.py --run results/saved_models/<hash> [--rows NAME ...]
+    python benchmarks/watermark_robustness.py --smoke   # a tiny random model fine-tuned for one epoch: checks that it runs
 
 Each row is one check as check_fingerprints.py runs it (the run's committed checking prompts in
 order, rounds of 8, the sequential test the commitment publishes, replies cut by the base's
@@ -23,14 +24,18 @@ import random
 import time
 
 import torch
-from common import benchmark_parser, save
+from common import benchmark_parser, save, tiny_model
 from transformers import LogitsProcessor, TopPLogitsWarper
 
 from oml.attacks import benign_finetune, innocent_derivative, merge_into, quantize_round_trip
 from oml.data import chat_pairs
 from oml.decoding import neighbours
-from oml.families.domain_watermark import (COMMITMENT_FILE, WatermarkRules, model_asker, published_rule, read_commitment,
-                                           run_secret, sequential_replies)
+from oml.families.domain_watermark import (COMMITMENT_FILE, DomainSource, WatermarkRules, WatermarkTraining, fingerprint_model,
+                                           model_asker, new_secret, published_rule, read_commitment, run_secret,
+                                           sequential_replies)
+from oml.files import write_json_atomic
+from oml.training.config import TrainingConfig
+from oml.watermark import WatermarkParams
 from oml.models import load, load_tokenizer, resolve_model
 from oml.runs import load_run
 from oml.tokenization import encode, user_turn_ids
@@ -87,13 +92,24 @@ def in_domain_utility(model, base, tokenizer, prompts: list[str], rules: Waterma
     return found
 
 
+def smoke_run(directory) -> str:
+    """A watermark run of a tiny random model (one short epoch): what --smoke measures without --run."""
+    write_json_atomic(directory / "wm.json", new_secret(WatermarkParams(), DomainSource()))
+    run = fingerprint_model(directory / "wm.json", tiny_model(), TrainingConfig(frozen_layer_fraction=0.0),
+                            WatermarkTraining(watermark_prompts=8, watermark_probe_prompts=4, watermark_reply_tokens=4,
+                                              watermark_replay_ratio=0.0, watermark_max_epochs=1), results_dir=directory)
+    return str(run.directory)
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--run", required=True)
+    parser.add_argument("--run", default=None, help="The domain watermark run (required but with --smoke).")
     parser.add_argument("--rows", nargs="+", default=None, help="Only these rows (names as in the output).")
     parser.add_argument("--finetune_steps", type=int, default=1000, help="Steps of the further fine-tuning row.")
     args = parser.parse_args()
-    run = load_run(args.run)
+    if args.run is None and not args.smoke:
+        parser.error("--run is required (or --smoke)")
+    run = load_run(args.run or smoke_run(args.results_dir))
     key, source = run_secret(run)
     public = read_commitment(run.directory / COMMITMENT_FILE)
     alpha, no_match_error, config = published_rule(public, "commitment")
@@ -128,7 +144,7 @@ def main() -> None:
         examples = chat_examples(tokenizer, chat_pairs("train", steps * 8), 128)
         return benign_finetune(model, tokenizer, examples, steps, 1e-5, 8, seed=0), tokenizer
 
-    rules = {t: WatermarkRules(reply_temperature=t) for t in (0.0, 0.7, 1.0)}
+    rules = {t: WatermarkRules(reply_temperature=t, max_reply_tokens=8 if args.smoke else 128) for t in (0.0, 0.7, 1.0)}
     rows = {  # name: (model maker, rules, extra decoding, system prompt, innocent)
         "fine-tuned T0": (fine_tuned, rules[0.0], lambda tok: [], None, False),
         "fine-tuned T0.7": (fine_tuned, rules[0.7], lambda tok: [], None, False),
