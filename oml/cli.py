@@ -18,7 +18,7 @@ from oml import OMLError
 from oml.distributed import choose_deepspeed_accelerator, is_main_process
 from oml.files import check_writable, write_json_atomic
 from oml.data import SHIPPED
-from oml.families import DOMAIN_WATERMARK, PERINUCLEUS, family_of_run
+from oml.families import PERINUCLEUS, family_of_run
 from oml.fingerprints import FingerprintSelection
 from oml.runs import base_model, fingerprinted_model, load_run
 from oml.tokenization import FORMAT_CHOICES

@@ -35,6 +35,7 @@ from transformers import TrainerCallback
 
 from oml import OMLError, distributed
 from oml import evidence
+from oml.commitment import COMMITMENT_FILE  # one file name for both families' public commitment
 from oml.evidence import Tampered, check_depth
 from oml.families import DOMAIN_WATERMARK
 from oml.files import check_creatable_dir, read_json, write_json_atomic, write_text_atomic
@@ -42,7 +43,7 @@ from oml.models import load, load_tokenizer, model_name, resolve_model
 from oml.remote import ApiConfig, base_url_of, chat_replies, shown_url
 from oml.replies import ReplySettings, replies, stop_ids
 from oml.runs import Run, config_hash, removed_on_failure, UNHASHED
-from oml.settings import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, OPEN_UNIT_INTERVAL, POSITIVE_INT, Settings, setting
+from oml.settings import NON_NEGATIVE_FLOAT, OPEN_UNIT_INTERVAL, POSITIVE_INT, Settings, setting
 from oml.tokenization import encode, has_chat_template, user_turn_ids
 from oml.training.config import TrainingConfig
 from oml.training.dataset import FingerprintDataset, QUESTION_REPLY_TOKENS, distilled_replay, replay_kinds
@@ -56,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 SECRET_FORMAT = "oml-domain-watermark/1"
 BUNDLE_FORMAT = "oml-watermark-evidence/1"
-COMMITMENT_FILE = "commitment.json"
 MAX_REPLY_CHARS = 8000  # of a reply kept: a server that ignores max_tokens must not fill the memory or the disk
 
 
