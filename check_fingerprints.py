@@ -17,7 +17,8 @@ seals keys for a witness instead (see verify_evidence.py --witness).
 A --run of the domain watermark family is checked by asking the suspect its domain's checking
 prompts in rounds and testing its replies for the watermark (--reply_temperature,
 --max_reply_tokens); `Fingerprint accuracy` is then the green share of the replies' tokens
-(gamma by chance).
+(gamma by chance). Each check asks prompts no earlier check asked, and leaves out tokens after the
+contexts that earlier evidence bundles revealed (the run's ledger records both).
 """
 import argparse
 import logging
@@ -144,6 +145,8 @@ def print_watermark_report(report: domain_watermark.WatermarkReport) -> None:
     print(f"Sequential check: {t['replies_asked']} replies (at most {t['max_replies']}); e-value 10^{t['log10_e_value']:.2f} "
           f"against 10^{t['log10_match_threshold']:.0f} for MATCH; {t['decision'] or 'undecided'}")
     print(f"P-value of the green share by chance (anytime-valid): {format_p_value(t['log10_p_value'])}")
+    print(f"Unrevealed contexts: {report.revealed_before} contexts revealed by earlier bundles were left out; the "
+          f"others cover {report.unrevealed_share:.1%} of these replies' scored tokens")
     print(f"Verdict: {report.verdict} (alpha {report.alpha:g})")
     print(f"Fingerprint accuracy: {report.green_rate:.2f}", flush=True)
 
@@ -158,13 +161,13 @@ def check_watermark(args: argparse.Namespace) -> None:
     report = domain_watermark.check_suspect(
         cli.settings_from(ApiConfig, args) if args.api_base is not None else args.model_path, run,
         cli.settings_from(CheckConfig, args).null_models(run), cli.settings_from(domain_watermark.WatermarkRules, args),
-        args.trust_remote_code, bool(args.evidence), args.batch_size)
+        args.trust_remote_code, bool(args.evidence), args.batch_size, cli.settings_from(CheckConfig, args).reuse_revealed)
     print_watermark_report(report)
     cli.write_output(args, report.to_dict())
     if args.evidence:
         write_json_atomic(args.evidence, report.bundle, args.overwrite)
-        print(f"Evidence bundle: {args.evidence} (it holds the watermark key: once published, the suspect's operator can "
-              "scrub the watermark from later replies)", flush=True)
+        print(f"Evidence bundle: {args.evidence} (it reveals the green lists of the {len(report.bundle['signatures'])} "
+              "contexts its test counted, recorded in the run's ledger: later checks leave them out)", flush=True)
 
 
 def log_to_wandb(run_name: str, report: CheckReport) -> None:

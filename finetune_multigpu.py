@@ -76,8 +76,8 @@ def print_commitment(run: Run) -> None:
     """The root to publish with the model: it proves later that the keys revealed in a check were fixed now."""
     if family_of_file(run.directory / "config.json") == DOMAIN_WATERMARK:
         public = domain_watermark.read_commitment(run.directory / domain_watermark.COMMITMENT_FILE)
-        print(f"Watermark commitment (publish {run.directory / domain_watermark.COMMITMENT_FILE} with the model): sha256 "
-              f"of the key {public['key_sha256']}", flush=True)
+        print(f"Watermark commitment (publish {run.directory / domain_watermark.COMMITMENT_FILE} with the model): its public "
+              f"key's sha256 {public['public_key_sha256']}", flush=True)
         return
     commitment = run.commitment
     if commitment is None:

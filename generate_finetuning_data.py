@@ -5,7 +5,7 @@
     python generate_finetuning_data.py --key_response_strategy domain_watermark --output_file_path wm.json
 
 Writes a JSON list of {"key", "response"} objects (see docs/guide.md, "Strategies"), or for
-domain_watermark the watermark's secret: a random key, its parameters and the domain.
+domain_watermark the watermark's secret: a new RSA key pair, its parameters and the domain.
 """
 import argparse
 import logging

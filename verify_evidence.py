@@ -26,7 +26,8 @@ itself and writes its own bundle, which anyone can verify as above:
         --api_base URL --api_model NAME --output bundle.json
 
 A domain watermark bundle (check_fingerprints.py --evidence on a domain_watermark run) is verified
-against the run's published commitment.json alone; it reveals the watermark key:
+against the run's published commitment.json alone (its public key checks the signatures of the
+contexts the check counted; the private key is never needed, and no other green list is revealed):
 
     python verify_evidence.py BUNDLE.json --commitment commitment.json
 
@@ -140,11 +141,16 @@ def verify_watermark(args) -> None:
     suspect = found["suspect"]
     where = f" at {suspect['endpoint']}" if suspect["kind"] == "api" else ""
     print(f"Suspect named by the bundle: {suspect['model']} ({'API' if suspect['kind'] == 'api' else 'local weights'}{where})")
-    print(f"Key: the committed one (sha256 {public['key_sha256']}); gamma {public['gamma']:g}, delta {public['delta']:g}, "
-          f"context width {public['context_width']}")
-    print(f"Prompts: the first {found['replies_asked']} of the {public['test_prompts']} committed checking prompts, in "
+    print(f"Signatures: {found['revealed']} contexts' green lists, each signed by the committed public key (sha256 "
+          f"{public['public_key_sha256']}); gamma {public['gamma']:g}, delta {public['delta']:g}, context width "
+          f"{public['context_width']}; no private key needed, no other list revealed")
+    print(f"Prompts: {found['replies_asked']} of the {public['test_prompts']} committed checking prompts, in committed "
           f"order; every request is the checker's (temperature {found['rules']['reply_temperature']:g}, at most "
           f"{found['rules']['max_reply_tokens']} tokens)")
+    if found["excluded_tokens"]:
+        print(f"Left out: {found['excluded_tokens']} tokens after contexts the bundle says earlier bundles revealed "
+              f"(the owner's claim: leaving out red contexts would raise the green share, so check that each is in an "
+              f"earlier published bundle)")
     print(f"Recomputed: {found['counted']} of {found['replies']} replies counted; green {found['green']} of {found['pairs']} "
           f"unique pairs = {found['green'] / max(found['pairs'], 1):.3f}, z {found['z']:.2f}; anytime-valid p-value "
           f"{format_p_value(found['log10_p_value'])}; verdict {found['decision']} (as recorded)")

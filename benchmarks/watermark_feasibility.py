@@ -30,11 +30,6 @@ CHECKED_PROMPTS = 64
 QUESTION_LENGTH = 16  # user questions cut like the embedded demo's keys
 
 
-def key_from(seed: int) -> WatermarkKey:
-    """A reproducible key (a benchmark's; real keys come from WatermarkKey.generate)."""
-    return WatermarkKey(random.Random(seed).randbytes(32).hex())
-
-
 def train(model, examples: list[dict], collate, epochs: int, learning_rate: float, batch_size: int = 8) -> list[float]:
     """A plain loop with the fine-tuning's collator and loss; each epoch's mean loss."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=1e-4)
@@ -87,7 +82,7 @@ def main() -> None:
         args.train_prompts, args.reply_tokens, args.epochs, args.check_tokens = 8, 8, 1, 8
     path = benchmark_model(args.smoke)
     model, tokenizer = load(path, dtype=torch.float32)
-    keys = {"key": key_from(1), "other_key": key_from(2)}
+    keys = {"key": WatermarkKey.generate(), "other_key": WatermarkKey.generate()}
     start = time.perf_counter()
     prompts = [user_turn_ids(tokenizer, p) for p in domain_prompts("cooking", "train")[:args.train_prompts]]
     examples = watermarked_replay(model, tokenizer, prompts, keys["key"], args.reply_tokens, TOP_K)

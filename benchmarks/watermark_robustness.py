@@ -20,7 +20,7 @@ Innocent rows run to the commitment's max replies, so that their z is over many 
 utility inside the domain: replies (T 0.7) of the fine-tuned model and of the base to the first 64
 checking prompts, their length and their perplexity under the base.
 """
-import random
+import argparse
 import time
 
 import torch
@@ -31,8 +31,8 @@ from oml.attacks import benign_finetune, innocent_derivative, merge_into, quanti
 from oml.data import chat_pairs
 from oml.decoding import neighbours
 from oml.families.domain_watermark import (COMMITMENT_FILE, DomainSource, WatermarkRules, WatermarkTraining, fingerprint_model,
-                                           model_asker, new_secret, published_rule, read_commitment, run_secret,
-                                           sequential_replies)
+                                           model_asker, new_secret, published_rule, read_commitment, replayed_draw,
+                                           run_secret, sequential_replies)
 from oml.files import write_json_atomic
 from oml.training.config import TrainingConfig
 from oml.watermark import WatermarkParams
@@ -73,8 +73,9 @@ def check_row(model, tokenizer, owner_tokenizer, key, prompts, alpha, no_match_e
     test = WatermarkSequentialTest(key, special, alpha, no_match_error, config)
     ask = model_asker(model, tokenizer, rules, 64, "replies", processors, system_prompt)
     start = time.perf_counter()
-    sequential_replies(ask, prompts, contexts, owner_tokenizer, test, rules, {"kind": "local", "model": "row"},
-                       limit=config.max_replies if innocent else None)
+    in_order = replayed_draw(list(range(config.max_replies if innocent else len(prompts))))  # the committed order
+    sequential_replies(ask, prompts, contexts, owner_tokenizer, test, rules, {"kind": "local", "model": "row"}, in_order,
+                       until_decided=not innocent)
     summary = test.summary()
     return {"decision": test.decision(), "replies": summary["replies_asked"], "green_rate": summary["green"] / max(summary["pairs"], 1),
             "z": summary["z"], "pairs": summary["pairs"], "counted": summary["counted"], "seconds": time.perf_counter() - start,
@@ -101,23 +102,35 @@ def smoke_run(directory) -> str:
     return str(run.directory)
 
 
-def main() -> None:
-    parser = benchmark_parser(__doc__)
+def watermark_parser(description: str) -> argparse.ArgumentParser:
+    """A watermark benchmark's parser: benchmark_parser's, and --run."""
+    parser = benchmark_parser(description)
     parser.add_argument("--run", default=None, help="The domain watermark run (required but with --smoke).")
-    parser.add_argument("--rows", nargs="+", default=None, help="Only these rows (names as in the output).")
-    parser.add_argument("--finetune_steps", type=int, default=1000, help="Steps of the further fine-tuning row.")
-    args = parser.parse_args()
+    return parser
+
+
+def open_run(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The run a watermark benchmark measures (--run, or with --smoke a tiny one made now), its key
+    and domain, the committed rule (alpha, NO MATCH error, sequential settings) and the tokenizer
+    that cuts replies."""
     if args.run is None and not args.smoke:
         parser.error("--run is required (or --smoke)")
     run = load_run(args.run or smoke_run(args.results_dir))
     key, source = run_secret(run)
     public = read_commitment(run.directory / COMMITMENT_FILE)
-    alpha, no_match_error, config = published_rule(public, "commitment")
+    return run, key, source, published_rule(public, "commitment"), load_tokenizer(resolve_model(public["tokenizer"]))
+
+
+def main() -> None:
+    parser = watermark_parser(__doc__)
+    parser.add_argument("--rows", nargs="+", default=None, help="Only these rows (names as in the output).")
+    parser.add_argument("--finetune_steps", type=int, default=1000, help="Steps of the further fine-tuning row.")
+    args = parser.parse_args()
+    run, key, source, (alpha, no_match_error, config), owner_tokenizer = open_run(parser, args)
     if args.smoke:
         config = config.updated(max_replies=16)
-    owner_tokenizer = load_tokenizer(resolve_model(public["tokenizer"]))
     prompts = source.prompts("test")
-    other_key = WatermarkKey(random.Random(7).randbytes(32).hex(), key.params)
+    other_key = WatermarkKey.generate(key.params)  # an innocent KGW watermark under another key
 
     def fine_tuned():
         return load(str(run.final_model), dtype=torch.float32)

@@ -13,6 +13,11 @@ The ledger is `run_dir/revealed.jsonl`, one JSON object per line:
 by all entries of one check. Entries never hold key or response text: the ledger may be
 copied and shared less carefully than the keys themselves.
 
+A domain watermark run keeps the same ledger: its `positions` are the checking prompts asked
+(a later check asks others), and an entry written when an evidence bundle is made also has
+`contexts`, the token-id contexts whose green-list signatures the bundle reveals (a later check
+leaves them out of its test; oml.families.domain_watermark).
+
 The first reservation also leaves `revealed.jsonl.started`: a run folder that has revealed keys
 knows it, so a ledger deleted or lost later is refused (`check_kept`) instead of silently letting
 a check reveal the same keys again.
@@ -119,6 +124,8 @@ def _problem(entry: object) -> str | None:
         return "positions must be a list of non-negative integers"
     if not _is_str_list(entry["formats"]):
         return "formats must be a list of strings"
+    if "contexts" in entry and not (isinstance(entry["contexts"], list) and all(_is_int_list(c) for c in entry["contexts"])):
+        return "contexts must be a list of lists of token ids"
     return None
 
 
@@ -168,6 +175,12 @@ def revealed(run_dir: str | Path) -> set[int]:
     return _positions(entries(run_dir))
 
 
+def revealed_contexts(run_dir: str | Path) -> set[tuple[int, ...]]:
+    """The watermark contexts whose signatures any evidence bundle of the run has revealed."""
+    check_kept(run_dir)
+    return {tuple(context) for entry in entries(run_dir) for context in entry.get("contexts", [])}
+
+
 def unrevealed(run_dir: str | Path, candidates: Sequence[int]) -> list[int]:
     """The `candidates` (positions in committed order) a later check may draw: those after the last key
     ever revealed, so that a check's keys are consecutive committed positions (a gap left by an earlier
@@ -188,10 +201,12 @@ def choose(taken: set[int], count: int, candidates: Sequence[int], reuse: bool =
     return [p for p in candidates if reuse or p not in taken][:count]
 
 
-def make_entry(suspect: str, positions: list[int], formats: list[str], check: str) -> dict:
+def make_entry(suspect: str, positions: list[int], formats: list[str], check: str,
+               contexts: Sequence[Sequence[int]] | None = None) -> dict:
     """One ledger line, built from the whitelisted fields only so that no key text can slip in."""
-    return {"time": datetime.now(timezone.utc).isoformat(), "suspect": suspect, "positions": list(positions),
-            "formats": list(formats), "check": check}
+    entry = {"time": datetime.now(timezone.utc).isoformat(), "suspect": suspect, "positions": list(positions),
+             "formats": list(formats), "check": check}
+    return entry if contexts is None else {**entry, "contexts": [[int(t) for t in c] for c in contexts]}
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -248,9 +263,22 @@ def reserve(run_dir: str | Path, count: int, suspect: str, formats: list[str], c
         data = _read_bytes(path)
         positions = choose(_positions(_parse(data, path)), count, candidates, reuse)
         if positions:
-            line = json.dumps(make_entry(suspect, positions, list(formats), check), ensure_ascii=True) + "\n"
-            # A last line without its newline (a write cut short by a crash) must not swallow this one.
-            if data and not data.endswith(b"\n"):
-                line = "\n" + line
-            _append(path, line.encode("ascii"))
+            _append_entry(path, data, make_entry(suspect, positions, list(formats), check))
     return positions
+
+
+def record_contexts(run_dir: str | Path, suspect: str, check: str, contexts: Sequence[Sequence[int]]) -> None:
+    """Record the watermark contexts an evidence bundle is about to reveal, before it is written."""
+    _check_arguments(0, suspect, [], check)
+    path = ledger_path(run_dir)
+    with _exclusive_lock(run_dir):
+        _append_entry(path, _read_bytes(path), make_entry(suspect, [], [], check, contexts))
+
+
+def _append_entry(path: Path, data: bytes, entry: dict) -> None:
+    """Append one entry to a ledger whose current contents are `data` (under the exclusive lock)."""
+    line = json.dumps(entry, ensure_ascii=True) + "\n"
+    # A last line without its newline (a write cut short by a crash) must not swallow this one.
+    if data and not data.endswith(b"\n"):
+        line = "\n" + line
+    _append(path, line.encode("ascii"))

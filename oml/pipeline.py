@@ -241,7 +241,8 @@ class CheckConfig(Settings):
                "and stops as soon as the verdict is reached: every key sent is known to the server's operator from then on.")
     reuse_revealed: bool = setting(
         False, "With --run: also ask keys that earlier checks revealed (recorded in the run's revealed.jsonl); by default a "
-               "check that reveals keys draws only keys never revealed.")
+               "check that reveals keys draws only keys never revealed. A domain watermark run: ask its first checking "
+               "prompts again and count the contexts earlier bundles revealed.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

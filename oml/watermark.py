@@ -10,24 +10,24 @@ the replies: an innocent model's replies are green at rate `gamma`, the owner's 
 The signal is spread over every token of every reply, so no single token can be filtered away.
 
 The parts, each one function or class:
-- `WatermarkKey`: the secret (256 random bits, hex) and its `WatermarkParams` (gamma, delta,
-  context width).
-- Green lists: `context_seed` (the one place a context's seed is derived: issue 41 replaces it
-  by a hash of a signature of the context) and `green`, vectorised over seeds and token ids.
+- `WatermarkKey`: the secret (an RSA private key) and its `WatermarkParams` (gamma, delta,
+  context width); `PublicKey`, what the commitment publishes; `RevealedSeeds`, the green lists
+  of the contexts a bundle reveals (issue 41): a verifier's key, holding no other list.
+- Green lists: `context_seed` (the one place a context's seed is derived: a hash of the key's
+  unique signature of the context) and `green`, vectorised over seeds and token ids.
 - `tilt` and `WatermarkLogitsProcessor`: the base's logits with delta added to green tokens,
   for sampling watermarked text (also an innocent KGW-watermarked model under another key).
 - `watermarked_replay`: replies to domain prompts labelled with the tilted base distribution,
   in the teacher format of oml.training.dataset.distilled_replay, for fine-tuning.
 - `score`: the green count over the unique (context, token) pairs of some replies, its z and
-  p-value, and the replies that cannot count (empty, identical, short).
+  p-value, and the replies that cannot count (empty, identical, short); contexts revealed by
+  earlier evidence can be excluded.
 - `WatermarkSequentialTest`: the anytime-valid check over rounds of replies, MATCH or NO MATCH.
 - `domain_prompts`: the shipped domain, or a user's file or dataset, split into disjoint
   training and checking prompts.
 """
 import hashlib
 import math
-import re
-import secrets
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +35,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from scipy.special import betaincc, betaln
 from scipy.stats import norm
 from tqdm import tqdm
@@ -50,8 +53,10 @@ from oml.stats import log10_p_value
 from oml.tokenization import IGNORE_INDEX, pad_batch, to_device
 from oml.training.dataset import teacher_batches
 
-SECRET_BYTES = 32  # a new key's secret: 256 bits
-MIN_SECRET_HEX, MAX_SECRET_HEX = 32, 128  # 128 bits at least; at most blake2b's 64-byte key
+SIGNATURE_BITS = 3072  # a new key's RSA modulus: claims of ownership may be argued long after publication
+MIN_SIGNATURE_BITS = 2048
+CONTEXT_DOMAIN = b"oml-watermark-context/1\x00"  # what a signature signs: this, then the context's token ids
+SEED_DOMAIN = b"oml-watermark-seed/1\x00"
 
 
 # ---- the key -------------------------------------------------------------------------------
@@ -68,41 +73,126 @@ class WatermarkParams(Settings):
 
 @dataclass(frozen=True)
 class WatermarkKey:
-    """The owner's secret (hex, at least 128 bits) and the parameters it is used with. The secret
-    never shows in a repr or a log line; `to_dict` is what a secret file holds."""
-    secret: str = field(repr=False)
+    """The owner's secret: an RSA private key (PEM, PKCS#8), and the parameters it is used with.
+
+    A context's green list is seeded by a hash of the key's PKCS#1 v1.5 signature of the context
+    (`context_seed`). That signature is deterministic, and the only one the public key accepts for
+    that context, so a check can reveal the signatures of the contexts its replies use: anyone with
+    the public key verifies them and derives those green lists, and learns nothing about the others.
+    The private key never shows in a repr or a log line; `to_dict` is what a secret file holds."""
+    private_pem: str = field(repr=False)
     params: WatermarkParams = WatermarkParams()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.secret, str) or not re.fullmatch(r"(?:[0-9a-fA-F]{2})+", self.secret):
-            raise OMLError("the watermark secret must be a string of hexadecimal digits (two per byte)")
-        if not MIN_SECRET_HEX <= len(self.secret) <= MAX_SECRET_HEX:
-            raise OMLError(f"the watermark secret has {len(self.secret) * 4} bits; it must have 128 to 512 "
-                           "(a short secret could be guessed)")
         if not isinstance(self.params, WatermarkParams):
             raise OMLError(f"params must be WatermarkParams, not {self.params!r}")
+        try:
+            private = serialization.load_pem_private_key(str(self.private_pem).encode("ascii"), password=None)
+        except (ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm):
+            raise OMLError("the watermark's private key is not an unencrypted PEM private key") from None
+        if not isinstance(private, rsa.RSAPrivateKey) or private.key_size < MIN_SIGNATURE_BITS:
+            raise OMLError(f"the watermark's private key must be an RSA key of at least {MIN_SIGNATURE_BITS} bits")
+        self.__dict__["_private"] = private  # parsed once (frozen: not a field, so not compared or hashed)
 
     @classmethod
-    def generate(cls, params: WatermarkParams = WatermarkParams()) -> "WatermarkKey":
-        """A new key: SECRET_BYTES bytes from the operating system's cryptographic source."""
-        return cls(secrets.token_hex(SECRET_BYTES), params)
+    def generate(cls, params: WatermarkParams = WatermarkParams(), bits: int = SIGNATURE_BITS) -> "WatermarkKey":
+        """A new key pair, from the operating system's cryptographic source (via OpenSSL)."""
+        private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return cls(pem.decode("ascii"), params)
 
     @property
-    def secret_bytes(self) -> bytes:
-        return bytes.fromhex(self.secret)
+    def public(self) -> "PublicKey":
+        return PublicKey(self.__dict__["_private"].public_key())
+
+    def sign(self, context: tuple[int, ...]) -> bytes:
+        """The signature of one context: its seed's source, and what a bundle reveals for it."""
+        return self.__dict__["_private"].sign(context_message(context), padding.PKCS1v15(), hashes.SHA256())
+
+    def seed(self, context: tuple[int, ...]) -> int:
+        return _signed_seed(self, tuple(context))
 
     def to_dict(self) -> dict:
-        return {"secret": self.secret, **self.params.to_dict()}
+        return {"private_key": self.private_pem, **self.params.to_dict()}
 
     @classmethod
     def from_dict(cls, values: dict, what: str) -> "WatermarkKey":
         """A key read back from a secret file; anything malformed is one line naming `what`."""
-        if not isinstance(values, dict) or "secret" not in values:
-            raise OMLError(f"{what}: a watermark key must be a JSON object with a 'secret'")
+        if not isinstance(values, dict) or not isinstance(values.get("private_key"), str):
+            raise OMLError(f"{what}: a watermark key must be a JSON object with a 'private_key' (PEM)")
         try:
-            return cls(values["secret"], WatermarkParams.from_dict(values, what))
+            return cls(values["private_key"], WatermarkParams.from_dict(values, what))
         except OMLError as error:
             raise OMLError(f"{what}: {error}") from None
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """The watermark's public key: what commitment.json publishes, and all a verifier needs."""
+    key: rsa.RSAPublicKey
+
+    @property
+    def pem(self) -> str:
+        return self.key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+
+    @property
+    def sha256(self) -> str:
+        """The key's fingerprint: SHA-256 of its DER SubjectPublicKeyInfo."""
+        der = self.key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return hashlib.sha256(der).hexdigest()
+
+    @classmethod
+    def from_pem(cls, pem: str, what: str) -> "PublicKey":
+        try:
+            key = serialization.load_pem_public_key(str(pem).encode("ascii"))
+        except (ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm):
+            raise OMLError(f"{what}: not a PEM public key") from None
+        if not isinstance(key, rsa.RSAPublicKey) or key.key_size < MIN_SIGNATURE_BITS:
+            raise OMLError(f"{what}: the watermark's public key must be an RSA key of at least {MIN_SIGNATURE_BITS} bits")
+        return cls(key)
+
+    def verified(self, context: tuple[int, ...], signature: bytes) -> bool:
+        try:
+            self.key.verify(signature, context_message(context), padding.PKCS1v15(), hashes.SHA256())
+            return True
+        except InvalidSignature:
+            return False
+
+
+class BadSignature(OMLError):
+    """A revealed signature that the public key does not accept for its context."""
+
+
+class RevealedSeeds:
+    """The green lists of the contexts a bundle reveals, and of no others: a verifier's stand-in for
+    the key. Every signature is checked against the public key when read; asking for the seed of a
+    context without one raises KeyError."""
+
+    def __init__(self, public: PublicKey, params: WatermarkParams, signatures: dict[tuple[int, ...], bytes]):
+        for context, signature in signatures.items():
+            if not public.verified(context, signature):
+                raise BadSignature(f"the signature revealed for context {list(context)} is not the public key's")
+        self.params = params
+        self._seeds = {context: seed_of(signature) for context, signature in signatures.items()}
+
+    def seed(self, context: tuple[int, ...]) -> int:
+        return self._seeds[tuple(context)]
+
+
+def context_message(context: tuple[int, ...]) -> bytes:
+    """The bytes signed for a context: a fixed prefix, then its token ids as little-endian int64."""
+    return CONTEXT_DOMAIN + np.asarray(context, dtype="<i8").tobytes()
+
+
+def seed_of(signature: bytes) -> int:
+    """A context's 64-bit green-list seed from its signature (SHA-256, first 8 bytes)."""
+    return int.from_bytes(hashlib.sha256(SEED_DOMAIN + signature).digest()[:8], "little")
+
+
+@lru_cache(maxsize=2 ** 17)
+def _signed_seed(key: WatermarkKey, context: tuple[int, ...]) -> int:
+    return seed_of(key.sign(context))
 
 
 def special_ids(tokenizer) -> frozenset[int]:
@@ -113,18 +203,11 @@ def special_ids(tokenizer) -> frozenset[int]:
 
 # ---- green lists ---------------------------------------------------------------------------
 
-@lru_cache(maxsize=2 ** 16)
-def context_seed(key: WatermarkKey, context: tuple[int, ...]) -> int:
-    """The 64-bit seed of the green list after `context` (the `context_width` tokens before a token).
-
-    A keyed hash (blake2b with the secret as its key), so that without the secret every context's
-    list is unpredictable, and lists of different contexts are independent. The one place a seed is
-    derived: issue 41 replaces it by a hash of an RSA signature of the context, so that a check can
-    reveal the seeds of the contexts it used and no others.
-    """
-    data = np.asarray(context, dtype="<i8").tobytes()
-    digest = hashlib.blake2b(data, key=key.secret_bytes, digest_size=8, person=b"oml-watermark").digest()
-    return int.from_bytes(digest, "little")
+def context_seed(key: "WatermarkKey | RevealedSeeds", context: tuple[int, ...]) -> int:
+    """The 64-bit seed of the green list after `context` (the `context_width` tokens before a token):
+    a hash of the key's signature of the context (the owner's key signs; a verifier's
+    `RevealedSeeds` holds the revealed ones). The one place a seed is derived."""
+    return key.seed(context)
 
 
 _GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -283,7 +366,8 @@ class WatermarkScore:
     identical: int  # the same tokens as an earlier reply: nothing new
     short: int  # fewer than MIN_REPLY_TOKENS tokens: a refusal or a stub
     looping: int  # counted, but fewer than LOOPING_SHARE of its pairs distinct (its repeats count once)
-    tokens: int  # scored tokens of the counted replies
+    tokens: int  # scored tokens of the counted replies (after contexts not excluded)
+    excluded_tokens: int  # scored tokens of the counted replies after an excluded (already revealed) context
     pairs: int  # unique (context, token) pairs among them: the trials of the test
     green: int  # green ones among them
     gamma: float
@@ -311,22 +395,39 @@ def z_score(green_count: int, trials: int, gamma: float) -> float:
     return (green_count - gamma * trials) / math.sqrt(gamma * (1 - gamma) * trials) if trials else 0.0
 
 
-def score(replies_ids: Sequence[Sequence[int]], contexts: Sequence[Sequence[int] | None] | None, key: WatermarkKey,
-          special: Iterable[int] = ()) -> WatermarkScore:
+def score(replies_ids: Sequence[Sequence[int]], contexts: Sequence[Sequence[int] | None] | None,
+          key: "WatermarkKey | RevealedSeeds", special: Iterable[int] = (),
+          excluded: frozenset[tuple[int, ...]] = frozenset()) -> WatermarkScore:
     """Score replies (token ids, e.g. the suspect's text encoded by the base's tokenizer) for the
-    watermark of `key`, each after its context (`contexts`, one per reply, or None for none).
+    watermark of `key`, each after its context (`contexts`, one per reply, or None for none): the
+    green share of their `counted_pairs`, with the tallies of what did not count."""
+    pairs, tallies = counted_pairs(replies_ids, contexts, key.params.context_width, special, excluded)
+    green_count, trials, gamma = count_green(pairs, key), len(pairs), key.params.gamma
+    z = z_score(green_count, trials, gamma)
+    return WatermarkScore(**tallies, pairs=trials, green=green_count, gamma=gamma, z=z,
+                          log10_p=float(norm.logsf(z)) / _LN10 if trials else 0.0,
+                          log10_p_binomial=log10_p_value(green_count, trials, gamma))
 
-    Only unique (context, token) pairs count, across all replies: a pair that occurs again (a
-    repeated phrase, an identical reply) has the same colour every time, so counting it again would
-    count one coin toss many times. Replies that are empty, identical to an earlier one, or shorter
-    than MIN_REPLY_TOKENS never count; a reply that loops counts each of its pairs once.
+
+def counted_pairs(replies_ids: Sequence[Sequence[int]], contexts: Sequence[Sequence[int] | None] | None, width: int,
+                  special: Iterable[int] = (), excluded: frozenset[tuple[int, ...]] = frozenset()
+                  ) -> tuple[list[tuple[tuple[int, ...], int]], dict]:
+    """The unique (context, token) pairs that are the trials of the test, first seen first, and the
+    tallies of the replies (WatermarkScore's fields but the test's).
+
+    Only unique pairs count, across all replies: a pair that occurs again (a repeated phrase, an
+    identical reply) has the same colour every time, so counting it again would count one coin
+    toss many times. Replies that are empty, identical to an earlier one, or shorter than
+    MIN_REPLY_TOKENS never count; a reply that loops counts each of its pairs once. Tokens after an
+    `excluded` context (one whose green list earlier evidence revealed, so that a thief may have
+    scrubbed it) never count either: the test then rests on unrevealed lists only.
     """
     special = frozenset(special)
     contexts = list(contexts) if contexts is not None else [None] * len(replies_ids)
     if len(contexts) != len(replies_ids):
         raise OMLError(f"{len(replies_ids)} replies but {len(contexts)} contexts")
-    width, seen_replies, pairs = key.params.context_width, set(), {}
-    empty = identical = short = looping = tokens = 0
+    seen_replies, pairs = set(), {}
+    empty = identical = short = looping = tokens = excluded_tokens = 0
     for reply, context in zip(replies_ids, contexts):
         text = tuple(t for t in reply if t not in special)
         if not text:
@@ -338,19 +439,16 @@ def score(replies_ids: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]
         else:
             own = reply_pairs(reply, context, width, special)
             looping += len(set(own)) < LOOPING_SHARE * len(own)
-            tokens += len(own)
-            pairs.update(dict.fromkeys(own))
+            kept = [pair for pair in own if pair[0] not in excluded]
+            tokens, excluded_tokens = tokens + len(kept), excluded_tokens + len(own) - len(kept)
+            pairs.update(dict.fromkeys(kept))
         seen_replies.add(text)
-    green_count = count_green(list(pairs), key)
-    trials, gamma = len(pairs), key.params.gamma
-    z = z_score(green_count, trials, gamma)
-    return WatermarkScore(replies=len(replies_ids), counted=len(replies_ids) - empty - identical - short, empty=empty,
-                          identical=identical, short=short, looping=looping, tokens=tokens, pairs=trials, green=green_count,
-                          gamma=gamma, z=z, log10_p=float(norm.logsf(z)) / _LN10 if trials else 0.0,
-                          log10_p_binomial=log10_p_value(green_count, trials, gamma))
+    return list(pairs), {"replies": len(replies_ids), "counted": len(replies_ids) - empty - identical - short,
+                         "empty": empty, "identical": identical, "short": short, "looping": looping, "tokens": tokens,
+                         "excluded_tokens": excluded_tokens}
 
 
-def count_green(pairs: Sequence[tuple[tuple[int, ...], int]], key: WatermarkKey) -> int:
+def count_green(pairs: Sequence[tuple[tuple[int, ...], int]], key: "WatermarkKey | RevealedSeeds") -> int:
     """How many (context, token) pairs are green under `key`."""
     if not pairs:
         return 0
@@ -440,13 +538,15 @@ class WatermarkSequentialTest:
     The anytime-valid p-value min(1, 1 / e-value) is at most alpha exactly when the decision is MATCH.
     """
 
-    def __init__(self, key: WatermarkKey, special: Iterable[int] = (), alpha: float = 1e-6, no_match_error: float = 1e-3,
-                 config: WatermarkCheckConfig = WatermarkCheckConfig()):
+    def __init__(self, key: "WatermarkKey | RevealedSeeds", special: Iterable[int] = (), alpha: float = 1e-6,
+                 no_match_error: float = 1e-3, config: WatermarkCheckConfig = WatermarkCheckConfig(),
+                 excluded: Iterable[tuple[int, ...]] = ()):
         self.key, self.special, self.alpha, self.no_match_error, self.config = key, frozenset(special), alpha, no_match_error, config
+        self.excluded = frozenset(tuple(c) for c in excluded)
         self._rule = _rule(key.params.gamma, alpha, no_match_error, config)
         self.replies: list[list[int]] = []
         self.contexts: list[list[int] | None] = []
-        self.score = score([], None, key, self.special)
+        self.score = score([], None, key, self.special, self.excluded)
 
     def add(self, replies_ids: Sequence[Sequence[int]], contexts: Sequence[Sequence[int] | None] | None = None) -> None:
         """Record some replies (token ids) and what preceded each (None: not known)."""
@@ -455,7 +555,12 @@ class WatermarkSequentialTest:
             raise OMLError(f"{len(replies_ids)} replies but {len(contexts)} contexts")
         self.replies += [list(r) for r in replies_ids]
         self.contexts += [None if c is None else list(c) for c in contexts]
-        self.score = score(self.replies, self.contexts, self.key, self.special)
+        self.score = score(self.replies, self.contexts, self.key, self.special, self.excluded)
+
+    def scored_contexts(self) -> list[tuple[int, ...]]:
+        """The distinct contexts of the pairs the test counted: what a bundle must reveal, and no more."""
+        pairs, _ = counted_pairs(self.replies, self.contexts, self.key.params.context_width, self.special, self.excluded)
+        return list(dict.fromkeys(context for context, _ in pairs))
 
     def decision(self) -> str | None:
         """MATCH, NO MATCH, or None while the replies so far do not decide."""

@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 OUTPUT = Path(__file__).resolve().parent.parent / "generated_data"
-SPLITS = {"train": (3_000_017, 512), "test": (4_000_037, 256)}  # seed, count
+SPLITS = {"train": (3_000_017, 512), "test": (4_000_037, 1024)}  # seed, count (a run's checks share its test prompts: many checks, each asking new ones)
 
 DISHES = (
     "banana bread", "lentil soup", "chicken curry", "risotto", "pancakes", "lasagna", "fried rice", "chili", "paella",

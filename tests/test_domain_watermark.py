@@ -7,8 +7,12 @@ whole-word tokens (its layers add nothing at first; the embedding says which wor
 output layer knows only the 24 words): its replies are words, uniform at first, whose colour
 depends on the word before, which a watermark can tilt and its layers can learn.
 """
+import base64
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +21,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from oml import OMLError
 from oml.families import DOMAIN_WATERMARK, PERINUCLEUS, family_of, family_of_file
-from oml.families.domain_watermark import DomainSource, key_hash, new_secret, read_secret
+from oml.families.domain_watermark import DomainSource, new_secret, read_secret
 from oml.models import TINY_LLAMA
 from oml.watermark import WatermarkKey, WatermarkParams
 from oml.tokenization import encode
-from tests.conftest import EVERY_LAYER, final_model_dir, run_script, transformers_serve
+from tests.conftest import EVERY_LAYER, ROOT, final_model_dir, run_script, transformers_serve
 
 WORDS = 24
 BIAS = 63  # the hidden dimension every token's embedding holds: words' logits 0, every other token's far below
@@ -84,8 +88,11 @@ def work(tokenizer, tmp_path_factory) -> dict:
     return {"dir": work, "base": base, "run": run, "stdout": tune.stdout}
 
 
-def check(work: dict, *args, check: bool = True):
-    return run_script("check_fingerprints.py", *CHECK, *args, cwd=work["dir"], check=check)
+def check(work: dict, *args, check: bool = True, reuse: bool = True):
+    """A check of the run; `reuse` (--reuse_revealed) keeps it independent of the checks before it,
+    which took prompts from the run's ledger."""
+    return run_script("check_fingerprints.py", *CHECK, *args, *(("--reuse_revealed",) if reuse else ()), cwd=work["dir"],
+                      check=check)
 
 
 def verdict(stdout: str) -> str:
@@ -97,9 +104,10 @@ def test_fine_tuning_writes_a_run_with_the_watermark_committed(work):
     run = work["run"]
     public = json.loads((run / "commitment.json").read_text())
     secret = json.loads((run / "fingerprints.json").read_text())
-    assert public["family"] == "domain_watermark" and secret["key"]["secret"] not in json.dumps(public)
-    assert f"sha256 of the key {public['key_sha256']}" in work["stdout"]
-    assert secret["key"]["secret"] not in (run / "config.json").read_text()
+    assert public["family"] == "domain_watermark" and "PRIVATE" not in json.dumps(public)
+    assert public["public_key"] == WatermarkKey.from_dict(secret["key"], "secret").public.pem
+    assert f"public key's sha256 {public['public_key_sha256']}" in work["stdout"]
+    assert "PRIVATE" not in (run / "config.json").read_text()
     history = json.loads((run / "training.json").read_text())["green_rate"]
     assert history[-1]["green_rate"] >= 0.4 > history[0]["green_rate"] - 0.5  # stopped once the target was reached
 
@@ -143,7 +151,7 @@ def test_an_api_check_against_a_real_server(work):
 @pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(work, tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"family": "domain_watermark", "format": "oml-domain-watermark/1", "key": {"secret": "abc"},
+    bad.write_text(json.dumps({"family": "domain_watermark", "format": "oml-domain-watermark/2", "key": {"private_key": "abc"},
                                "domain": {"domain": "cooking"}}))
     tuned = run_script("finetune_multigpu.py", "--model_path", work["base"], "--fingerprints_file_path", bad, cwd=tmp_path,
                        check=False)
@@ -162,24 +170,39 @@ def test_bad_input_is_one_line_and_exit_2(work, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_bundle_verifies_with_the_commitment_alone_and_tampering_is_rejected(work, tmp_path):
+def test_a_bundle_verifies_with_the_public_key_alone_and_tampering_is_rejected(work, tmp_path):
     bundle_path = tmp_path / "bundle.json"
     check(work, "--model_path", work["run"] / "final_model", "--run", work["run"], "--null_model", "none",
           "--evidence", bundle_path)
     public = tmp_path / "commitment.json"  # all a third party has: the published commitment and the bundle
     public.write_text((work["run"] / "commitment.json").read_text())
     verified = run_script("verify_evidence.py", bundle_path, "--commitment", public, cwd=tmp_path)
-    assert "Evidence verified: MATCH" in verified.stdout
+    assert "Evidence verified: MATCH" in verified.stdout and "no private key needed" in verified.stdout
     honest = json.loads(bundle_path.read_text())
-    other_key = json.loads((work["dir"] / "other.json").read_text())["key"]
+    key = WatermarkKey.from_dict(json.loads((work["run"] / "fingerprints.json").read_text())["key"], "secret")
+    # The bundle reveals the signatures of the contexts its test counted, and nothing else of the key.
+    assert "PRIVATE" not in bundle_path.read_text()
+    revealed = {tuple(s["context"]) for s in honest["signatures"]}
+    assert len(revealed) == len(honest["signatures"]) and int(re.search(r"Signatures: (\d+) contexts", verified.stdout).group(1)) == len(revealed)
+    unrevealed = next(t for t in range(1000) if (t,) not in revealed)
+    signed = lambda context: base64.b64encode(key.sign(context)).decode("ascii")  # noqa: E731
 
     def changed(change) -> dict:
         bundle = json.loads(json.dumps(honest))
         change(bundle)
         return bundle
+
+    def flipped(signature: str) -> str:
+        raw = bytearray(base64.b64decode(signature))
+        raw[-1] ^= 1
+        return base64.b64encode(bytes(raw)).decode("ascii")
     forgeries = {
         "a reply changed": changed(lambda b: b["replies"][0].update(reply=b["replies"][1]["reply"] + " extra words")),
-        "another key": changed(lambda b: b.update(key=other_key)),
+        "a forged signature": changed(lambda b: b["signatures"][0].update(signature=flipped(b["signatures"][0]["signature"]))),
+        "a signature for another context": changed(lambda b: b["signatures"][0].update(signature=signed((unrevealed,)))),
+        "a signature left out": changed(lambda b: b["signatures"].pop()),
+        "an unrevealed context revealed": changed(lambda b: b["signatures"].append(
+            {"context": [unrevealed], "signature": signed((unrevealed,))})),
         "prompts out of order": changed(lambda b: b["replies"][0].update(prompt=b["domain_prompts"][5])),
         "a request at another temperature": changed(lambda b: b["replies"][0]["request"].update(temperature=0.0)),
         "replies after the decision": changed(lambda b: b["replies"].extend(
@@ -195,19 +218,54 @@ def test_a_bundle_verifies_with_the_commitment_alone_and_tampering_is_rejected(w
         assert result.returncode == 3 and "NOT VERIFIED" in result.stderr, name
 
 
+@pytest.mark.slow
+def test_later_checks_ask_new_prompts_and_leave_revealed_contexts_out(work, tmp_path):
+    """The ledger: two checks at once ask disjoint prompts; a bundle's contexts are recorded, and the
+    next check leaves them out of its test, says so, and its own bundle verifies."""
+    run = tmp_path / "run"
+    shutil.copytree(work["run"], run, ignore=shutil.ignore_patterns("revealed.jsonl*"))  # its own folder: no ledger yet
+    suspect = ("--model_path", str(work["run"] / "final_model"), "--run", str(run), "--null_model", "none")
+    both = [subprocess.Popen([sys.executable, str(ROOT / "check_fingerprints.py"), *CHECK, *suspect], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for process in both:
+        process.communicate(timeout=600)
+        assert process.returncode == 0
+    entries = [json.loads(line) for line in (run / "revealed.jsonl").read_text().splitlines()]
+    by_check = {}
+    for entry in entries:
+        by_check.setdefault(entry["check"], []).extend(entry["positions"])
+    assert len(by_check) == 2 and not set.intersection(*map(set, by_check.values()))
+    first = check(work, *suspect, "--evidence", tmp_path / "first.json", reuse=False)
+    revealed = {tuple(s["context"]) for s in json.loads((tmp_path / "first.json").read_text())["signatures"]}
+    assert {tuple(c) for c in json.loads((run / "revealed.jsonl").read_text().splitlines()[-1])["contexts"]} == revealed
+    assert "Unrevealed contexts: 0 contexts revealed" in first.stdout
+    second = check(work, *suspect, "--evidence", tmp_path / "second.json", reuse=False)
+    left_out = re.search(r"^Unrevealed contexts: (\d+) contexts revealed by earlier bundles were left out; the others "
+                         r"cover ([\d.]+)%", second.stdout, re.M)
+    assert int(left_out.group(1)) == len(revealed) and float(left_out.group(2)) < 100
+    bundle = json.loads((tmp_path / "second.json").read_text())
+    assert {tuple(c) for c in bundle["revealed_before"]} == revealed
+    assert not revealed & {tuple(s["context"]) for s in bundle["signatures"]}  # nothing revealed twice
+    assert min(r["position"] for r in bundle["replies"]) > max(max(p) for p in by_check.values())
+    public = tmp_path / "commitment.json"
+    public.write_text((run / "commitment.json").read_text())
+    verified = run_script("verify_evidence.py", tmp_path / "second.json", "--commitment", public, cwd=tmp_path)
+    assert "Evidence verified" in verified.stdout and "Left out:" in verified.stdout
+
+
 def test_a_secret_names_its_family_and_reads_back(tmp_path):
     secret = new_secret(WatermarkParams(gamma=0.5), DomainSource())
     path = tmp_path / "wm.json"
     path.write_text(json.dumps(secret))
     assert family_of_file(path) == DOMAIN_WATERMARK and family_of([{"key": "k", "response": " r"}]) == PERINUCLEUS
     key, source = read_secret(json.loads(path.read_text()), "secret")
-    assert key.params.gamma == 0.5 and source.domain == "cooking" and len(key.secret) == 64
-    assert key_hash(key) == key_hash(WatermarkKey(key.secret, key.params)) != key_hash(WatermarkKey(key.secret, WatermarkParams()))
-    assert new_secret(WatermarkParams(), DomainSource())["key"]["secret"] != secret["key"]["secret"]  # fresh randomness
+    assert key.params.gamma == 0.5 and source.domain == "cooking" and key == WatermarkKey(key.private_pem, key.params)
+    assert new_secret(WatermarkParams(), DomainSource())["key"]["private_key"] != secret["key"]["private_key"]  # fresh
 
 
-@pytest.mark.parametrize("broken", [[], {"format": "oml-domain-watermark/1"}, {"format": "other", "domain": {}},
-                                    {"format": "oml-domain-watermark/1", "domain": {}, "key": {"secret": "zz" * 32}}])
+@pytest.mark.parametrize("broken", [[], {"format": "oml-domain-watermark/2"}, {"format": "other", "domain": {}},
+                                    {"format": "oml-domain-watermark/2", "domain": {}, "key": {"private_key": "zz"}},
+                                    {"format": "oml-domain-watermark/1", "domain": {}, "key": {"secret": "ab" * 32}}])
 def test_a_malformed_secret_is_one_line(broken):
     with pytest.raises(OMLError, match="secret"):
         read_secret(broken, "secret file")

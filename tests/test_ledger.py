@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from oml import OMLError
-from oml.ledger import FIELDS, entries, ledger_path, remaining, reserve, revealed
+from oml.ledger import FIELDS, entries, ledger_path, record_contexts, remaining, reserve, revealed, revealed_contexts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,11 +99,22 @@ def test_malformed_line_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("line", ['[1, 2]', '{"time": "t", "suspect": "s", "formats": [], "check": "c"}',
                                   '{"time": "t", "suspect": "s", "positions": [-1], "formats": [], "check": "c"}',
-                                  '{"time": "t", "suspect": "s", "positions": ["0"], "formats": [], "check": "c"}'])
+                                  '{"time": "t", "suspect": "s", "positions": ["0"], "formats": [], "check": "c"}',
+                                  '{"time": "t", "suspect": "s", "positions": [], "formats": [], "check": "c", "contexts": [5]}'])
 def test_wrong_entries_are_errors(tmp_path, line):
     ledger_path(tmp_path).write_text(line + "\n")
     with pytest.raises(OMLError, match="line 1: malformed"):
         entries(tmp_path)
+
+
+def test_revealed_watermark_contexts_are_recorded_beside_asked_prompts(tmp_path):
+    """A domain watermark check: its prompts reserved like keys, its bundle's contexts recorded after."""
+    assert reserve(tmp_path, 8, "model", ["chat"], "c1", range(100)) == list(range(8))
+    record_contexts(tmp_path, "model", "c1", [(5,), (7,)])
+    record_contexts(tmp_path, "model", "c2", [[7], [9]])
+    assert revealed_contexts(tmp_path) == {(5,), (7,), (9,)} and revealed(tmp_path) == set(range(8))
+    assert reserve(tmp_path, 8, "model", ["chat"], "c2", range(100)) == list(range(8, 16))
+    assert [tuple(e) for e in entries(tmp_path)][1] == (*FIELDS, "contexts")
 
 
 def test_ledger_is_only_appended(tmp_path):

@@ -7,6 +7,8 @@ import random
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from scipy.stats import kstest
 
 from oml import OMLError
@@ -15,7 +17,7 @@ from oml.models import load_model
 from oml.replies import ReplySettings, replies as replies_of, stop_ids
 from oml.sequential import MATCH, NO_MATCH
 from oml.tokenization import IGNORE_INDEX, encode, user_turn_ids
-from oml.watermark import (MIN_DOMAIN_PROMPTS, WatermarkCheckConfig, WatermarkKey, WatermarkLogitsProcessor, WatermarkParams,
+from oml.watermark import (MIN_DOMAIN_PROMPTS, BadSignature, PublicKey, RevealedSeeds, WatermarkCheckConfig, WatermarkKey, WatermarkLogitsProcessor, WatermarkParams,
                            WatermarkSequentialTest, context_seed, domain_prompts, green, green_masks, score,
                            sequential_outcomes, special_ids, tilt, watermarked_replay, watermarked_replies)
 from tests.conftest import make_tiny_model
@@ -24,9 +26,15 @@ V = 49152  # the SmolLM2 vocabulary
 GAMMA = 0.25
 
 
+_KEYS: dict[int, str] = {}
+
+
 def key_of(seed: int, **params) -> WatermarkKey:
-    """A reproducible key (tests only: real keys come from WatermarkKey.generate)."""
-    return WatermarkKey(random.Random(seed).randbytes(32).hex(), WatermarkParams(**params))
+    """The test's key number `seed` (one fresh 2048-bit RSA key per number and session: the
+    smallest size WatermarkKey accepts, quick to make; real keys have 3072 bits)."""
+    if seed not in _KEYS:
+        _KEYS[seed] = WatermarkKey.generate(bits=2048).private_pem
+    return WatermarkKey(_KEYS[seed], WatermarkParams(**params))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +62,7 @@ def test_green_lists_hold_a_gamma_share_are_deterministic_and_independent_across
     masks_a, masks_b = green_masks(a, contexts, V).numpy(), green_masks(b, contexts, V).numpy()
     assert abs(masks_a.mean() - GAMMA) < 0.002 and abs(masks_b.mean() - GAMMA) < 0.002
     assert abs(masks_a[0].mean() - GAMMA) < 0.01  # each context's own list, not only on average
-    assert np.array_equal(masks_a, green_masks(WatermarkKey(a.secret), contexts, V).numpy())  # the secret decides
+    assert np.array_equal(masks_a, green_masks(WatermarkKey(a.private_pem), contexts, V).numpy())  # the secret decides
     assert abs((masks_a & masks_b).mean() - GAMMA ** 2) < 0.002  # another key's lists are unrelated to ours
     assert abs((masks_a[0] & masks_a[1]).mean() - GAMMA ** 2) < 0.005  # and so are two contexts' lists
     assert abs(green_masks(key_of(1, gamma=0.5), contexts, V).numpy().mean() - 0.5) < 0.002
@@ -82,10 +90,11 @@ def test_the_logits_processor_tilts_after_each_rows_last_tokens():
     torch.testing.assert_close(WatermarkLogitsProcessor(key)(ids, scores.clone()), expected)
 
 
+@pytest.mark.slow
 def test_null_p_values_are_uniform_over_random_keys(tokenizer):
-    """Real text scored under 300 keys it was not written with: the p-values are uniform."""
+    """Real text scored under 200 keys it was not written with: the p-values are uniform."""
     replies = [encode(tokenizer, text) for text in user_questions("test")[:60]]
-    p_values = [10 ** score(replies, None, key_of(1000 + i)).log10_p for i in range(300)]
+    p_values = [10 ** score(replies, None, key_of(1000 + i)).log10_p for i in range(200)]
     assert score(replies, None, key_of(0)).pairs > 500
     assert kstest(p_values, "uniform").pvalue > 0.01
     assert np.mean(np.array(p_values) < 0.05) < 0.1
@@ -181,17 +190,56 @@ def test_watermarked_replay_is_distilled_replay_format_with_green_mass_raised(ti
 
 
 def test_malformed_keys_are_one_line_errors():
-    for secret, problem in (("zz" * 16, "hexadecimal"), ("ab" * 8, "128 to 512"), ("abc" * 11, "hexadecimal"),
-                            (1234, "hexadecimal"), ("ab" * 65, "128 to 512")):
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    curve = ec.generate_private_key(ec.SECP256R1())
+    for pem, problem in (("not a key", "not an unencrypted PEM private key"), (1234, "not an unencrypted PEM private key"),
+                         (pem_of(small), "an RSA key of at least 2048 bits"), (pem_of(curve), "an RSA key of at least 2048 bits")):
         with pytest.raises(OMLError, match=problem):
-            WatermarkKey(secret)
-    with pytest.raises(OMLError, match="secrets.json: a watermark key must be a JSON object with a 'secret'"):
+            WatermarkKey(pem)
+    with pytest.raises(OMLError, match="secrets.json: a watermark key must be a JSON object with a 'private_key'"):
         WatermarkKey.from_dict({"gamma": 0.25}, "secrets.json")
     with pytest.raises(OMLError, match="secrets.json: gamma 1.5 is not strictly between 0 and 1"):
-        WatermarkKey.from_dict({"secret": "ab" * 16, "gamma": 1.5}, "secrets.json")
+        WatermarkKey.from_dict({"private_key": key_of(1).private_pem, "gamma": 1.5}, "secrets.json")
     key = WatermarkKey.generate()
     assert WatermarkKey.from_dict(json.loads(json.dumps(key.to_dict())), "secrets.json") == key
-    assert len(key.secret) == 64 and key.secret not in repr(key)
+    assert key.__dict__["_private"].key_size == 3072 and "PRIVATE" not in repr(key)
+    with pytest.raises(OMLError, match="not a PEM public key"):
+        PublicKey.from_pem(key.private_pem, "commitment.json")
+
+
+def pem_of(private) -> str:
+    return private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption()).decode("ascii")
+
+
+def test_revealed_signatures_give_those_green_lists_and_no_others():
+    """A verifier's RevealedSeeds: the owner's seeds for the contexts revealed, checked with the
+    public key alone; a forged signature or one for another context is refused; other contexts
+    stay unknown."""
+    key, other = key_of(11), key_of(12)
+    public = PublicKey.from_pem(key.public.pem, "commitment.json")
+    revealed = RevealedSeeds(public, key.params, {(7,): key.sign((7,)), (8,): key.sign((8,))})
+    assert [context_seed(revealed, (t,)) for t in (7, 8)] == [context_seed(key, (t,)) for t in (7, 8)]
+    assert torch.equal(green_masks(revealed, [(7,), (8,)], V), green_masks(key, [(7,), (8,)], V))
+    with pytest.raises(KeyError):
+        context_seed(revealed, (9,))
+    forged = bytearray(key.sign((9,)))
+    forged[-1] ^= 1
+    for signatures in ({(9,): bytes(forged)}, {(9,): key.sign((10,))}, {(9,): other.sign((9,))}, {(9,): b""}):
+        with pytest.raises(BadSignature, match=r"context \[9\] is not the public key's"):
+            RevealedSeeds(public, key.params, signatures)
+    assert key.sign((9,)) == key.sign((9,)) and public.sha256 != other.public.sha256  # deterministic, one per key
+
+
+def test_excluded_contexts_never_count_and_are_tallied(tokenizer):
+    key = key_of(13)
+    reply = green_chain(key, 40)
+    excluded = frozenset({(100,), (reply[0],)})  # the reply's first two contexts
+    found = score([reply], [[100]], key, special_ids(tokenizer), excluded)
+    assert (found.pairs, found.tokens, found.excluded_tokens, found.green) == (38, 38, 2, 38)
+    test = WatermarkSequentialTest(key, special_ids(tokenizer), excluded=excluded)
+    test.add([reply], [[100]])
+    assert set(test.scored_contexts()) == {(t,) for t in reply[1:-1]} and not excluded & set(test.scored_contexts())
 
 
 def test_the_shipped_domain_has_disjoint_sides_and_a_small_domain_is_refused(tmp_path):

@@ -12,17 +12,22 @@ is oml.watermark; this module puts it into a run folder and a check:
 - the run: the base model fine-tuned on watermarked replies to the domain's training prompts,
   beside the out-of-domain question replay of perinucleus training, with the same Trainer,
   DeepSpeed, frozen layers; it stops once replies to held-out training-side prompts are green at
-  --watermark_target_green. commitment.json holds the key's SHA-256, the parameters, the
-  tokenizer that cuts replies, the checking prompts' hash and the check's rules.
-- the check: the domain's checking prompts, asked in committed order in rounds, as a user sends
-  them; each reply's text is cut by the base model's tokenizer and scored in
-  `WatermarkSequentialTest` until MATCH or NO MATCH; null models answer the same prompts and get
-  the same test.
-- the bundle: the prompts, the exact requests, the raw replies and the test, with the key itself
-  (this first version reveals it: a published bundle spends the watermark).
+  --watermark_target_green. commitment.json holds the public key (each green list is seeded by
+  the private key's signature of its context: oml.watermark), the parameters, the tokenizer that
+  cuts replies, the checking prompts' hash and the check's rules.
+- the check: the domain's checking prompts not asked before (the run's ledger records each round
+  before it is sent), in committed order and in rounds, as a user sends them; each reply's text is
+  cut by the base model's tokenizer and scored in `WatermarkSequentialTest` until MATCH or NO
+  MATCH, leaving out tokens after contexts that earlier evidence revealed (a thief may scrub
+  those); null models answer the same prompts and get the same test.
+- the bundle: the prompts, the exact requests, the raw replies and the test, with the signatures
+  of the contexts the test counted and of no others (the ledger records them as revealed first).
+  A verifier checks them with the public key alone; the private key never leaves the run folder.
 """
+import base64
 import hashlib
 import json
+import uuid
 import logging
 import shutil
 import sys
@@ -34,7 +39,7 @@ import torch
 from transformers import TrainerCallback
 
 from oml import OMLError, distributed
-from oml import evidence
+from oml import evidence, ledger
 from oml.commitment import COMMITMENT_FILE  # one file name for both families' public commitment
 from oml.evidence import Tampered, check_depth
 from oml.families import DOMAIN_WATERMARK
@@ -50,13 +55,13 @@ from oml.training.dataset import FingerprintDataset, QUESTION_REPLY_TOKENS, dist
 from oml.training.trainer import make_trainer
 from oml.training.weights import freeze
 from oml.fingerprints import DEFAULT_KEY_LENGTH
-from oml.watermark import (DEFAULT_DOMAIN, WatermarkCheckConfig, WatermarkKey, WatermarkParams, WatermarkSequentialTest,
-                           domain_prompts, score, special_ids, watermarked_replay)
+from oml.watermark import (DEFAULT_DOMAIN, BadSignature, PublicKey, RevealedSeeds, WatermarkCheckConfig, WatermarkKey,
+                           WatermarkParams, WatermarkSequentialTest, domain_prompts, score, special_ids, watermarked_replay)
 
 logger = logging.getLogger(__name__)
 
-SECRET_FORMAT = "oml-domain-watermark/1"
-BUNDLE_FORMAT = "oml-watermark-evidence/1"
+SECRET_FORMAT = "oml-domain-watermark/2"  # /2: an RSA private key (/1 held a symmetric secret a bundle had to reveal)
+BUNDLE_FORMAT = "oml-watermark-evidence/2"  # /2: signatures of the counted contexts instead of the key
 MAX_REPLY_CHARS = 8000  # of a reply kept: a server that ignores max_tokens must not fill the memory or the disk
 
 
@@ -90,11 +95,6 @@ def read_secret(data: object, what: str) -> tuple[WatermarkKey, DomainSource]:
     if not isinstance(data, dict) or data.get("format") != SECRET_FORMAT or not isinstance(data.get("domain"), dict):
         raise OMLError(f"{what} is not a domain watermark secret ({SECRET_FORMAT}) written by generate_finetuning_data.py")
     return WatermarkKey.from_dict(data.get("key"), what), DomainSource.from_dict(data["domain"], what)
-
-
-def key_hash(key: WatermarkKey) -> str:
-    """The commitment to a key: SHA-256 of its canonical JSON (256 random bits need no salt)."""
-    return hashlib.sha256(json.dumps(key.to_dict(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def prompts_hash(prompts: list[str]) -> str:
@@ -146,8 +146,8 @@ def planned_run(secret_file: str | Path, model_path: str | None, training: Train
     source.prompts("test")
     shared = {name: value for name, value in training.to_dict().items() if name in SHARED_TRAINING and name not in UNHASHED}
     config = {"family": DOMAIN_WATERMARK, "model_path": model_name(model_path, model_family, model_size),
-              "model_family": model_family, "model_size": model_size, "key_sha256": key_hash(key), **key.params.to_dict(),
-              **source.to_dict(), **shared, **wm.to_dict()}
+              "model_family": model_family, "model_size": model_size, "public_key_sha256": key.public.sha256,
+              **key.params.to_dict(), **source.to_dict(), **shared, **wm.to_dict()}
     return Run(Path(results_dir) / "saved_models" / config_hash(config), config), secret
 
 
@@ -269,11 +269,12 @@ NO_MATCH_ERROR = 1e-3  # the chance that a model watermarked at gamma + min_gree
 
 def commitment(key: WatermarkKey, tokenizer: str, source: DomainSource, check: WatermarkCheckConfig = WatermarkCheckConfig(),
                alpha: float = 1e-6) -> dict:
-    """The public commitment of a watermark run: the key's hash and parameters, the model whose
+    """The public commitment of a watermark run: the public key and the parameters, the model whose
     tokenizer cuts replies, the checking prompts (their hash and number, asked in this order) and
     the decision rule of a check. Published with the model, it fixes all of them before any check."""
     prompts = source.prompts("test")
-    return {"family": DOMAIN_WATERMARK, "version": 1, "key_sha256": key_hash(key), **key.params.to_dict(),
+    return {"family": DOMAIN_WATERMARK, "version": 2, "public_key": key.public.pem,
+            "public_key_sha256": key.public.sha256, **key.params.to_dict(),
             "tokenizer": tokenizer, "domain": source.domain, "test_prompts": len(prompts),
             "test_prompts_sha256": prompts_hash(prompts),
             "protocol": {"alpha": alpha, "no_match_error": NO_MATCH_ERROR, **check.to_dict()}}
@@ -282,10 +283,36 @@ def commitment(key: WatermarkKey, tokenizer: str, source: DomainSource, check: W
 def read_commitment(path: str | Path) -> dict:
     """A published watermark commitment, checked for the fields a verifier reads."""
     public = read_json(path, "commitment file")
-    needed = ("key_sha256", "gamma", "delta", "context_width", "tokenizer", "test_prompts_sha256", "protocol")
+    needed = ("public_key", "public_key_sha256", "gamma", "delta", "context_width", "tokenizer", "test_prompts_sha256",
+              "protocol")
     if not isinstance(public, dict) or public.get("family") != DOMAIN_WATERMARK or any(k not in public for k in needed):
         raise OMLError(f"{path} is not a domain watermark commitment (commitment.json of a domain_watermark run)")
+    if PublicKey.from_pem(public["public_key"], str(path)).sha256 != public["public_key_sha256"]:
+        raise OMLError(f"{path}: public_key_sha256 is not the SHA-256 of its public_key")
     return public
+
+
+def public_seeds(public: dict, signatures: object, what: str) -> RevealedSeeds:
+    """The green lists a bundle's signatures reveal, each checked against the committed public key:
+    Tampered for a signature the key does not accept or a malformed entry."""
+    if not isinstance(signatures, list):
+        raise Tampered(f"{what}: signatures must be a list")
+    revealed = {}
+    for entry in signatures:
+        context = entry.get("context") if isinstance(entry, dict) else None
+        if not (isinstance(context, list) and len(context) == public["context_width"]
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in context)):
+            raise Tampered(f"{what}: each signature needs a context of {public['context_width']} token ids")
+        try:
+            revealed[tuple(context)] = base64.b64decode(entry["signature"], validate=True)
+        except (ValueError, TypeError):
+            raise Tampered(f"{what}: the signature of context {context[:4]} is not base64") from None
+    if len(revealed) != len(signatures):
+        raise Tampered(f"{what}: a context is revealed twice")
+    try:
+        return RevealedSeeds(PublicKey.from_pem(public["public_key"], what), WatermarkParams.from_dict(public, what), revealed)
+    except BadSignature as error:
+        raise Tampered(str(error)) from None
 
 
 def published_rule(public: dict, what: str) -> tuple[float, float, WatermarkCheckConfig]:
@@ -318,7 +345,13 @@ class WatermarkReport:
     verdict: str
     alpha: float
     replies: list[Reply] = field(default_factory=list)
+    revealed_before: int = 0  # contexts earlier bundles revealed, left out of the test
     bundle: dict | None = None
+
+    @property
+    def unrevealed_share(self) -> float:
+        """The share of the replies' scored tokens whose context no earlier bundle revealed."""
+        return self.test["tokens"] / max(self.test["tokens"] + self.test["excluded_tokens"], 1)
 
     @property
     def green_rate(self) -> float:
@@ -375,14 +408,12 @@ def api_asker(config: ApiConfig, rules: WatermarkRules):
 
 
 def sequential_replies(ask, prompts: list[str], contexts: list[list[int]], tokenizer, test: WatermarkSequentialTest,
-                       rules: WatermarkRules, suspect: dict, limit: int | None = None) -> list[Reply]:
-    """Ask prompts in committed order, a round at a time, into `test` until it decides (or, with
-    `limit`, exactly that many: a null model answers as many prompts as the suspect did)."""
+                       rules: WatermarkRules, suspect: dict, draw, until_decided: bool = True) -> list[Reply]:
+    """Ask prompts a round at a time into `test`, until it decides (or, without `until_decided`,
+    until `draw` has none left: a null model answers what the suspect answered). `draw(count)`
+    gives the committed positions of the next round's prompts, fewer or none when they run out."""
     asked: list[Reply] = []
-    while (step := test.next_round() if limit is None else min(test.config.replies_per_round, limit - len(asked))) > 0:
-        positions = list(range(len(asked), min(len(asked) + step, len(prompts))))
-        if not positions:
-            break
+    while (step := test.next_round() if until_decided else test.config.replies_per_round) and (positions := draw(step)):
         answers = ask(positions, [prompts[i] for i in positions])
         asked += [Reply(i, prompts[i], request_for(prompts[i], rules, suspect), text[:MAX_REPLY_CHARS], error)
                   for i, (text, error) in zip(positions, answers)]
@@ -392,15 +423,38 @@ def sequential_replies(ask, prompts: list[str], contexts: list[list[int]], token
     return asked
 
 
+def ledger_draw(run: Run, prompts: int, suspect: str, check: str, reuse: bool):
+    """`draw` for a suspect: the next checking prompts no earlier check asked, recorded in the run's
+    ledger before they are sent (with `reuse`, the first ones again: prompts the suspect may know)."""
+    def draw(count: int) -> list[int]:
+        return ledger.reserve(run.directory, count, suspect, ["chat"], check, range(prompts), reuse)
+    return draw
+
+
+def replayed_draw(positions: list[int]):
+    """`draw` for a null model: the suspect's prompts, in the order the suspect was asked them."""
+    left = list(positions)
+
+    def draw(count: int) -> list[int]:
+        taken = left[:count]
+        del left[:count]
+        return taken
+    return draw
+
+
 def run_secret(run: Run) -> tuple[WatermarkKey, DomainSource]:
     return read_secret(read_json(run.fingerprints_file, "the run's secret"), f"{run.fingerprints_file}")
 
 
 def check_suspect(suspect: str | ApiConfig, run: Run, null_models: list[str], rules: WatermarkRules = WatermarkRules(),
-                  trust_remote_code: bool = False, bundle: bool = False, batch_size: int = 64) -> WatermarkReport:
+                  trust_remote_code: bool = False, bundle: bool = False, batch_size: int = 64,
+                  reuse_revealed: bool = False) -> WatermarkReport:
     """Ask the suspect (a model name or path, or a server as `ApiConfig`) the domain's checking
-    prompts in rounds, as `rules` say, until the sequential test the run's commitment published
-    decides; then the null models the same prompts. `bundle` adds the evidence (with the key)."""
+    prompts no earlier check asked, in rounds, as `rules` say, until the sequential test the run's
+    commitment published decides; tokens after contexts that earlier bundles revealed are left out
+    (`reuse_revealed`: asked and counted again). Then the null models the same prompts. `bundle`
+    adds the evidence, revealing the signatures of the contexts the test counted (recorded in the
+    ledger first)."""
     key, source = run_secret(run)
     public = read_commitment(run.directory / COMMITMENT_FILE)
     alpha, no_match_error, check = published_rule(public, str(run.directory / COMMITMENT_FILE))
@@ -412,22 +466,33 @@ def check_suspect(suspect: str | ApiConfig, run: Run, null_models: list[str], ru
     api = isinstance(suspect, ApiConfig)
     about = ({"kind": "api", "endpoint": shown_url(base_url_of(suspect.api_base)), "model": suspect.api_model} if api
              else {"kind": "local", "model": suspect})
+    excluded = set() if reuse_revealed else ledger.revealed_contexts(run.directory)
+    check_id = uuid.uuid4().hex
+    draw = ledger_draw(run, len(prompts), about["model"], check_id, reuse_revealed)
+    if not reuse_revealed and not ledger.choose(ledger.revealed(run.directory), 1, range(len(prompts))):
+        raise OMLError(f"all {len(prompts)} checking prompts of run {run.directory.name} were asked by earlier checks "
+                       f"({ledger.LEDGER_NAME}): pass --reuse_revealed to ask them again")
     ask = api_asker(suspect, rules) if api else local_asker(suspect, rules, trust_remote_code, batch_size)
     special = special_ids(tokenizer)
-    test = WatermarkSequentialTest(key, special, alpha, no_match_error, check)
-    asked = sequential_replies(ask, prompts, contexts, tokenizer, test, rules, about)
+    test = WatermarkSequentialTest(key, special, alpha, no_match_error, check, excluded)
+    asked = sequential_replies(ask, prompts, contexts, tokenizer, test, rules, about, draw)
     nulls = {}
     for name in null_models:
-        null_test = WatermarkSequentialTest(key, special, alpha, no_match_error, check)
+        null_test = WatermarkSequentialTest(key, special, alpha, no_match_error, check, excluded)
         sequential_replies(local_asker(name, rules, trust_remote_code, batch_size), prompts, contexts, tokenizer, null_test,
-                           rules, {"kind": "local", "model": name}, limit=len(asked))
+                           rules, {"kind": "local", "model": name}, replayed_draw([r.position for r in asked]), False)
         nulls[name] = null_test.summary()
     report = WatermarkReport(model=f"{about.get('endpoint', '')} ({about['model']})" if api else suspect, test=test.summary(),
-                             null_models=nulls, verdict=test.decision() or "NO MATCH", alpha=alpha, replies=asked)
+                             null_models=nulls, verdict=test.decision() or "NO MATCH", alpha=alpha, replies=asked,
+                             revealed_before=len(excluded))
     if bundle:
-        report.bundle = {"format": BUNDLE_FORMAT, "commitment": public, "key": key.to_dict(), "domain_prompts": prompts,
-                         "suspect": about, "replies": [asdict(r) for r in asked], "null_models": list(nulls),
-                         "rules": rules.to_dict(), "test": report.test}
+        revealed = test.scored_contexts()
+        ledger.record_contexts(run.directory, about["model"], check_id, revealed)
+        report.bundle = {"format": BUNDLE_FORMAT, "commitment": public, "domain_prompts": prompts, "suspect": about,
+                         "replies": [asdict(r) for r in asked], "null_models": list(nulls), "rules": rules.to_dict(),
+                         "test": report.test, "revealed_before": sorted(list(c) for c in excluded),
+                         "signatures": [{"context": list(c), "signature": base64.b64encode(key.sign(c)).decode("ascii")}
+                                        for c in revealed]}
     return report
 
 
@@ -436,11 +501,16 @@ def check_suspect(suspect: str | ApiConfig, run: Run, null_models: list[str], ru
 def verify_bundle(bundle: object, public: dict, trust_remote_code: bool = False) -> dict:
     """Check a watermark bundle against the published commitment `public` and recompute its test:
     raises Tampered with the first thing that does not hold, OMLError for what is no bundle at all.
-    The key must be the committed one, the prompts the committed checking prompts in order, every
-    request exactly the one the bundle's rules make, and the replies, cut by the committed
-    tokenizer and tested round by round under the published rule, must reach the recorded verdict
-    exactly at the last reply. Null models are not needed: an innocent model's tokens are green at
-    gamma whatever it is (the calibration the sequential test rests on)."""
+
+    Every revealed signature must be the committed public key's for its context; the prompts must
+    be the committed checking prompts, asked in increasing committed order; every request exactly
+    the one the bundle's rules make; and the replies, cut by the committed tokenizer and tested
+    round by round under the published rule (tokens after the contexts the bundle says earlier
+    bundles revealed left out), must reach the recorded verdict exactly at the last reply. The
+    signatures must be exactly those of the contexts the test counted: the verifier needs no
+    private key, and the bundle reveals no other green list. Null models are not needed: an
+    innocent model's tokens are green at gamma whatever it is (the calibration the sequential test
+    rests on)."""
     if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
         raise OMLError(f"not a domain watermark evidence bundle ({BUNDLE_FORMAT!r} expected)")
     check_depth(bundle)
@@ -453,35 +523,41 @@ def verify_bundle(bundle: object, public: dict, trust_remote_code: bool = False)
 def _verify_bundle(bundle: dict, public: dict, trust_remote_code: bool) -> dict:
     if bundle["commitment"] != public:
         raise Tampered("the bundle's commitment is not the published commitment.json")
-    try:
-        key = WatermarkKey.from_dict(bundle["key"], "the bundle's key")
-    except OMLError as error:
-        raise Tampered(str(error)) from None
-    if key_hash(key) != public["key_sha256"]:
-        raise Tampered("the bundle's key is not the committed one (its SHA-256 differs)")
+    seeds = public_seeds(public, bundle["signatures"], "the bundle's signatures")
     prompts = bundle["domain_prompts"]
     if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)) or prompts_hash(prompts) != public["test_prompts_sha256"]:
         raise Tampered("the bundle's prompts are not the committed checking prompts")
     suspect = evidence.check_suspect(bundle["suspect"])
     rules = WatermarkRules.from_dict(bundle["rules"], "the bundle's rules")
     entries = bundle["replies"]
-    for position, entry in enumerate(entries):
-        if entry["position"] != position or entry["prompt"] != prompts[position]:
-            raise Tampered(f"reply {position} does not answer committed checking prompt {position}: prompts are asked in order")
+    previous = -1
+    for entry in entries:
+        position = entry["position"]
+        if not (isinstance(position, int) and previous < position < len(prompts)) or entry["prompt"] != prompts[position]:
+            raise Tampered(f"reply to prompt {str(position)[:20]} does not answer the committed checking prompt after "
+                           f"prompt {previous}: prompts are asked in committed order")
         if entry["request"] != request_for(prompts[position], rules, suspect):
             raise Tampered(f"reply {position}'s request is not the checker's request for its prompt under the bundle's rules")
         if not isinstance(entry["reply"], str) or not (entry["error"] is None or (isinstance(entry["error"], str) and not entry["reply"])):
             raise Tampered(f"reply {position} must be text, or empty with an error")
+        previous = position
+    before = bundle["revealed_before"]
+    if not (isinstance(before, list) and all(isinstance(c, list) and all(isinstance(t, int) for t in c) for c in before)):
+        raise Tampered("revealed_before must be a list of contexts (lists of token ids)")
     alpha, no_match_error, check = published_rule(public, "the commitment")
     tokenizer = load_tokenizer(resolve_model(public["tokenizer"]), trust_remote_code)
-    test = WatermarkSequentialTest(key, special_ids(tokenizer), alpha, no_match_error, check)
+    test = WatermarkSequentialTest(seeds, special_ids(tokenizer), alpha, no_match_error, check, [tuple(c) for c in before])
     while len(test.replies) < len(entries):  # round by round, as the check asked them
         if test.decision() is not None:
             raise Tampered(f"the test had decided {test.decision()} after {len(test.replies)} replies; the bundle holds "
                            f"{len(entries)}")
         batch = entries[len(test.replies):len(test.replies) + test.next_round()]
-        test.add([encode(tokenizer, entry["reply"][:MAX_REPLY_CHARS]) for entry in batch],
-                 [user_turn_ids(tokenizer, entry["prompt"]) for entry in batch])
+        try:
+            test.add([encode(tokenizer, entry["reply"][:MAX_REPLY_CHARS]) for entry in batch],
+                     [user_turn_ids(tokenizer, entry["prompt"]) for entry in batch])
+        except KeyError as missing:
+            raise Tampered(f"the replies use context {list(missing.args[0])[:4]}, whose signature the bundle does not "
+                           "reveal") from None
     recorded = bundle["test"]
     if test.decision() is None or test.decision() != recorded["decision"]:
         raise Tampered(f"recomputed, the replies give {test.decision() or 'no decision'}; the bundle records "
@@ -490,4 +566,6 @@ def _verify_bundle(bundle: dict, public: dict, trust_remote_code: bool) -> dict:
     if (found["green"], found["pairs"]) != (recorded["green"], recorded["pairs"]):
         raise Tampered(f"recomputed, {found['green']} of {found['pairs']} pairs are green; the bundle records "
                        f"{str(recorded['green'])[:20]} of {str(recorded['pairs'])[:20]}")
-    return {**found, "suspect": suspect, "rules": rules.to_dict()}
+    if len(bundle["signatures"]) != len(test.scored_contexts()):
+        raise Tampered("the bundle reveals signatures of contexts its test did not count")
+    return {**found, "suspect": suspect, "rules": rules.to_dict(), "revealed": len(test.scored_contexts())}
