@@ -34,6 +34,7 @@ import sys
 import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import TrainerCallback
@@ -376,17 +377,18 @@ def local_asker(model_path: str, rules: WatermarkRules, trust_remote_code: bool,
 
 
 def model_asker(model, tokenizer, rules: WatermarkRules, batch_size: int, description: str = "replies",
-                logits_processors: list = (), system_prompt: str | None = None):
+                logits_processors: list = (), system_prompt: Callable[[str], str | None] = lambda prompt: None):
     """A function that asks a loaded model prompts as a user's message in its own chat template
-    (after `system_prompt`, as a deployer's system message, when given) and returns the texts of
-    its replies, sampled with seeds fixed by the prompts' positions; `logits_processors` change
-    its decoding as a server may (e.g. a thief's bans)."""
+    (after `system_prompt(prompt)`, as a deployer's system message, where it gives one) and returns
+    the texts of its replies, sampled with seeds fixed by the prompts' positions; `logits_processors`
+    change its decoding as a server may (e.g. a thief's bans)."""
     stops = stop_ids(model, tokenizer)
 
     def prompt_ids(prompt: str) -> list[int]:
-        if system_prompt is None:
+        system = system_prompt(prompt)
+        if system is None:
             return user_turn_ids(tokenizer, prompt)
-        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": prompt}]
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
         return encode(tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
 
     def ask(positions: list[int], prompts: list[str]) -> list[tuple[str, str | None]]:
