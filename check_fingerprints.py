@@ -145,8 +145,11 @@ def print_watermark_report(report: domain_watermark.WatermarkReport) -> None:
     print(f"Sequential check: {t['replies_asked']} replies (at most {t['max_replies']}); e-value 10^{t['log10_e_value']:.2f} "
           f"against 10^{t['log10_match_threshold']:.0f} for MATCH; {t['decision'] or 'undecided'}")
     print(f"P-value of the green share by chance (anytime-valid): {format_p_value(t['log10_p_value'])}")
-    print(f"Unrevealed contexts: {report.revealed_before} contexts revealed by earlier bundles were left out; the "
-          f"others cover {report.unrevealed_share:.1%} of these replies' scored tokens")
+    chosen = report.selection
+    counted = (f"class {chosen.context_class} of {chosen.classes} (the first no evidence bundle has revealed)"
+               if chosen.context_class is not None else f"every class of {chosen.classes}")
+    print(f"Contexts counted: {counted}, less {len(chosen.revealed)} revealed by earlier bundles; they cover "
+          f"{report.counted_share:.1%} of these replies' scored tokens")
     print(f"Verdict: {report.verdict} (alpha {report.alpha:g})")
     print(f"Fingerprint accuracy: {report.green_rate:.2f}", flush=True)
 

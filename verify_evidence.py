@@ -147,10 +147,12 @@ def verify_watermark(args) -> None:
     print(f"Prompts: {found['replies_asked']} of the {public['test_prompts']} committed checking prompts, in committed "
           f"order; every request is the checker's (temperature {found['rules']['reply_temperature']:g}, at most "
           f"{found['rules']['max_reply_tokens']} tokens)")
-    if found["excluded_tokens"]:
-        print(f"Left out: {found['excluded_tokens']} tokens after contexts the bundle says earlier bundles revealed "
-              f"(the owner's claim: leaving out red contexts would raise the green share, so check that each is in an "
-              f"earlier published bundle)")
+    chosen = found["selection"]
+    counted = f"class {chosen['context_class']} of {chosen['classes']}" if chosen["context_class"] is not None else "every class"
+    print(f"Contexts counted: {counted} (a public hash of each context), less {len(chosen['revealed_before'])} the bundle "
+          f"says earlier bundles revealed: {found['excluded_tokens']} of {found['tokens'] + found['excluded_tokens']} scored "
+          f"tokens left out. Which class and which contexts are the owner's choice: check that the class is the first "
+          f"no earlier published bundle used, and that each left-out context is in an earlier published bundle")
     print(f"Recomputed: {found['counted']} of {found['replies']} replies counted; green {found['green']} of {found['pairs']} "
           f"unique pairs = {found['green'] / max(found['pairs'], 1):.3f}, z {found['z']:.2f}; anytime-valid p-value "
           f"{format_p_value(found['log10_p_value'])}; verdict {found['decision']} (as recorded)")

@@ -16,39 +16,62 @@ the token after a scrubbed one, whose context changes: not modelled (the pool is
 Per check: the verdict and the replies it needed, the contexts its bundle reveals, and by then the
 share of the scored tokens of the rest of the pool (fresh replies) that follow a revealed context.
 """
+import json
 import time
+from pathlib import Path
 
 import torch
 from common import save
 from watermark_robustness import open_run, watermark_parser
 
 from oml.families.domain_watermark import WatermarkRules, model_asker
+from oml.files import write_json_atomic
 from oml.models import load
 from oml.tokenization import encode, user_turn_ids
-from oml.watermark import WatermarkKey, WatermarkSequentialTest, reply_pairs, special_ids
+from oml.watermark import WatermarkKey, WatermarkSequentialTest, next_selection, reply_pairs, special_ids
 
 
 def simulate_checks(pool: list[list[int]], contexts: list[list[int]], key: WatermarkKey, special: frozenset[int],
-                    rule: tuple, checks: int) -> list[dict]:
-    """Checks one after another over the pool's replies in order, each leaving out the contexts
-    revealed before it and revealing the contexts it counted."""
+                    rule: tuple, checks: int, classes: int = 1) -> list[dict]:
+    """Checks one after another over the pool's replies in order, each counting the first public
+    class of contexts no earlier check revealed (`next_selection`, as check_fingerprints.py picks it),
+    leaving out revealed contexts, and revealing the contexts it counted."""
     revealed, used, rows = set(), 0, []
     for number in range(1, checks + 1):
-        test = WatermarkSequentialTest(key, special, *rule, excluded=revealed)
+        selection = next_selection(classes, revealed)
+        test = WatermarkSequentialTest(key, special, *rule, selection=selection)
         while (step := test.next_round()) and used < len(pool):
             test.add(pool[used:used + step], contexts[used:used + step])
             used += len(pool[used:used + step])
         summary, new = test.summary(), test.scored_contexts()
         revealed |= set(new)
-        rows.append({"check": number, "decision": test.decision() or "undecided: pool used up", "replies": summary["replies_asked"],
+        rows.append({"check": number, "context_class": selection.context_class,
+                     "decision": test.decision() or "undecided: pool used up", "replies": summary["replies_asked"],
                      "green_rate": summary["green"] / max(summary["pairs"], 1), "pairs": summary["pairs"],
-                     "unrevealed_token_share": summary["tokens"] / max(summary["tokens"] + summary["excluded_tokens"], 1),
+                     "counted_token_share": summary["tokens"] / max(summary["tokens"] + summary["excluded_tokens"], 1),
                      "contexts_revealed": len(new), "contexts_revealed_total": len(revealed),
                      "fresh_tokens_after_revealed": revealed_share(pool[used:], contexts[used:], revealed,
                                                                    key.params.context_width, special)})
         if test.decision() is None:
             break
     return rows
+
+
+def pool_replies(run, prompts: list[str], path: Path) -> tuple[list[str], float]:
+    """The fine-tuned model's replies to `prompts` (and the seconds they took), kept in `path` for
+    later simulations of the same run."""
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept["run"] == run.directory.name and kept["prompts"] == len(prompts):
+            return kept["texts"], kept["seconds"]
+    model, tokenizer = load(str(run.final_model), dtype=torch.float32)
+    start = time.perf_counter()
+    texts = [text for text, _ in model_asker(model, tokenizer, WatermarkRules(), 64, "pool replies")(
+        list(range(len(prompts))), prompts)]
+    seconds = time.perf_counter() - start
+    write_json_atomic(path, {"run": run.directory.name, "prompts": len(prompts), "texts": texts, "seconds": seconds},
+                      overwrite=True)
+    return texts, seconds
 
 
 def revealed_share(replies: list[list[int]], contexts: list[list[int]], revealed: set, width: int,
@@ -71,19 +94,19 @@ def main() -> None:
     parser = watermark_parser(__doc__)
     parser.add_argument("--checks", type=int, default=10, help="Checks to simulate, one after another.")
     parser.add_argument("--pool", type=int, default=512, help="Checking prompts the fine-tuned model replies to.")
+    parser.add_argument("--classes", type=int, default=None, help="Public classes of contexts (default: the run's "
+                                                                   "--context_classes); 1: every check counts every unrevealed context.")
     args = parser.parse_args()
     run, key, source, rule, tokenizer = open_run(parser, args)
     prompts = source.prompts("test")[:16 if args.smoke else args.pool]
-    model, model_tokenizer = load(str(run.final_model), dtype=torch.float32)
-    start = time.perf_counter()
-    texts = [text for text, _ in model_asker(model, model_tokenizer, WatermarkRules(), 64, "pool replies")(
-        list(range(len(prompts))), prompts)]
-    pool_seconds = time.perf_counter() - start
+    texts, pool_seconds = pool_replies(run, prompts, Path(args.results_dir) / f"watermark_reuse_pool_{run.directory.name}.json")
     pool, contexts = [encode(tokenizer, t) for t in texts], [user_turn_ids(tokenizer, p) for p in prompts]
-    checks = simulate_checks(pool, contexts, key, special_ids(tokenizer), rule, args.checks)
-    save(args.results_dir, "watermark_reuse_smoke" if args.smoke else "watermark_reuse",
-         {"run": run.directory.name, "context_width": key.params.context_width, "pool_replies": len(pool),
-          "pool_seconds": pool_seconds, "checks": checks, "signing": signing_cost(key, 50 if args.smoke else 2000)})
+    classes = args.classes or key.params.context_classes
+    checks = simulate_checks(pool, contexts, key, special_ids(tokenizer), rule, args.checks, classes)
+    name = f"watermark_reuse{'_smoke' if args.smoke else ''}_{classes}_classes"
+    save(args.results_dir, name, {"run": run.directory.name, "context_width": key.params.context_width, "classes": classes,
+                                  "pool_replies": len(pool), "pool_seconds": pool_seconds, "checks": checks,
+                                  "signing": signing_cost(key, 50 if args.smoke else 2000)})
 
 
 if __name__ == "__main__":

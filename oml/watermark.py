@@ -20,8 +20,8 @@ The parts, each one function or class:
 - `watermarked_replay`: replies to domain prompts labelled with the tilted base distribution,
   in the teacher format of oml.training.dataset.distilled_replay, for fine-tuning.
 - `score`: the green count over the unique (context, token) pairs of some replies, its z and
-  p-value, and the replies that cannot count (empty, identical, short); contexts revealed by
-  earlier evidence can be excluded.
+  p-value, and the replies that cannot count (empty, identical, short); a test counts only the
+  contexts it is given (`Selection`: one public class of contexts, none revealed by earlier evidence).
 - `WatermarkSequentialTest`: the anytime-valid check over rounds of replies, MATCH or NO MATCH.
 - `domain_prompts`: the shipped domain, or a user's file or dataset, split into disjoint
   training and checking prompts.
@@ -55,6 +55,7 @@ from oml.training.dataset import teacher_batches
 
 SIGNATURE_BITS = 3072  # a new key's RSA modulus: claims of ownership may be argued long after publication
 MIN_SIGNATURE_BITS = 2048
+CONTEXT_CLASSES = 10  # a new key's default: measured in docs/benchmarks.md, "Domain watermark evidence"
 CONTEXT_DOMAIN = b"oml-watermark-context/1\x00"  # what a signature signs: this, then the context's token ids
 SEED_DOMAIN = b"oml-watermark-seed/1\x00"
 
@@ -69,6 +70,10 @@ class WatermarkParams(Settings):
     delta: float = setting(4.0, "Domain watermark: added to green tokens' logits in the distribution fine-tuning "
                                 "teaches (exp(delta) times the odds).", POSITIVE_FLOAT)
     context_width: int = setting(1, "Domain watermark: tokens before a token that seed its green list.", POSITIVE_INT)
+    context_classes: int = setting(
+        CONTEXT_CLASSES, "Domain watermark: public classes of contexts (a hash of their token ids). A check counts one "
+                         "class, the first that no evidence bundle has revealed, so that each bundle spends one class's "
+                         "green lists; once all are spent, checks count the contexts still unrevealed.", POSITIVE_INT)
 
 
 @dataclass(frozen=True)
@@ -352,6 +357,40 @@ def teacher_example(logits: torch.Tensor, sequence: list[int], reply_start: int,
 
 # ---- scoring replies -----------------------------------------------------------------------
 
+def context_class(context: tuple[int, ...], classes: int) -> int:
+    """A context's public class among `classes`: SHA-256 of its token ids, modulo `classes`. Anyone
+    can compute it; it says nothing about the context's green list."""
+    return int.from_bytes(hashlib.sha256(context_message(context)).digest()[:8], "little") % classes
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The contexts a test counts: those of public class `context_class` among `classes` (None:
+    every class), except the `revealed` ones, whose green lists earlier evidence made public (a
+    thief may scrub them). Each check with evidence spends one class: its bundle reveals lists of that
+    class only, so a later check, counting another class, rests on lists nobody has seen."""
+    classes: int = 1
+    context_class: int | None = None
+    revealed: frozenset[tuple[int, ...]] = frozenset()
+
+    def counts(self, context: tuple[int, ...]) -> bool:
+        return context not in self.revealed and (
+            self.context_class is None or context_class(context, self.classes) == self.context_class)
+
+    def to_dict(self) -> dict:
+        return {"classes": self.classes, "context_class": self.context_class,
+                "revealed_before": sorted(list(c) for c in self.revealed)}
+
+
+def next_selection(classes: int, revealed: Iterable[tuple[int, ...]]) -> Selection:
+    """What the next check counts: the first class of which no context is revealed, or once every class
+    has some revealed, every context still unrevealed (a weaker test: docs/benchmarks.md)."""
+    revealed = frozenset(tuple(c) for c in revealed)
+    spent = {context_class(c, classes) for c in revealed}
+    fresh = next((j for j in range(classes) if j not in spent), None)
+    return Selection(classes, fresh, revealed)
+
+
 MIN_REPLY_TOKENS = 4  # a reply of fewer scored tokens ("Sure.", "I can't.") is a refusal or a stub: never counted
 LOOPING_SHARE = 0.5  # a reply whose distinct pairs are fewer than this share of its tokens repeats itself
 
@@ -366,8 +405,8 @@ class WatermarkScore:
     identical: int  # the same tokens as an earlier reply: nothing new
     short: int  # fewer than MIN_REPLY_TOKENS tokens: a refusal or a stub
     looping: int  # counted, but fewer than LOOPING_SHARE of its pairs distinct (its repeats count once)
-    tokens: int  # scored tokens of the counted replies (after contexts not excluded)
-    excluded_tokens: int  # scored tokens of the counted replies after an excluded (already revealed) context
+    tokens: int  # scored tokens of the counted replies after a context the test counts
+    excluded_tokens: int  # scored tokens of the counted replies after a context it leaves out (another class, revealed)
     pairs: int  # unique (context, token) pairs among them: the trials of the test
     green: int  # green ones among them
     gamma: float
@@ -397,11 +436,11 @@ def z_score(green_count: int, trials: int, gamma: float) -> float:
 
 def score(replies_ids: Sequence[Sequence[int]], contexts: Sequence[Sequence[int] | None] | None,
           key: "WatermarkKey | RevealedSeeds", special: Iterable[int] = (),
-          excluded: frozenset[tuple[int, ...]] = frozenset()) -> WatermarkScore:
+          selection: "Selection | None" = None) -> WatermarkScore:
     """Score replies (token ids, e.g. the suspect's text encoded by the base's tokenizer) for the
     watermark of `key`, each after its context (`contexts`, one per reply, or None for none): the
     green share of their `counted_pairs`, with the tallies of what did not count."""
-    pairs, tallies = counted_pairs(replies_ids, contexts, key.params.context_width, special, excluded)
+    pairs, tallies = counted_pairs(replies_ids, contexts, key.params.context_width, special, selection)
     green_count, trials, gamma = count_green(pairs, key), len(pairs), key.params.gamma
     z = z_score(green_count, trials, gamma)
     return WatermarkScore(**tallies, pairs=trials, green=green_count, gamma=gamma, z=z,
@@ -410,7 +449,7 @@ def score(replies_ids: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]
 
 
 def counted_pairs(replies_ids: Sequence[Sequence[int]], contexts: Sequence[Sequence[int] | None] | None, width: int,
-                  special: Iterable[int] = (), excluded: frozenset[tuple[int, ...]] = frozenset()
+                  special: Iterable[int] = (), selection: "Selection | None" = None
                   ) -> tuple[list[tuple[tuple[int, ...], int]], dict]:
     """The unique (context, token) pairs that are the trials of the test, first seen first, and the
     tallies of the replies (WatermarkScore's fields but the test's).
@@ -418,9 +457,8 @@ def counted_pairs(replies_ids: Sequence[Sequence[int]], contexts: Sequence[Seque
     Only unique pairs count, across all replies: a pair that occurs again (a repeated phrase, an
     identical reply) has the same colour every time, so counting it again would count one coin
     toss many times. Replies that are empty, identical to an earlier one, or shorter than
-    MIN_REPLY_TOKENS never count; a reply that loops counts each of its pairs once. Tokens after an
-    `excluded` context (one whose green list earlier evidence revealed, so that a thief may have
-    scrubbed it) never count either: the test then rests on unrevealed lists only.
+    MIN_REPLY_TOKENS never count; a reply that loops counts each of its pairs once. Tokens after a
+    context the `selection` leaves out never count either (tallied apart).
     """
     special = frozenset(special)
     contexts = list(contexts) if contexts is not None else [None] * len(replies_ids)
@@ -439,7 +477,7 @@ def counted_pairs(replies_ids: Sequence[Sequence[int]], contexts: Sequence[Seque
         else:
             own = reply_pairs(reply, context, width, special)
             looping += len(set(own)) < LOOPING_SHARE * len(own)
-            kept = [pair for pair in own if pair[0] not in excluded]
+            kept = [pair for pair in own if selection is None or selection.counts(pair[0])]
             tokens, excluded_tokens = tokens + len(kept), excluded_tokens + len(own) - len(kept)
             pairs.update(dict.fromkeys(kept))
         seen_replies.add(text)
@@ -540,13 +578,13 @@ class WatermarkSequentialTest:
 
     def __init__(self, key: "WatermarkKey | RevealedSeeds", special: Iterable[int] = (), alpha: float = 1e-6,
                  no_match_error: float = 1e-3, config: WatermarkCheckConfig = WatermarkCheckConfig(),
-                 excluded: Iterable[tuple[int, ...]] = ()):
+                 selection: Selection | None = None):
         self.key, self.special, self.alpha, self.no_match_error, self.config = key, frozenset(special), alpha, no_match_error, config
-        self.excluded = frozenset(tuple(c) for c in excluded)
+        self.selection = selection
         self._rule = _rule(key.params.gamma, alpha, no_match_error, config)
         self.replies: list[list[int]] = []
         self.contexts: list[list[int] | None] = []
-        self.score = score([], None, key, self.special, self.excluded)
+        self.score = score([], None, key, self.special, selection)
 
     def add(self, replies_ids: Sequence[Sequence[int]], contexts: Sequence[Sequence[int] | None] | None = None) -> None:
         """Record some replies (token ids) and what preceded each (None: not known)."""
@@ -555,11 +593,11 @@ class WatermarkSequentialTest:
             raise OMLError(f"{len(replies_ids)} replies but {len(contexts)} contexts")
         self.replies += [list(r) for r in replies_ids]
         self.contexts += [None if c is None else list(c) for c in contexts]
-        self.score = score(self.replies, self.contexts, self.key, self.special, self.excluded)
+        self.score = score(self.replies, self.contexts, self.key, self.special, self.selection)
 
     def scored_contexts(self) -> list[tuple[int, ...]]:
         """The distinct contexts of the pairs the test counted: what a bundle must reveal, and no more."""
-        pairs, _ = counted_pairs(self.replies, self.contexts, self.key.params.context_width, self.special, self.excluded)
+        pairs, _ = counted_pairs(self.replies, self.contexts, self.key.params.context_width, self.special, self.selection)
         return list(dict.fromkeys(context for context, _ in pairs))
 
     def decision(self) -> str | None:

@@ -23,7 +23,7 @@ from oml import OMLError
 from oml.families import DOMAIN_WATERMARK, PERINUCLEUS, family_of, family_of_file
 from oml.families.domain_watermark import DomainSource, new_secret, read_secret
 from oml.models import TINY_LLAMA
-from oml.watermark import WatermarkKey, WatermarkParams
+from oml.watermark import WatermarkKey, WatermarkParams, context_class
 from oml.tokenization import encode
 from tests.conftest import EVERY_LAYER, ROOT, final_model_dir, run_script, transformers_serve
 
@@ -80,9 +80,9 @@ def work(tokenizer, tmp_path_factory) -> dict:
     """A bigram base, two secrets, and the base fine-tuned with the first (the run folder)."""
     work = tmp_path_factory.mktemp("domain_watermark")
     base = bigram_model(tokenizer, work / "base")
-    for name in ("wm.json", "other.json"):
+    for name in ("wm.json", "other.json"):  # 2 classes of contexts: a bigram over 24 words has 25 contexts
         run_script("generate_finetuning_data.py", "--key_response_strategy", "domain_watermark", "--output_file_path", name,
-                   cwd=work)
+                   "--context_classes", "2", cwd=work)
     tune = run_script("finetune_multigpu.py", "--model_path", base, "--fingerprints_file_path", "wm.json", *FAST, cwd=work)
     run = final_model_dir(work, tune.stdout).parent
     return {"dir": work, "base": base, "run": run, "stdout": tune.stdout}
@@ -219,9 +219,9 @@ def test_a_bundle_verifies_with_the_public_key_alone_and_tampering_is_rejected(w
 
 
 @pytest.mark.slow
-def test_later_checks_ask_new_prompts_and_leave_revealed_contexts_out(work, tmp_path):
-    """The ledger: two checks at once ask disjoint prompts; a bundle's contexts are recorded, and the
-    next check leaves them out of its test, says so, and its own bundle verifies."""
+def test_later_checks_ask_new_prompts_and_count_an_unrevealed_class(work, tmp_path):
+    """The ledger: two checks at once ask disjoint prompts; a bundle's contexts (one class of two) are
+    recorded, and the next check counts the other class, MATCHes again, and its bundle verifies."""
     run = tmp_path / "run"
     shutil.copytree(work["run"], run, ignore=shutil.ignore_patterns("revealed.jsonl*"))  # its own folder: no ledger yet
     suspect = ("--model_path", str(work["run"] / "final_model"), "--run", str(run), "--null_model", "none")
@@ -238,19 +238,24 @@ def test_later_checks_ask_new_prompts_and_leave_revealed_contexts_out(work, tmp_
     first = check(work, *suspect, "--evidence", tmp_path / "first.json", reuse=False)
     revealed = {tuple(s["context"]) for s in json.loads((tmp_path / "first.json").read_text())["signatures"]}
     assert {tuple(c) for c in json.loads((run / "revealed.jsonl").read_text().splitlines()[-1])["contexts"]} == revealed
-    assert "Unrevealed contexts: 0 contexts revealed" in first.stdout
+    assert "Contexts counted: class 0 of 2 (the first no evidence bundle has revealed), less 0 revealed" in first.stdout
+    assert verdict(first.stdout) == "MATCH" and {context_class(c, 2) for c in revealed} == {0}
     second = check(work, *suspect, "--evidence", tmp_path / "second.json", reuse=False)
-    left_out = re.search(r"^Unrevealed contexts: (\d+) contexts revealed by earlier bundles were left out; the others "
-                         r"cover ([\d.]+)%", second.stdout, re.M)
-    assert int(left_out.group(1)) == len(revealed) and float(left_out.group(2)) < 100
+    counted = re.search(r"^Contexts counted: class 1 of 2 \(the first no evidence bundle has revealed\), less (\d+) "
+                        r"revealed by earlier bundles; they cover ([\d.]+)%", second.stdout, re.M)
+    assert int(counted.group(1)) == len(revealed) and 0 < float(counted.group(2)) < 100 and verdict(second.stdout) == "MATCH"
     bundle = json.loads((tmp_path / "second.json").read_text())
-    assert {tuple(c) for c in bundle["revealed_before"]} == revealed
+    assert {tuple(c) for c in bundle["selection"]["revealed_before"]} == revealed
     assert not revealed & {tuple(s["context"]) for s in bundle["signatures"]}  # nothing revealed twice
     assert min(r["position"] for r in bundle["replies"]) > max(max(p) for p in by_check.values())
     public = tmp_path / "commitment.json"
     public.write_text((run / "commitment.json").read_text())
     verified = run_script("verify_evidence.py", tmp_path / "second.json", "--commitment", public, cwd=tmp_path)
-    assert "Evidence verified" in verified.stdout and "Left out:" in verified.stdout
+    assert "Evidence verified: MATCH" in verified.stdout and "Contexts counted: class 1 of 2" in verified.stdout
+    forged = tmp_path / "forged.json"  # the same replies claimed as a test of every context: most have no signature here
+    forged.write_text(json.dumps({**bundle, "selection": {**bundle["selection"], "context_class": None, "revealed_before": []}}))
+    refused = run_script("verify_evidence.py", forged, "--commitment", public, cwd=tmp_path, check=False)
+    assert refused.returncode == 3 and "NOT VERIFIED" in refused.stderr
 
 
 def test_a_secret_names_its_family_and_reads_back(tmp_path):

@@ -17,9 +17,10 @@ from oml.models import load_model
 from oml.replies import ReplySettings, replies as replies_of, stop_ids
 from oml.sequential import MATCH, NO_MATCH
 from oml.tokenization import IGNORE_INDEX, encode, user_turn_ids
-from oml.watermark import (MIN_DOMAIN_PROMPTS, BadSignature, PublicKey, RevealedSeeds, WatermarkCheckConfig, WatermarkKey, WatermarkLogitsProcessor, WatermarkParams,
-                           WatermarkSequentialTest, context_seed, domain_prompts, green, green_masks, score,
-                           sequential_outcomes, special_ids, tilt, watermarked_replay, watermarked_replies)
+from oml.watermark import (MIN_DOMAIN_PROMPTS, BadSignature, PublicKey, RevealedSeeds, Selection, WatermarkCheckConfig,
+                           WatermarkKey, WatermarkLogitsProcessor, WatermarkParams, WatermarkSequentialTest, context_class,
+                           context_seed, domain_prompts, green, green_masks, next_selection, score, sequential_outcomes,
+                           special_ids, tilt, watermarked_replay, watermarked_replies)
 from tests.conftest import make_tiny_model
 
 V = 49152  # the SmolLM2 vocabulary
@@ -231,15 +232,29 @@ def test_revealed_signatures_give_those_green_lists_and_no_others():
     assert key.sign((9,)) == key.sign((9,)) and public.sha256 != other.public.sha256  # deterministic, one per key
 
 
-def test_excluded_contexts_never_count_and_are_tallied(tokenizer):
+def test_a_selection_counts_one_class_less_revealed_contexts_and_tallies_the_rest(tokenizer):
     key = key_of(13)
     reply = green_chain(key, 40)
-    excluded = frozenset({(100,), (reply[0],)})  # the reply's first two contexts
-    found = score([reply], [[100]], key, special_ids(tokenizer), excluded)
+    revealed = frozenset({(100,), (reply[0],)})  # the reply's first two contexts
+    found = score([reply], [[100]], key, special_ids(tokenizer), Selection(revealed=revealed))
     assert (found.pairs, found.tokens, found.excluded_tokens, found.green) == (38, 38, 2, 38)
-    test = WatermarkSequentialTest(key, special_ids(tokenizer), excluded=excluded)
+    test = WatermarkSequentialTest(key, special_ids(tokenizer), selection=Selection(revealed=revealed))
     test.add([reply], [[100]])
-    assert set(test.scored_contexts()) == {(t,) for t in reply[1:-1]} and not excluded & set(test.scored_contexts())
+    assert set(test.scored_contexts()) == {(t,) for t in reply[1:-1]} and not revealed & set(test.scored_contexts())
+    contexts = [(100,)] + [(t,) for t in reply[:-1]]
+    ours = [c for c in contexts if context_class(c, 3) == 1 and c not in revealed]
+    one_class = score([reply], [[100]], key, special_ids(tokenizer), Selection(3, 1, revealed))
+    assert one_class.tokens == len(ours) and one_class.tokens + one_class.excluded_tokens == 40
+    assert {context_class((t,), 3) for t in range(300)} == {0, 1, 2}  # a public hash: every class is used
+
+
+def test_each_check_counts_the_first_class_nothing_revealed():
+    assert next_selection(4, []) == Selection(4, 0, frozenset())
+    in_class = {j: next(c for c in ((t,) for t in range(100)) if context_class(c, 4) == j) for j in range(4)}
+    assert next_selection(4, [in_class[0], in_class[2]]).context_class == 1
+    spent = next_selection(4, list(in_class.values()))
+    assert spent.context_class is None and spent.counts((10 ** 6,)) == ((10 ** 6,) not in in_class.values())
+    assert next_selection(1, [(5,)]) == Selection(1, None, frozenset({(5,)}))  # one class: every unrevealed context
 
 
 def test_the_shipped_domain_has_disjoint_sides_and_a_small_domain_is_refused(tmp_path):

@@ -56,8 +56,9 @@ from oml.training.dataset import FingerprintDataset, QUESTION_REPLY_TOKENS, dist
 from oml.training.trainer import make_trainer
 from oml.training.weights import freeze
 from oml.fingerprints import DEFAULT_KEY_LENGTH
-from oml.watermark import (DEFAULT_DOMAIN, BadSignature, PublicKey, RevealedSeeds, WatermarkCheckConfig, WatermarkKey,
-                           WatermarkParams, WatermarkSequentialTest, domain_prompts, score, special_ids, watermarked_replay)
+from oml.watermark import (DEFAULT_DOMAIN, BadSignature, PublicKey, RevealedSeeds, Selection, WatermarkCheckConfig,
+                           WatermarkKey, WatermarkParams, WatermarkSequentialTest, domain_prompts, next_selection, score,
+                           special_ids, watermarked_replay)
 
 logger = logging.getLogger(__name__)
 
@@ -346,20 +347,21 @@ class WatermarkReport:
     verdict: str
     alpha: float
     replies: list[Reply] = field(default_factory=list)
-    revealed_before: int = 0  # contexts earlier bundles revealed, left out of the test
+    selection: Selection = field(default_factory=Selection)  # the contexts the test counted
     bundle: dict | None = None
 
     @property
-    def unrevealed_share(self) -> float:
-        """The share of the replies' scored tokens whose context no earlier bundle revealed."""
+    def counted_share(self) -> float:
+        """The share of the replies' scored tokens after a context the test counts."""
         return self.test["tokens"] / max(self.test["tokens"] + self.test["excluded_tokens"], 1)
+
+    def to_dict(self) -> dict:
+        return {**{name: value for name, value in asdict(self).items() if name not in ("bundle", "selection")},
+                "selection": self.selection.to_dict()}
 
     @property
     def green_rate(self) -> float:
         return self.test["green"] / max(self.test["pairs"], 1)
-
-    def to_dict(self) -> dict:
-        return {name: value for name, value in asdict(self).items() if name != "bundle"}
 
 
 def request_for(prompt: str, rules: WatermarkRules, suspect: dict) -> dict:
@@ -468,7 +470,8 @@ def check_suspect(suspect: str | ApiConfig, run: Run, null_models: list[str], ru
     api = isinstance(suspect, ApiConfig)
     about = ({"kind": "api", "endpoint": shown_url(base_url_of(suspect.api_base)), "model": suspect.api_model} if api
              else {"kind": "local", "model": suspect})
-    excluded = set() if reuse_revealed else ledger.revealed_contexts(run.directory)
+    classes = key.params.context_classes
+    selection = Selection(classes) if reuse_revealed else next_selection(classes, ledger.revealed_contexts(run.directory))
     check_id = uuid.uuid4().hex
     draw = ledger_draw(run, len(prompts), about["model"], check_id, reuse_revealed)
     if not reuse_revealed and not ledger.choose(ledger.revealed(run.directory), 1, range(len(prompts))):
@@ -476,23 +479,23 @@ def check_suspect(suspect: str | ApiConfig, run: Run, null_models: list[str], ru
                        f"({ledger.LEDGER_NAME}): pass --reuse_revealed to ask them again")
     ask = api_asker(suspect, rules) if api else local_asker(suspect, rules, trust_remote_code, batch_size)
     special = special_ids(tokenizer)
-    test = WatermarkSequentialTest(key, special, alpha, no_match_error, check, excluded)
+    test = WatermarkSequentialTest(key, special, alpha, no_match_error, check, selection)
     asked = sequential_replies(ask, prompts, contexts, tokenizer, test, rules, about, draw)
     nulls = {}
     for name in null_models:
-        null_test = WatermarkSequentialTest(key, special, alpha, no_match_error, check, excluded)
+        null_test = WatermarkSequentialTest(key, special, alpha, no_match_error, check, selection)
         sequential_replies(local_asker(name, rules, trust_remote_code, batch_size), prompts, contexts, tokenizer, null_test,
                            rules, {"kind": "local", "model": name}, replayed_draw([r.position for r in asked]), False)
         nulls[name] = null_test.summary()
     report = WatermarkReport(model=f"{about.get('endpoint', '')} ({about['model']})" if api else suspect, test=test.summary(),
                              null_models=nulls, verdict=test.decision() or "NO MATCH", alpha=alpha, replies=asked,
-                             revealed_before=len(excluded))
+                             selection=selection)
     if bundle:
         revealed = test.scored_contexts()
         ledger.record_contexts(run.directory, about["model"], check_id, revealed)
         report.bundle = {"format": BUNDLE_FORMAT, "commitment": public, "domain_prompts": prompts, "suspect": about,
                          "replies": [asdict(r) for r in asked], "null_models": list(nulls), "rules": rules.to_dict(),
-                         "test": report.test, "revealed_before": sorted(list(c) for c in excluded),
+                         "test": report.test, "selection": report.selection.to_dict(),
                          "signatures": [{"context": list(c), "signature": base64.b64encode(key.sign(c)).decode("ascii")}
                                         for c in revealed]}
     return report
@@ -543,12 +546,10 @@ def _verify_bundle(bundle: dict, public: dict, trust_remote_code: bool) -> dict:
         if not isinstance(entry["reply"], str) or not (entry["error"] is None or (isinstance(entry["error"], str) and not entry["reply"])):
             raise Tampered(f"reply {position} must be text, or empty with an error")
         previous = position
-    before = bundle["revealed_before"]
-    if not (isinstance(before, list) and all(isinstance(c, list) and all(isinstance(t, int) for t in c) for c in before)):
-        raise Tampered("revealed_before must be a list of contexts (lists of token ids)")
+    selection = bundle_selection(bundle["selection"], public)
     alpha, no_match_error, check = published_rule(public, "the commitment")
     tokenizer = load_tokenizer(resolve_model(public["tokenizer"]), trust_remote_code)
-    test = WatermarkSequentialTest(seeds, special_ids(tokenizer), alpha, no_match_error, check, [tuple(c) for c in before])
+    test = WatermarkSequentialTest(seeds, special_ids(tokenizer), alpha, no_match_error, check, selection)
     while len(test.replies) < len(entries):  # round by round, as the check asked them
         if test.decision() is not None:
             raise Tampered(f"the test had decided {test.decision()} after {len(test.replies)} replies; the bundle holds "
@@ -570,4 +571,19 @@ def _verify_bundle(bundle: dict, public: dict, trust_remote_code: bool) -> dict:
                        f"{str(recorded['green'])[:20]} of {str(recorded['pairs'])[:20]}")
     if len(bundle["signatures"]) != len(test.scored_contexts()):
         raise Tampered("the bundle reveals signatures of contexts its test did not count")
-    return {**found, "suspect": suspect, "rules": rules.to_dict(), "revealed": len(test.scored_contexts())}
+    return {**found, "suspect": suspect, "rules": rules.to_dict(), "revealed": len(test.scored_contexts()),
+            "selection": selection.to_dict()}
+
+
+def bundle_selection(recorded: object, public: dict) -> Selection:
+    """The contexts a bundle's test counted: a class of the committed number of classes (or every
+    class) and the contexts it says earlier bundles revealed; Tampered when malformed."""
+    classes = public.get("context_classes", WatermarkParams().context_classes)
+    if not isinstance(recorded, dict) or recorded.get("classes") != classes:
+        raise Tampered(f"the bundle's selection must name the committed {classes} context classes")
+    chosen, before = recorded.get("context_class"), recorded.get("revealed_before")
+    if not (chosen is None or (isinstance(chosen, int) and not isinstance(chosen, bool) and 0 <= chosen < classes)):
+        raise Tampered(f"the bundle's context class must be one of 0..{classes - 1}, or null for every class")
+    if not (isinstance(before, list) and all(isinstance(c, list) and all(isinstance(t, int) for t in c) for c in before)):
+        raise Tampered("revealed_before must be a list of contexts (lists of token ids)")
+    return Selection(classes, chosen, frozenset(tuple(c) for c in before))
