@@ -146,7 +146,7 @@ def print_watermark_report(report: domain_watermark.WatermarkReport) -> None:
           f"against 10^{t['log10_match_threshold']:.0f} for MATCH; {t['decision'] or 'undecided'}")
     print(f"P-value of the green share by chance (anytime-valid): {format_p_value(t['log10_p_value'])}")
     chosen = report.selection
-    counted = (f"class {chosen.context_class} of {chosen.classes} (the first no evidence bundle has revealed)"
+    counted = (f"class {chosen.context_class} of {chosen.classes} (evidence: the first class no bundle has revealed)"
                if chosen.context_class is not None else f"every class of {chosen.classes}")
     print(f"Contexts counted: {counted}, less {len(chosen.revealed)} revealed by earlier bundles; they cover "
           f"{report.counted_share:.1%} of these replies' scored tokens")

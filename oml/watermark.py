@@ -71,9 +71,10 @@ class WatermarkParams(Settings):
                                 "teaches (exp(delta) times the odds).", POSITIVE_FLOAT)
     context_width: int = setting(1, "Domain watermark: tokens before a token that seed its green list.", POSITIVE_INT)
     context_classes: int = setting(
-        CONTEXT_CLASSES, "Domain watermark: public classes of contexts (a hash of their token ids). A check counts one "
-                         "class, the first that no evidence bundle has revealed, so that each bundle spends one class's "
-                         "green lists; once all are spent, checks count the contexts still unrevealed.", POSITIVE_INT)
+        CONTEXT_CLASSES, "Domain watermark: public classes of contexts (a hash of their token ids). A check with "
+                         "--evidence counts one class, the first that no bundle has revealed, so that each bundle spends "
+                         "one class's green lists (once all are spent, what is still unrevealed); a check without counts "
+                         "every context no bundle has revealed.", POSITIVE_INT)
 
 
 @dataclass(frozen=True)

@@ -227,9 +227,8 @@ def test_later_checks_ask_new_prompts_and_count_an_unrevealed_class(work, tmp_pa
     suspect = ("--model_path", str(work["run"] / "final_model"), "--run", str(run), "--null_model", "none")
     both = [subprocess.Popen([sys.executable, str(ROOT / "check_fingerprints.py"), *CHECK, *suspect], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    for process in both:
-        process.communicate(timeout=600)
-        assert process.returncode == 0
+    finished = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=600)) for p in both]
+    assert [p.returncode for p in both] == [0, 0]
     entries = [json.loads(line) for line in (run / "revealed.jsonl").read_text().splitlines()]
     by_check = {}
     for entry in entries:
@@ -238,10 +237,11 @@ def test_later_checks_ask_new_prompts_and_count_an_unrevealed_class(work, tmp_pa
     first = check(work, *suspect, "--evidence", tmp_path / "first.json", reuse=False)
     revealed = {tuple(s["context"]) for s in json.loads((tmp_path / "first.json").read_text())["signatures"]}
     assert {tuple(c) for c in json.loads((run / "revealed.jsonl").read_text().splitlines()[-1])["contexts"]} == revealed
-    assert "Contexts counted: class 0 of 2 (the first no evidence bundle has revealed), less 0 revealed" in first.stdout
+    assert all("Contexts counted: every class of 2, less 0 revealed" in p.stdout for p in finished)  # no evidence
+    assert "Contexts counted: class 0 of 2 (evidence: the first class no bundle has revealed), less 0 revealed" in first.stdout
     assert verdict(first.stdout) == "MATCH" and {context_class(c, 2) for c in revealed} == {0}
     second = check(work, *suspect, "--evidence", tmp_path / "second.json", reuse=False)
-    counted = re.search(r"^Contexts counted: class 1 of 2 \(the first no evidence bundle has revealed\), less (\d+) "
+    counted = re.search(r"^Contexts counted: class 1 of 2 \(evidence: the first class no bundle has revealed\), less (\d+) "
                         r"revealed by earlier bundles; they cover ([\d.]+)%", second.stdout, re.M)
     assert int(counted.group(1)) == len(revealed) and 0 < float(counted.group(2)) < 100 and verdict(second.stdout) == "MATCH"
     bundle = json.loads((tmp_path / "second.json").read_text())

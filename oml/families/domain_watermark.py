@@ -455,10 +455,11 @@ def check_suspect(suspect: str | ApiConfig, run: Run, null_models: list[str], ru
                   reuse_revealed: bool = False) -> WatermarkReport:
     """Ask the suspect (a model name or path, or a server as `ApiConfig`) the domain's checking
     prompts no earlier check asked, in rounds, as `rules` say, until the sequential test the run's
-    commitment published decides; tokens after contexts that earlier bundles revealed are left out
-    (`reuse_revealed`: asked and counted again). Then the null models the same prompts. `bundle`
-    adds the evidence, revealing the signatures of the contexts the test counted (recorded in the
-    ledger first)."""
+    commitment published decides. The test counts every context that no earlier bundle revealed (a
+    thief may scrub those); with `bundle`, only the first class of contexts no bundle has revealed
+    (`next_selection`), so that the bundle spends one class. `reuse_revealed`: the first prompts and
+    every context again. Then the null models the same prompts. `bundle` adds the evidence, revealing
+    the signatures of the contexts the test counted (recorded in the ledger first)."""
     key, source = run_secret(run)
     public = read_commitment(run.directory / COMMITMENT_FILE)
     alpha, no_match_error, check = published_rule(public, str(run.directory / COMMITMENT_FILE))
@@ -470,8 +471,9 @@ def check_suspect(suspect: str | ApiConfig, run: Run, null_models: list[str], ru
     api = isinstance(suspect, ApiConfig)
     about = ({"kind": "api", "endpoint": shown_url(base_url_of(suspect.api_base)), "model": suspect.api_model} if api
              else {"kind": "local", "model": suspect})
+    revealed = frozenset() if reuse_revealed else frozenset(ledger.revealed_contexts(run.directory))
     classes = key.params.context_classes
-    selection = Selection(classes) if reuse_revealed else next_selection(classes, ledger.revealed_contexts(run.directory))
+    selection = next_selection(classes, revealed) if bundle and not reuse_revealed else Selection(classes, None, revealed)
     check_id = uuid.uuid4().hex
     draw = ledger_draw(run, len(prompts), about["model"], check_id, reuse_revealed)
     if not reuse_revealed and not ledger.choose(ledger.revealed(run.directory), 1, range(len(prompts))):
@@ -493,12 +495,18 @@ def check_suspect(suspect: str | ApiConfig, run: Run, null_models: list[str], ru
     if bundle:
         revealed = test.scored_contexts()
         ledger.record_contexts(run.directory, about["model"], check_id, revealed)
-        report.bundle = {"format": BUNDLE_FORMAT, "commitment": public, "domain_prompts": prompts, "suspect": about,
-                         "replies": [asdict(r) for r in asked], "null_models": list(nulls), "rules": rules.to_dict(),
-                         "test": report.test, "selection": report.selection.to_dict(),
-                         "signatures": [{"context": list(c), "signature": base64.b64encode(key.sign(c)).decode("ascii")}
-                                        for c in revealed]}
+        report.bundle = evidence_bundle(report, key, public, prompts, about, rules, revealed)
     return report
+
+
+def evidence_bundle(report: WatermarkReport, key: WatermarkKey, public: dict, prompts: list[str], suspect: dict,
+                    rules: WatermarkRules, revealed: list[tuple[int, ...]]) -> dict:
+    """What a third party needs to recompute the check: the commitment, the prompts, every request and
+    reply, the selection of contexts and the test, and the signatures of the `revealed` contexts."""
+    return {"format": BUNDLE_FORMAT, "commitment": public, "domain_prompts": prompts, "suspect": suspect,
+            "replies": [asdict(r) for r in report.replies], "null_models": list(report.null_models), "rules": rules.to_dict(),
+            "test": report.test, "selection": report.selection.to_dict(),
+            "signatures": [{"context": list(c), "signature": base64.b64encode(key.sign(c)).decode("ascii")} for c in revealed]}
 
 
 # ---- verifying a bundle --------------------------------------------------------------------
