@@ -55,7 +55,7 @@ from oml.training.dataset import teacher_batches
 
 SIGNATURE_BITS = 3072  # a new key's RSA modulus: claims of ownership may be argued long after publication
 MIN_SIGNATURE_BITS = 2048
-CONTEXT_CLASSES = 10  # a new key's default: measured in docs/benchmarks.md, "Domain watermark evidence"
+CONTEXT_CLASSES = 4  # a new key's default: measured in docs/benchmarks.md, "Domain watermark evidence"
 CONTEXT_DOMAIN = b"oml-watermark-context/1\x00"  # what a signature signs: this, then the context's token ids
 SEED_DOMAIN = b"oml-watermark-seed/1\x00"
 
