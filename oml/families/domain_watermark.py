@@ -577,10 +577,10 @@ def _verify_bundle(bundle: dict, public: dict, trust_remote_code: bool) -> dict:
     if (found["green"], found["pairs"]) != (recorded["green"], recorded["pairs"]):
         raise Tampered(f"recomputed, {found['green']} of {found['pairs']} pairs are green; the bundle records "
                        f"{str(recorded['green'])[:20]} of {str(recorded['pairs'])[:20]}")
-    if len(bundle["signatures"]) != len(test.scored_contexts()):
+    counted = len(test.scored_contexts())  # each has a signature (else KeyError above): equal counts, equal sets
+    if len(bundle["signatures"]) != counted:
         raise Tampered("the bundle reveals signatures of contexts its test did not count")
-    return {**found, "suspect": suspect, "rules": rules.to_dict(), "revealed": len(test.scored_contexts()),
-            "selection": selection.to_dict()}
+    return {**found, "suspect": suspect, "rules": rules.to_dict(), "revealed": counted, "selection": selection.to_dict()}
 
 
 def bundle_selection(recorded: object, public: dict) -> Selection:
